@@ -1,0 +1,145 @@
+"""eStargz (and legacy stargz) layers: footer, TOC, and chunk decoding.
+
+An eStargz blob is a sequence of gzip members; every regular file's payload starts a new
+member, so any file can be decompressed from a byte range alone.  The TOC is the last tar
+entry (`stargz.index.json`) and a fixed-size footer at the very end of the blob points at
+it.  Pure: bytes in, objects out.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+
+from .toc import TOC_TAR_NAME, FormatError, Toc, build_toc
+
+FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+
+#: Refuse TOCs larger than this, compressed or not, before reading them whole.
+MAX_TOC_COMPRESSED = 64 << 20
+MAX_TOC_UNCOMPRESSED = 256 << 20
+
+
+def parse_footer(tail: bytes) -> tuple[int, int]:
+    """Return (toc_offset, footer_size) from the last bytes of a blob (at least 51).
+
+    Tries the eStargz footer first, then the 47-byte legacy stargz one.
+    """
+    if len(tail) >= FOOTER_SIZE:
+        off = _estargz_footer(tail[-FOOTER_SIZE:])
+        if off is not None:
+            return off, FOOTER_SIZE
+    if len(tail) >= LEGACY_FOOTER_SIZE:
+        off = _legacy_footer(tail[-LEGACY_FOOTER_SIZE:])
+        if off is not None:
+            return off, LEGACY_FOOTER_SIZE
+    raise FormatError("not an eStargz layer (no stargz footer)")
+
+
+def _estargz_footer(f: bytes) -> int | None:
+    # gzip header with FEXTRA: 1f 8b 08 04, mtime(4) xfl os, XLEN=26, subfield 'S''G' len 22
+    if f[:4] != b"\x1f\x8b\x08\x04" or f[10:12] != b"\x1a\x00" or f[12:14] != b"SG":
+        return None
+    if f[14:16] != b"\x16\x00" or f[32:38] != b"STARGZ":
+        return None
+    return _hex_offset(f[16:32])
+
+
+def _legacy_footer(f: bytes) -> int | None:
+    # legacy stargz: gzip header with FEXTRA of 22 bytes "%016xSTARGZ" (no subfield id)
+    if f[:4] != b"\x1f\x8b\x08\x04" or f[10:12] != b"\x16\x00" or f[28:34] != b"STARGZ":
+        return None
+    return _hex_offset(f[12:28])
+
+
+def _hex_offset(b: bytes) -> int | None:
+    try:
+        s = b.decode("ascii")
+        return int(s, 16) if all(c in "0123456789abcdefABCDEF" for c in s) else None
+    except UnicodeDecodeError:
+        return None
+
+
+def toc_range(blob_size: int, toc_offset: int, footer_size: int) -> tuple[int, int]:
+    """The [start, end) byte range of the compressed TOC, bounds-checked."""
+    end = blob_size - footer_size
+    if not 0 <= toc_offset < end:
+        raise FormatError(f"TOC offset {toc_offset} outside the blob ({blob_size} bytes)")
+    if end - toc_offset > MAX_TOC_COMPRESSED:
+        raise FormatError(f"TOC is {end - toc_offset} bytes compressed (limit {MAX_TOC_COMPRESSED})")
+    return toc_offset, end
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress concatenated gzip members, refusing output beyond `limit` bytes."""
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error as e:
+            raise FormatError(f"corrupt gzip data: {e}") from e
+        if len(out) > limit:
+            raise FormatError(f"gzip data inflates beyond {limit} bytes")
+        if not d.eof:
+            if d.unconsumed_tail:
+                raise FormatError(f"gzip data inflates beyond {limit} bytes")
+            raise FormatError("truncated gzip data")
+        data = d.unused_data
+    return bytes(out)
+
+
+def toc_json_from_region(region: bytes) -> bytes:
+    """Extract the raw TOC JSON from the compressed TOC region (a gzipped tar entry)."""
+    tar_bytes = gunzip_bounded(region, MAX_TOC_UNCOMPRESSED + 4096)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
+            for m in tf:
+                if m.name == TOC_TAR_NAME and m.isreg():
+                    f = tf.extractfile(m)
+                    assert f is not None
+                    return f.read()
+    except tarfile.TarError as e:
+        raise FormatError(f"corrupt TOC tar: {e}") from e
+    raise FormatError(f"no {TOC_TAR_NAME} in the TOC region")
+
+
+def parse_toc(toc_json: bytes, toc_offset: int) -> Toc:
+    """Parse eStargz TOC JSON into a validated `Toc`; payloads end at `toc_offset`."""
+    try:
+        doc = json.loads(toc_json)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"TOC is not JSON: {str(e)[:100]}") from e
+    if not isinstance(doc, dict):
+        raise FormatError("TOC is not a JSON object")
+    version = doc.get("version")
+    if version != 1:
+        raise FormatError(f"unsupported TOC version {str(version)[:20]!r}")
+    return build_toc(doc.get("entries"), toc_offset)
+
+
+def decode_member(data: bytes, inner_offset: int, size: int) -> bytes:
+    """Decompress one gzip member and return `size` bytes from `inner_offset`."""
+    limit = inner_offset + size
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error as e:
+        raise FormatError(f"corrupt gzip chunk: {e}") from e
+    if len(out) < limit:
+        raise FormatError("gzip chunk shorter than the TOC says")
+    return out[inner_offset:limit]
+
+
+def footer_bytes(toc_offset: int) -> bytes:
+    """The 51-byte eStargz footer for a TOC at `toc_offset` (used by the converter)."""
+    extra = b"SG" + struct.pack("<H", 22) + (b"%016x" % toc_offset) + b"STARGZ"
+    header = b"\x1f\x8b\x08\x04" + b"\x00\x00\x00\x00" + b"\x00\xff" + struct.pack("<H", len(extra)) + extra
+    # an empty deflate stream + crc32 0 + isize 0
+    return header + b"\x01\x00\x00\xff\xff" + b"\x00" * 8
