@@ -1,0 +1,131 @@
+"""Give a bundle its supervisor: patch the seccomp profile, start the supervisor, prefill.
+
+Called before the delegate's `create` (or `run`): the socket is bound and listening here
+and passed to the supervisor, which reports readiness on a pipe, so runc always finds a
+listener and we never wait on a timer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from seccomp.verdict import patch_profile
+from shim.errors import LazyshimError
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/lazyshim")
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazyshim-{os.geteuid()}"
+    return Path(xdg) / "lazyshim"
+
+
+def state_dir(container_id: str) -> Path:
+    if not container_id or "/" in container_id or container_id in (".", ".."):
+        raise LazyshimError(f"invalid container id {container_id!r}")
+    return runtime_dir() / container_id
+
+
+def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
+           metadata: str = "") -> int:
+    """Patch `config` in place and start the supervisor; returns its pid."""
+    sdir = state_dir(container_id)
+    sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sock_path = sdir / "seccomp.sock"
+    linux = config.setdefault("linux", {})
+    profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
+    linux["seccomp"] = profile
+    (sdir / "verdicts.json").write_text(verdicts.to_json())
+
+    with _bound_socket(sock_path) as listener:
+        ready_r, ready_w = os.pipe()
+        args = config.get("process", {}).get("args") or []
+        argv = [
+            sys.executable, "-m", "shim.supervisor",
+            "--store", str(store_root), "--layers", ",".join(layers),
+            "--listen-fd", str(listener.fileno()), "--state-dir", str(sdir),
+            "--ready-fd", str(ready_w), "--rootfs", str(rootfs),
+            "--prefill", "/etc/passwd:/etc/group",
+            "--prefill-exec", _exec_path(args[0], config) if args else "",
+        ]
+        try:
+            proc = subprocess.Popen(
+                argv, pass_fds=(listener.fileno(), ready_w), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd="/", env=_supervisor_env(),
+            )
+        finally:
+            os.close(ready_w)
+        try:
+            ok = os.read(ready_r, 1) == b"1"
+        finally:
+            os.close(ready_r)
+    if not ok:
+        proc.wait()
+        raise LazyshimError(f"supervisor failed to start: {_last_line(sdir / 'supervisor.log')}")
+    (sdir / "supervisor.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _supervisor_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LAZYSHIM_ROOT", "HOME", "XDG_RUNTIME_DIR",
+                                                          "LAZYSHIM_INSECURE_REGISTRIES", "XDG_DATA_HOME")}
+    # The supervisor imports our packages from wherever this process found them.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _exec_path(arg0: str, config: dict) -> str:
+    """The entrypoint as the container's execvp will find it (PATH from its env)."""
+    if "/" in arg0:
+        return arg0 if arg0.startswith("/") else "/" + arg0
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for item in config.get("process", {}).get("env") or []:
+        if item.startswith("PATH="):
+            path = item[5:]
+    rootfs = Path(config.get("root", {}).get("path", "/"))
+    for d in path.split(":"):
+        if d.startswith("/") and os.path.lexists(rootfs / d.lstrip("/") / arg0):
+            return f"{d.rstrip('/')}/{arg0}"
+    return ""
+
+
+class _bound_socket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> socket.socket:
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        self.sock.listen(16)
+        return self.sock
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
+def stop_supervisor(container_id: str) -> None:
+    """Stop the supervisor of a deleted container and remove its state."""
+    sdir = state_dir(container_id)
+    try:
+        pid = int((sdir / "supervisor.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(sdir, ignore_errors=True)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text().strip().splitlines()
+        return lines[-1] if lines else "no log"
+    except OSError:
+        return "no log"

@@ -1,0 +1,81 @@
+"""`lazyshim run`: run an image now, with its files filled as the container opens them.
+
+Builds a bundle from the image config, mounts a per-container overlay (upper dir over the
+shared placeholder trees), attaches the supervisor and hands the bundle to runc/crun's
+`run`, keeping the container's stdio and exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from shim import api
+from shim.errors import LazyshimError
+
+from . import attach, overlay, spec
+from .delegate import find_delegate
+
+
+def run(args) -> int:
+    store = api.open_store()
+    image = api.ensure_image(store, args.image, pull=not args.no_pull)
+    cid = args.name or secrets.token_hex(8)
+    cdir = store.containers / cid
+    if cdir.exists():
+        raise LazyshimError(f"container {cid!r} already exists")
+    for sub in ("upper", "work", "rootfs", "bundle"):
+        (cdir / sub).mkdir(parents=True, mode=0o755)
+    mounted = False
+    try:
+        overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs")
+        mounted = True
+        cfg = image.config
+        args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
+        if not args_:
+            raise LazyshimError(f"{args.image}: no command given and the image has none")
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
+                                    (cfg.get("config") or {}).get("User") or "")
+        config = spec.build_spec(
+            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, list(args.env)),
+            cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
+            uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
+        )
+        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs")
+        (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
+        delegate = find_delegate()
+        cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",
+               str(cdir / "bundle"), cid]
+        sys.stdout.flush()
+        rc = subprocess.call(cmd, stdin=None if args.interactive or args.tty else subprocess.DEVNULL)
+        return rc
+    finally:
+        attach.stop_supervisor(cid)
+        if args.rm:
+            if mounted:
+                overlay.unmount(cdir / "rootfs")
+            shutil.rmtree(cdir, ignore_errors=True)
+        elif mounted:
+            overlay.unmount(cdir / "rootfs")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run an image with lazily filled files")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--name")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    p.add_argument("-u", "--user")
+    p.add_argument("-w", "--workdir")
+    p.add_argument("--entrypoint", type=lambda s: [s] if s else [])
+    p.add_argument("--network", choices=("none", "host", "bridge"), default="none")
+    p.add_argument("--no-pull", action="store_true", help="fail if the image is not pulled yet")
+    p.add_argument("image")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run)

@@ -1,0 +1,68 @@
+"""Read strings out of a trapped task's memory through /proc/PID/mem.
+
+The mem fd is cached per pid (an open costs more than the read); it goes stale when the
+task execs, so callers drop it on execve.
+"""
+
+from __future__ import annotations
+
+import os
+
+PATH_MAX = 4096
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryReader:
+    def __init__(self, max_cached: int = 256) -> None:
+        self._fds: dict[int, int] = {}
+        self._max = max_cached
+
+    def _fd(self, pid: int) -> int:
+        fd = self._fds.get(pid)
+        if fd is None:
+            if len(self._fds) >= self._max:
+                self.forget_all()
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[pid] = fd
+        return fd
+
+    def forget(self, pid: int) -> None:
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def forget_all(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read_cstring(self, pid: int, addr: int, limit: int = PATH_MAX) -> bytes | None:
+        """The NUL-terminated string at addr (without the NUL), None if unreadable or too long.
+
+        Reads page by page so a string that ends just before an unmapped page is still read.
+        """
+        if addr == 0:
+            return None
+        out = b""
+        for attempt in (0, 1):
+            try:
+                fd = self._fd(pid)
+                out = b""
+                pos = addr
+                while len(out) < limit:
+                    n = min(_PAGE - (pos % _PAGE), limit - len(out))
+                    piece = os.pread(fd, n, pos)
+                    if not piece:
+                        return None
+                    nul = piece.find(b"\0")
+                    if nul >= 0:
+                        return out + piece[:nul]
+                    out += piece
+                    pos += len(piece)
+                return None
+            except OSError:
+                # The cached fd may belong to an older image of this pid (execve): reopen once.
+                self.forget(pid)
+                if attempt:
+                    return None
+        return None

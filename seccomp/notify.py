@@ -1,0 +1,96 @@
+"""The seccomp user-notification fd: receive a trapped syscall, answer it.
+
+Thin, allocation-light wrappers over the four ioctls (see seccomp_unotify(2)).  One
+`Notifier` owns one fd and reuses its receive buffer, because this sits in the path of
+every open() the container makes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
+SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104
+
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
+
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]  (80 bytes)
+_RESP = struct.Struct("=QqiI")  # id, val, error, flags  (24 bytes)
+_U64 = struct.Struct("=Q")
+assert _NOTIF.size == 80 and _RESP.size == 24
+
+
+class Notification:
+    """One trapped syscall.  Plain attributes, no properties: read once, used often."""
+
+    __slots__ = ("id", "pid", "nr", "args")
+
+    def __init__(self, id: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
+        self.id = id
+        self.pid = pid
+        self.nr = nr
+        self.args = args
+
+
+class TargetGone(Exception):
+    """The notifying task died or was interrupted; the notification no longer exists."""
+
+
+class Notifier:
+    """Receive and answer notifications on one seccomp listener fd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = bytearray(_NOTIF.size)
+        try:
+            # Wake the target on the CPU we answer from: 4 µs instead of 7-65 µs per call.
+            fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except OSError:
+            pass  # older kernels: correct, just slower
+
+    def recv(self) -> Notification | None:
+        """Block for the next notification; None when it was interrupted (ENOENT)."""
+        buf = self._buf
+        buf[:] = bytes(_NOTIF.size)
+        try:
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except InterruptedError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        return Notification(nid, pid, nr, tuple(args))
+
+    def id_valid(self, nid: int) -> bool:
+        """Is the target still waiting?  Check after reading its memory (pid reuse)."""
+        try:
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(nid))
+            return True
+        except OSError:
+            return False
+
+    def allow(self, nid: int) -> None:
+        """Let the syscall run as the kernel would have run it without us."""
+        self._send(_RESP.pack(nid, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
+
+    def fail(self, nid: int, err: int) -> None:
+        """Make the syscall return -err without running it."""
+        self._send(_RESP.pack(nid, 0, -err, 0))
+
+    def _send(self, resp: bytes) -> None:
+        try:
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, resp)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # target died or was interrupted meanwhile
+                raise
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,87 @@
+"""Which syscalls the supervisor traps, and where each keeps its path.
+
+Opens and execs need the file's content; the path syscalls that make overlayfs copy a
+lower file up (chmod, chown, utimes, xattrs, truncate, rename, link) need it too, or the
+empty placeholder would be copied up and the later fill would be invisible.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+
+# x86_64 numbers (the architecture runc/crun are given in the profile).
+NUMBERS: dict[str, int] = {
+    "open": 2, "truncate": 76, "rename": 82, "creat": 85, "link": 86, "chmod": 90, "chown": 92,
+    "lchown": 94, "utime": 132, "setxattr": 188, "lsetxattr": 189, "removexattr": 197,
+    "lremovexattr": 198, "utimes": 235, "openat": 257, "fchownat": 260, "futimesat": 261,
+    "renameat": 264, "linkat": 265, "fchmodat": 268, "utimensat": 280, "renameat2": 316,
+    "execve": 59, "execveat": 322, "openat2": 437, "fchmodat2": 452, "io_uring_setup": 425,
+}
+NAMES = {v: k for k, v in NUMBERS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class PathArg:
+    """How to find the path a syscall acts on.
+
+    dirfd: index of the dirfd argument or None (AT_FDCWD); path: index of the path pointer;
+    follow: True/False, or (arg index, bit, follow-when-set) for flag-controlled following.
+    """
+
+    dirfd: int | None
+    path: int
+    follow: bool | tuple[int, int, bool]
+    exec: bool = False
+
+    def follows(self, args: tuple[int, ...]) -> bool:
+        f = self.follow
+        if isinstance(f, bool):
+            return f
+        idx, bit, when_set = f
+        return bool(args[idx] & bit) == when_set
+
+
+_NOFOLLOW_OPEN = (1, os.O_NOFOLLOW, False)
+PATH_ARGS: dict[int, PathArg] = {
+    NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN),
+    NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False)),
+    NUMBERS["openat2"]: PathArg(0, 1, True),
+    NUMBERS["creat"]: PathArg(None, 0, True),
+    NUMBERS["execve"]: PathArg(None, 0, True, exec=True),
+    NUMBERS["execveat"]: PathArg(0, 1, (4, AT_SYMLINK_NOFOLLOW, False), exec=True),
+    NUMBERS["truncate"]: PathArg(None, 0, True),
+    NUMBERS["chmod"]: PathArg(None, 0, True),
+    NUMBERS["fchmodat"]: PathArg(0, 1, True),
+    NUMBERS["fchmodat2"]: PathArg(0, 1, (3, AT_SYMLINK_NOFOLLOW, False)),
+    NUMBERS["chown"]: PathArg(None, 0, True),
+    NUMBERS["lchown"]: PathArg(None, 0, False),
+    NUMBERS["fchownat"]: PathArg(0, 1, (4, AT_SYMLINK_NOFOLLOW, False)),
+    NUMBERS["utime"]: PathArg(None, 0, True),
+    NUMBERS["utimes"]: PathArg(None, 0, True),
+    NUMBERS["utimensat"]: PathArg(0, 1, (3, AT_SYMLINK_NOFOLLOW, False)),
+    NUMBERS["futimesat"]: PathArg(0, 1, True),
+    NUMBERS["setxattr"]: PathArg(None, 0, True),
+    NUMBERS["lsetxattr"]: PathArg(None, 0, False),
+    NUMBERS["removexattr"]: PathArg(None, 0, True),
+    NUMBERS["lremovexattr"]: PathArg(None, 0, False),
+    NUMBERS["rename"]: PathArg(None, 0, False),
+    NUMBERS["renameat"]: PathArg(0, 1, False),
+    NUMBERS["renameat2"]: PathArg(0, 1, False),
+    NUMBERS["link"]: PathArg(None, 0, False),
+    NUMBERS["linkat"]: PathArg(0, 1, (4, AT_SYMLINK_FOLLOW, True)),
+}
+
+#: Syscalls that the filter answers ENOSYS on its own: io_uring would bypass the trap.
+DENIED_ENOSYS = ("io_uring_setup",)
+
+TRAPPED_NAMES = tuple(sorted(NAMES[n] for n in PATH_ARGS))
+
+
+def signed32(v: int) -> int:
+    """A syscall int argument (dirfd) as the kernel reads it."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v

@@ -1,0 +1,144 @@
+"""Rewrite an OCI seccomp profile to trap our syscalls, and keep the original's verdicts.
+
+libseccomp lets the first rule naming a syscall win, so a NOTIFY rule added after the
+user's `allow openat` would never fire.  We take our syscalls out of every existing rule,
+add one NOTIFY rule, and remember what the original profile would have decided for them
+(rules in order, argument conditions, default action).  The supervisor applies that
+verdict itself to every notification: the profile is never widened.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+from dataclasses import dataclass
+
+from .syscalls import DENIED_ENOSYS, NUMBERS, TRAPPED_NAMES
+
+EPERM = errno.EPERM
+ALLOW_ACTIONS = frozenset({"SCMP_ACT_ALLOW", "SCMP_ACT_LOG"})
+KILL_ACTIONS = frozenset({"SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP"})
+KILL = -1  # verdict: the original profile kills the caller
+
+
+@dataclass(frozen=True, slots=True)
+class Cond:
+    index: int
+    value: int
+    value_two: int
+    op: str
+
+    def matches(self, args: tuple[int, ...]) -> bool:
+        a = args[self.index] if 0 <= self.index < 6 else 0
+        v = self.value
+        op = self.op
+        if op == "SCMP_CMP_EQ":
+            return a == v
+        if op == "SCMP_CMP_NE":
+            return a != v
+        if op == "SCMP_CMP_LT":
+            return a < v
+        if op == "SCMP_CMP_LE":
+            return a <= v
+        if op == "SCMP_CMP_GT":
+            return a > v
+        if op == "SCMP_CMP_GE":
+            return a >= v
+        if op == "SCMP_CMP_MASKED_EQ":
+            return (a & v) == self.value_two
+        return False
+
+
+def _action_errno(action: str, errno_ret: int | None, default_errno: int) -> int:
+    if action in ALLOW_ACTIONS:
+        return 0
+    if action in KILL_ACTIONS:
+        return KILL
+    if action == "SCMP_ACT_ERRNO":
+        return errno_ret if errno_ret is not None else default_errno
+    return errno.ENOSYS  # TRACE with no tracer, NOTIFY to someone else: the kernel's answer
+
+
+class Verdicts:
+    """What the original profile decides for each trapped syscall."""
+
+    def __init__(self, rules: dict[int, list[tuple[int, list[Cond]]]], default: int) -> None:
+        self.rules = rules
+        self.default = default
+
+    @classmethod
+    def allow_all(cls) -> Verdicts:
+        return cls({}, 0)
+
+    def errno_for(self, nr: int, args: tuple[int, ...]) -> int:
+        """0 to let the syscall run, an errno to fail it, KILL to kill the caller."""
+        for verdict, conds in self.rules.get(nr, ()):
+            if all(c.matches(args) for c in conds):
+                return verdict
+        return self.default
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "default": self.default,
+            "rules": {str(nr): [[v, [[c.index, c.value, c.value_two, c.op] for c in cs]] for v, cs in rs]
+                      for nr, rs in self.rules.items()},
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> Verdicts:
+        d = json.loads(text)
+        rules = {int(nr): [(v, [Cond(*c) for c in cs]) for v, cs in rs] for nr, rs in d["rules"].items()}
+        return cls(rules, d["default"])
+
+
+def _names(rule: dict) -> list[str]:
+    names = list(rule.get("names") or [])
+    if rule.get("name"):
+        names.append(rule["name"])
+    return names
+
+
+def original_verdicts(profile: dict | None) -> Verdicts:
+    if not profile:
+        return Verdicts.allow_all()
+    default_errno = profile.get("defaultErrnoRet") or EPERM
+    default = _action_errno(profile.get("defaultAction", "SCMP_ACT_ALLOW"), default_errno, EPERM)
+    rules: dict[int, list[tuple[int, list[Cond]]]] = {}
+    for rule in profile.get("syscalls") or []:
+        verdict = _action_errno(rule.get("action", ""), rule.get("errnoRet"), default_errno)
+        conds = [Cond(int(a.get("index", 0)), int(a.get("value", 0)), int(a.get("valueTwo", 0)),
+                      str(a.get("op", ""))) for a in rule.get("args") or []]
+        for name in _names(rule):
+            nr = NUMBERS.get(name)
+            if nr is not None:
+                rules.setdefault(nr, []).append((verdict, conds))
+    return Verdicts(rules, default)
+
+
+def patch_profile(profile: dict | None, listener_path: str, metadata: str = "") -> tuple[dict, Verdicts]:
+    """The profile to give runc/crun, and the verdicts the supervisor must apply."""
+    verdicts = original_verdicts(profile)
+    out = copy.deepcopy(profile) if profile else {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    }
+    taken = set(TRAPPED_NAMES)
+    enosys = [n for n in DENIED_ENOSYS if verdicts.errno_for(NUMBERS[n], (0,) * 6) == 0]
+    taken.update(enosys)
+    kept = []
+    for rule in out.get("syscalls") or []:
+        names = [n for n in _names(rule) if n not in taken]
+        if not names:
+            continue
+        rule = dict(rule)
+        rule.pop("name", None)
+        rule["names"] = names
+        kept.append(rule)
+    if enosys:
+        kept.insert(0, {"names": enosys, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    kept.append({"names": list(TRAPPED_NAMES), "action": "SCMP_ACT_NOTIFY"})
+    out["syscalls"] = kept
+    out["listenerPath"] = listener_path
+    out["listenerMetadata"] = metadata
+    return out, verdicts

@@ -1,0 +1,112 @@
+"""The lazy layers under one container's rootfs, indexed for the supervisor's hot path.
+
+A trapped path is resolved by the kernel inside the container; overlayfs reports a lower
+file's own inode number, so one dict lookup by inode tells whether the file is one of our
+placeholders and which layer entry fills it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import LazyshimError
+from .store.filler import BlobSource, LayerFiller
+from .store.layout import Store
+from .store.metadata import load_layer
+
+
+class LazyRoot:
+    def __init__(self, store: Store, layer_digests: list[str]) -> None:
+        self.fillers: list[LayerFiller] = []
+        # inode -> (filler, entry index, size)
+        self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
+        for digest in layer_digests:
+            d = store.layer_dir(digest)
+            try:
+                meta = load_layer((d / "meta.cbor").read_bytes())
+            except FileNotFoundError as e:
+                raise LazyshimError(f"layer {digest[:19]} is not in the store {store.root}") from e
+            if meta.complete:
+                continue
+            filler = LayerFiller(d, meta, _source_factory(meta.registry, meta.repository, digest))
+            self.fillers.append(filler)
+            entries = meta.toc.entries
+            for i, ino in enumerate(meta.inodes):
+                if ino:
+                    self.by_inode[ino] = (filler, i, entries[i].size)
+
+    def lookup(self, st: os.stat_result) -> tuple[LayerFiller, int] | None:
+        """The unfilled placeholder behind a stat result, or None."""
+        hit = self.by_inode.get(st.st_ino)
+        if hit is None or hit[2] != st.st_size or not stat.S_ISREG(st.st_mode):
+            return None
+        filler, idx, _ = hit
+        if filler.filled[idx]:
+            return None
+        return filler, idx
+
+    def fill_path(self, root_fd: int, path: str) -> bool:
+        """Fill the file at `path` inside the rootfs open at root_fd; True if it was filled."""
+        from seccomp.resolve import RESOLVE_IN_ROOT, O_PATH, openat2
+
+        try:
+            fd = openat2(root_fd, path.encode(), O_PATH, RESOLVE_IN_ROOT)
+        except OSError:
+            return False
+        try:
+            hit = self.lookup(os.fstat(fd))
+        finally:
+            os.close(fd)
+        if hit is None:
+            return False
+        hit[0].fill(hit[1])
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "files_filled": sum(f.files_filled for f in self.fillers),
+            "bytes_fetched": sum(f.bytes_fetched for f in self.fillers),
+        }
+
+
+def _source_factory(registry: str, repository: str, digest: str):
+    def make() -> BlobSource:
+        from .sources import RegistryBlobSource
+
+        return RegistryBlobSource(registry, repository, digest)
+
+    return make
+
+
+def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
+    """The lazy layers an overlay rootfs is made of (from its mount options), or None."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    target = os.path.realpath(rootfs)
+    layers_prefix = str(store.layers) + "/"
+    for line in mounts.splitlines():
+        parts = line.split(" ")
+        if len(parts) < 10 or _unescape(parts[4]) != target:
+            continue
+        sep = parts.index("-")
+        if parts[sep + 1] != "overlay":
+            continue
+        for opt in parts[sep + 3].split(","):
+            if opt.startswith("lowerdir="):
+                out = []
+                for low in opt[len("lowerdir="):].split(":"):
+                    low = _unescape(low)
+                    if low.startswith(layers_prefix) and low.endswith("/tree"):
+                        name = low[len(layers_prefix):-len("/tree")]
+                        alg, _, hexpart = name.partition("-")
+                        out.append(f"{alg}:{hexpart}")
+                return out or None
+    return None
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

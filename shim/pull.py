@@ -1,0 +1,146 @@
+"""`lazyshim pull`: manifest, config and tables of contents only.
+
+For each layer we fetch the footer and the TOC with two range requests, check the TOC
+against the digest the (digest-verified) manifest carries, and build the placeholder tree.
+A layer whose TOC cannot be verified (no eStargz/zstd:chunked annotation) is not lazy: it
+is streamed, checked against its blob digest and unpacked in full, so every image runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import LazyshimError
+from .formats import estargz
+from .formats.toc import FormatError, Toc
+from .registry.client import Descriptor, RegistryClient
+from .registry.reference import Reference, parse_reference
+from .store import refs
+from .store.filler import create_filled_map
+from .store.layout import Store
+from .store.metadata import ImageRecord, LayerMeta, dump_image, dump_layer, write_atomic
+from .store.placeholders import build_tree
+
+MAX_CONFIG = 4 << 20
+
+
+def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> ImageRecord:
+    ref = parse_reference(ref_str)
+    store.ensure()
+    own = client is None
+    client = client or RegistryClient(ref.registry)
+    try:
+        manifest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
+        config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
+        try:
+            config = json.loads(config_raw)
+        except ValueError as e:
+            raise LazyshimError(f"{ref_str}: image config is not JSON") from e
+        if not isinstance(config, dict):
+            raise LazyshimError(f"{ref_str}: image config is not a JSON object")
+        for layer in manifest.layers:
+            ensure_layer(store, client, ref, layer)
+    finally:
+        if own:
+            client.close()
+    rec = ImageRecord(
+        id=manifest.digest, name=str(ref), registry=ref.registry, repository=ref.repository,
+        layers=[d.digest for d in manifest.layers], config=config, config_digest=manifest.config.digest,
+    )
+    write_atomic(store.image_file(rec.id), dump_image(rec))
+    refs.set_ref(store, str(ref), rec.id)
+    return rec
+
+
+def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
+    """Make the layer's tree and metadata exist in the store (idempotent, crash-safe)."""
+    final = store.layer_dir(desc.digest)
+    if (final / "meta.cbor").exists():
+        return _load(final)
+    with store.lock(final.name):
+        if (final / "meta.cbor").exists():
+            return _load(final)
+        staging = store.tmp / f"{final.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "tree").mkdir(parents=True)
+        try:
+            meta = _lazy_meta(client, ref, desc)
+            if meta is None:
+                from .legacy import unpack_layer
+
+                meta = unpack_layer(client, ref, desc, staging / "tree")
+                create_filled_map(staging, len(meta.toc.entries), all_filled=True)
+            else:
+                meta.inodes = build_tree(meta.toc, staging / "tree")
+                create_filled_map(staging, len(meta.toc.entries))
+            meta.registry, meta.repository = ref.registry, ref.repository
+            write_atomic(staging / "meta.cbor", dump_layer(meta))
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return meta
+
+
+def _load(layer_dir: Path) -> LayerMeta:
+    from .store.metadata import load_layer
+
+    return load_layer((layer_dir / "meta.cbor").read_bytes())
+
+
+def layer_format(desc: Descriptor) -> str:
+    """Which reader a layer needs, from its (verified) manifest annotations alone."""
+    ann = desc.annotations or {}
+    if estargz.TOC_DIGEST_ANNOTATION in ann:
+        return "estargz"
+    from .formats import zstdchunked
+
+    if zstdchunked.manifest_location(ann) is not None:
+        return "zstd:chunked"
+    return "legacy"
+
+
+def _lazy_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta | None:
+    fmt = layer_format(desc)
+    try:
+        if fmt == "estargz":
+            return _estargz_meta(client, ref, desc)
+        if fmt == "zstd:chunked":
+            return _zstd_meta(client, ref, desc)
+    except FormatError as e:
+        raise LazyshimError(f"layer {desc.digest[:19]}: {e}") from e
+    return None
+
+
+def _estargz_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
+    size = desc.size
+    if size < estargz.FOOTER_SIZE:
+        raise FormatError("blob too small for eStargz")
+    tail = client.get_range(ref.repository, desc.digest, size - estargz.FOOTER_SIZE, size)
+    toc_offset, footer_size = estargz.parse_footer(tail)
+    start, end = estargz.toc_range(size, toc_offset, footer_size)
+    region = client.get_range(ref.repository, desc.digest, start, end)
+    toc_json = estargz.toc_json_from_region(region)
+    want = desc.annotations[estargz.TOC_DIGEST_ANNOTATION]
+    got = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    if got != want:
+        raise FormatError(f"TOC digest {got[:19]} does not match the manifest's {want[:19]}")
+    toc: Toc = estargz.parse_toc(toc_json, toc_offset)
+    return LayerMeta(digest=desc.digest, format="estargz", blob_size=size, toc=toc, toc_digest=want)
+
+
+def _zstd_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
+    from .formats import zstdchunked
+
+    loc = zstdchunked.manifest_location(desc.annotations)
+    assert loc is not None
+    region = client.get_range(ref.repository, desc.digest, loc.offset, loc.offset + loc.length)
+    toc_json = zstdchunked.decode_manifest(region, loc)
+    toc = zstdchunked.parse_toc(toc_json, loc.offset)
+    return LayerMeta(digest=desc.digest, format="zstd:chunked", blob_size=desc.size, toc=toc,
+                     toc_digest=loc.checksum)

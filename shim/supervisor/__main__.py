@@ -1,0 +1,66 @@
+"""Entry point of the per-container supervisor process (started by the runtime).
+
+    python -m shim.supervisor --store ROOT --layers D1,D2 --listen-fd N --state-dir DIR
+
+The runtime binds and listens on the `listenerPath` socket itself and hands us the fd, so
+the socket is ready before `runc create` connects to it, without any waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lazyshim-supervisor")
+    p.add_argument("--store", required=True)
+    p.add_argument("--layers", required=True, help="comma-separated layer digests, bottom first")
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--ready-fd", type=int, default=-1, help="closed once loaded and prefilled")
+    p.add_argument("--rootfs", help="the container's rootfs as the host sees it (for prefill)")
+    p.add_argument("--prefill", default="", help="colon-separated paths to fill before start")
+    p.add_argument("--prefill-exec", default="", help="colon-separated executables (with interpreters)")
+    a = p.parse_args(argv)
+
+    from seccomp.verdict import Verdicts
+
+    from ..errors import LazyshimError
+    from ..lazyroot import LazyRoot
+    from ..store.layout import Store
+    from .server import Supervisor
+
+    state = Path(a.state_dir)
+    log = open(state / "supervisor.log", "a", buffering=1)
+    try:
+        root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d])
+        vpath = state / "verdicts.json"
+        verdicts = Verdicts.from_json(vpath.read_text()) if vpath.exists() else Verdicts.allow_all()
+    except (LazyshimError, OSError, ValueError) as e:
+        print(f"supervisor: {e}", file=log)
+        return 1
+    sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log)
+    if a.rootfs:
+        try:
+            sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec))
+        except (LazyshimError, OSError) as e:
+            print(f"supervisor: prefill: {e}", file=log)
+            return 1
+    if a.ready_fd >= 0:
+        os.write(a.ready_fd, b"1")
+        os.close(a.ready_fd)
+    listener = socket.socket(fileno=a.listen_fd)
+    sup.serve(listener)
+    return 0
+
+
+def _split(s: str) -> list[str]:
+    return [x for x in s.split(":") if x]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

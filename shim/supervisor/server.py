@@ -1,0 +1,255 @@
+"""The per-container supervisor: answer every trapped open/exec, filling placeholders first.
+
+One thread per notify fd receives notifications.  A notification whose file is already
+filled (or is not ours) is answered on that thread at once; one that needs a fetch goes
+to a worker pool, so a slow fill never stalls opens of files that are already there.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import stat
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from seccomp.listener import receive_fd
+from seccomp.memory import MemoryReader
+from seccomp.notify import Notification, Notifier
+from seccomp.resolve import AT_FDCWD, O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RootResolver, openat2
+from seccomp.syscalls import PATH_ARGS, signed32
+from seccomp.verdict import Verdicts
+
+from ..errors import LazyshimError
+from ..lazyroot import LazyRoot
+from .execchain import HEADER_READ, MAX_DEPTH, interpreter
+
+
+class Stats:
+    __slots__ = ("notifications", "fills", "fill_errors", "fill_seconds", "fill_max")
+
+    def __init__(self) -> None:
+        self.notifications = 0
+        self.fills = 0
+        self.fill_errors = 0
+        self.fill_seconds = 0.0
+        self.fill_max = 0.0
+
+
+class Supervisor:
+    def __init__(self, root: LazyRoot, verdicts: Verdicts, stats_path: Path | None = None,
+                 workers: int = 16, log=None) -> None:
+        self.root = root
+        self.verdicts = verdicts
+        self.mem = MemoryReader()
+        self.resolver = RootResolver()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
+        self.stats = Stats()
+        self.stats_path = stats_path
+        self.log = log
+        self._active = 0
+        self._seen_fd = False
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    # ---- connections -------------------------------------------------------------
+    def serve(self, listener: socket.socket) -> None:
+        """Accept runtime connections until the last notify fd hangs up."""
+        threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
+        self.done.wait()
+        self.write_stats()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                fd, _state = receive_fd(conn)
+            except OSError:
+                return
+        if fd is None:
+            return
+        self.add_fd(fd)
+
+    def add_fd(self, fd: int) -> None:
+        with self._lock:
+            self._active += 1
+            self._seen_fd = True
+        threading.Thread(target=self._notify_loop, args=(fd,), daemon=True).start()
+
+    def _fd_closed(self) -> None:
+        with self._lock:
+            self._active -= 1
+            last = self._active == 0
+        if last:
+            self.done.set()
+
+    # ---- the hot path ---------------------------------------------------------
+    def _notify_loop(self, fd: int) -> None:
+        notifier = Notifier(fd)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        try:
+            while True:
+                events = poller.poll()
+                if not events:
+                    continue
+                ev = events[0][1]
+                if ev & select.POLLIN:
+                    n = notifier.recv()
+                    if n is not None:
+                        self._handle(notifier, n)
+                    continue
+                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    break
+        finally:
+            notifier.close()
+            self._fd_closed()
+
+    def _handle(self, notifier: Notifier, n: Notification) -> None:
+        self.stats.notifications += 1
+        spec = PATH_ARGS.get(n.nr)
+        if spec is None:
+            self._answer(notifier, n)
+            return
+        path = self.mem.read_cstring(n.pid, n.args[spec.path])
+        if path is None:
+            self._answer(notifier, n)
+            return
+        dirfd = signed32(n.args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
+        st = self.resolver.stat(n.pid, dirfd, path, spec.follows(n.args))
+        hit = self.root.lookup(st) if st is not None and st.st_size else None
+        if hit is None and not (spec.exec and st is not None and stat.S_ISREG(st.st_mode)):
+            self._answer(notifier, n)
+            return
+        # Needs work that may block on the network: leave this thread free.
+        self.pool.submit(self._slow, notifier, n, hit, spec.exec, dirfd, path)
+
+    def _slow(self, notifier: Notifier, n: Notification, hit, is_exec: bool, dirfd: int, path: bytes) -> None:
+        try:
+            if hit is not None:
+                self._fill(*hit)
+            if is_exec:
+                self._fill_interpreters(n.pid, dirfd, path)
+        except LazyshimError as e:
+            self._log(f"fill failed for pid {n.pid} {path!r}: {e}")
+            if notifier.id_valid(n.id):
+                notifier.fail(n.id, errno.EIO)
+            return
+        except Exception as e:  # never leave the target hanging
+            self._log(f"internal error for {path!r}: {e!r}")
+            notifier.fail(n.id, errno.EIO)
+            return
+        self._answer(notifier, n)
+        if is_exec:
+            self.mem.forget(n.pid)
+            self.resolver.forget(n.pid)
+
+    def prefill(self, rootfs: Path, paths: list[str], exec_paths: list[str]) -> None:
+        """Fill files before the container starts (runc reads some before the filter)."""
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for p in paths:
+                try:
+                    fd = openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                except OSError:
+                    continue
+                try:
+                    hit = self.root.lookup(os.fstat(fd))
+                finally:
+                    os.close(fd)
+                if hit is not None:
+                    self._fill(*hit)
+            for p in exec_paths:
+                self.fill_exec_chain(root_fd, p.encode())
+        finally:
+            os.close(root_fd)
+
+    def _answer(self, notifier: Notifier, n: Notification) -> None:
+        err = self.verdicts.errno_for(n.nr, n.args)
+        if err:
+            notifier.fail(n.id, err)
+        else:
+            notifier.allow(n.id)
+
+    def _fill(self, filler, idx: int) -> None:
+        t0 = time.monotonic()
+        try:
+            filler.fill(idx)
+        except LazyshimError:
+            self.stats.fill_errors += 1
+            raise
+        dt = time.monotonic() - t0
+        self.stats.fills += 1
+        self.stats.fill_seconds += dt
+        self.stats.fill_max = max(self.stats.fill_max, dt)
+
+    def _fill_interpreters(self, pid: int, dirfd: int, path: bytes) -> None:
+        full = self.resolver.absolute(pid, dirfd, path)
+        if full is not None:
+            cwd = self.resolver.absolute(pid, AT_FDCWD, b"") or b"/"
+            self.fill_exec_chain(self.resolver.root_fd(pid), full, cwd)
+
+    def fill_exec_chain(self, root_fd: int, full: bytes, cwd: bytes = b"/") -> None:
+        """Fill an executable and the ELF/#! interpreter chain the kernel will open itself."""
+        for _ in range(MAX_DEPTH):
+            try:
+                pfd = openat2(root_fd, full, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return  # the kernel will report ENOENT itself
+            try:
+                hit = self.root.lookup(os.fstat(pfd))
+            finally:
+                os.close(pfd)
+            if hit is not None:
+                self._fill(*hit)
+            try:
+                fd = openat2(root_fd, full, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return
+            try:
+                head = os.pread(fd, HEADER_READ, 0)
+                found = interpreter(head)
+                if found is not None and found[1]:
+                    head = os.pread(fd, found[1], 0)
+                    found = interpreter(head)
+            finally:
+                os.close(fd)
+            if found is None or not found[0]:
+                return
+            interp = found[0]
+            full = interp if interp.startswith(b"/") else cwd.rstrip(b"/") + b"/" + interp
+
+    def write_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        s = self.stats
+        doc = {
+            "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
+            "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
+            **self.root.stats(),
+        }
+        tmp = self.stats_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.stats_path)
+        except OSError:
+            pass
+
+    def _log(self, msg: str) -> None:
+        if self.log is not None:
+            print(f"{time.strftime('%H:%M:%S')} {msg}", file=self.log, flush=True)
+        else:
+            print(msg, file=sys.stderr, flush=True)
