@@ -17,8 +17,9 @@ MAX_STATE = 1 << 20
 def receive_fd(conn: socket.socket) -> tuple[int | None, dict]:
     """Read the state message and its fd from one connection; (None, {}) if none came.
 
-    Reads until the sender closes (both runtimes send one message and close); callers run
-    this per connection in its own thread so a sender that stalls blocks only itself.
+    Reads until the fd and a complete JSON document have arrived (runc does not close the
+    connection before the container's first trapped syscall); callers run this per
+    connection in its own thread so a sender that stalls blocks only itself.
     """
     fds = array.array("i")
     data = b""
@@ -30,6 +31,8 @@ def receive_fd(conn: socket.socket) -> tuple[int | None, dict]:
         if not msg:
             break
         data += msg
+        if fds and _complete_json(data):
+            break  # runc keeps the connection open while its init blocks in the trapped exec
     state: dict = {}
     try:
         state = json.loads(data) if data else {}
@@ -38,3 +41,11 @@ def receive_fd(conn: socket.socket) -> tuple[int | None, dict]:
     for extra in fds[1:]:
         os.close(extra)
     return (fds[0] if fds else None), state
+
+
+def _complete_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False

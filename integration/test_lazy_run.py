@@ -1,0 +1,117 @@
+"""End to end: `lazyshim pull` of a real eStargz image, then `lazyshim run` with real runc,
+real overlayfs and the real registry, files filled on open."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integration.registry import Registry
+
+LAZYSHIM = [sys.executable, "-m", "runtime.main"]
+
+
+def lazyshim(store: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LAZYSHIM_ROOT=str(store))
+    p = subprocess.run(LAZYSHIM + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lazyshim {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+def _layer_dirs(store: Path) -> list[Path]:
+    return sorted((store / "layers").iterdir())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def test_pull_builds_sparse_placeholders(store: Path, images: dict[str, str]) -> None:
+    lazyshim(store, "pull", images["python:esgz"])
+    py = next(p for d in _layer_dirs(store) for p in [d / "tree/usr/bin/python3.11"] if p.exists())
+    st = py.stat()
+    assert st.st_size > 1_000_000
+    assert st.st_blocks == 0, "a placeholder must not hold data before it is opened"
+    assert st.st_mode & 0o777 == 0o755
+    assert os.readlink(py.parent / "python3") in ("python3.11", "/usr/bin/python3.11")
+
+
+def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str, str],
+                                                    registry: Registry) -> None:
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    registry.clear_access_log()
+    p = lazyshim(store, "run", "--rm", ref, "python3", "-c", "print('hello from a lazy image')")
+    assert p.stdout == "hello from a lazy image\n"
+    host, _, rest = ref.partition("/")
+    manifest = _manifest(host, rest)
+    total = sum(layer["size"] for layer in manifest["layers"])
+    served = sum(registry.bytes_served(layer["digest"]) for layer in manifest["layers"])
+    assert 0 < served < total / 2, f"fetched {served} of {total} bytes"
+
+
+def test_files_read_are_byte_identical(store: Path, images: dict[str, str]) -> None:
+    ref = images["python:esgz"]
+    script = (
+        "import hashlib,sys\n"
+        "for p in sys.argv[1:]:\n"
+        "    print(p, hashlib.sha256(open(p,'rb').read()).hexdigest())\n"
+    )
+    files = ["/usr/bin/python3.11", "/usr/lib/python3.11/json/decoder.py", "/etc/passwd"]
+    p = lazyshim(store, "run", "--rm", ref, "python3", "-c", script, *files)
+    got = dict(line.split() for line in p.stdout.splitlines())
+    assert got["/usr/bin/python3.11"] == _sha256("/usr/bin/python3.11")
+    assert got["/usr/lib/python3.11/json/decoder.py"] == _sha256("/usr/lib/python3.11/json/decoder.py")
+
+
+def test_shebang_script_with_unfilled_interpreter_runs(store: Path, images: dict[str, str]) -> None:
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    p = lazyshim(store, "run", "--rm", ref, "/usr/local/bin/hello.py")
+    assert p.returncode == 0 and p.stdout.strip()
+
+
+def test_corrupt_blob_fails_the_open_and_stores_nothing(tmp_path: Path, images: dict[str, str],
+                                                         registry: Registry) -> None:
+    """A byte flipped in the registry's copy of a file: the open fails with EIO; nothing is
+    marked filled."""
+    store = tmp_path / "store"
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    host, _, rest = ref.partition("/")
+    manifest = _manifest(host, rest)
+    # The app layer holds a > 1 MiB pseudo-random file; corrupt a byte in its middle.
+    layer = manifest["layers"][-1]
+    blob = registry.blob_path(rest.partition(":")[0], layer["digest"])
+    original = blob.read_bytes()
+    try:
+        data = bytearray(original)
+        data[len(data) // 3] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        p = lazyshim(store, "run", "--rm", ref, "sh", "-c",
+                     "for f in $(find / -xdev -type f -size +100k); do cat $f > /dev/null || echo FAIL $f; done",
+                     check=False)
+    finally:
+        blob.write_bytes(original)
+    assert "FAIL" in p.stdout, p.stdout + p.stderr
+    layer_dir = store / "layers" / layer["digest"].replace(":", "-")
+    filled = (layer_dir / "filled").read_bytes()
+    assert filled.count(1) < len(filled)
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _manifest(host: str, name_tag: str) -> dict:
+    from integration.images import fetch_manifest
+
+    name, _, tag = name_tag.rpartition(":")
+    return fetch_manifest(host, name, tag)
