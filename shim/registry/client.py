@@ -595,7 +595,7 @@ class RegistryClient:
                 length = resp.headers.get("content-length", "")
                 if max_size is not None and length.isdigit() and received + int(length) > max_size:
                     raise BlobTooLarge(f"{prefix}: larger than {max_size} bytes")
-                for chunk in resp.iter_raw(chunk_size):
+                for chunk in _iter_raw(resp, chunk_size):
                     received += len(chunk)
                     if max_size is not None and received > max_size:
                         raise BlobTooLarge(f"{prefix}: larger than {max_size} bytes")
@@ -824,11 +824,23 @@ def _read_bounded(resp: httpx.Response, limit: int, prefix: str) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise BlobTooLarge(f"{prefix}: {int(length)} bytes exceeds the limit of {limit}")
     buf = bytearray()
-    for chunk in resp.iter_raw():
+    for chunk in _iter_raw(resp):
         buf += chunk
         if len(buf) > limit:
             raise BlobTooLarge(f"{prefix}: more than {limit} bytes")
     return bytes(buf)
+
+
+def _iter_raw(resp: httpx.Response, chunk_size: int | None = None) -> Iterator[bytes]:
+    """The undecoded body (what digests cover), also for responses a transport pre-read."""
+    try:
+        content = resp.content
+    except httpx.ResponseNotRead:
+        yield from resp.iter_raw(chunk_size)
+        return
+    step = chunk_size or len(content) or 1
+    for i in range(0, len(content), step):
+        yield content[i : i + step]
 
 
 def _error_code(resp: httpx.Response) -> str:
