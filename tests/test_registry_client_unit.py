@@ -256,3 +256,27 @@ def test_coalesce_ranges_covers_everything(
         if e > s:
             assert any(a <= s and e <= b for a, b in spans)
     assert len(spans) <= len([r for r in ranges if r[1] > r[0]])
+
+
+def test_plain_http_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim.registry.client import is_loopback
+
+    assert is_loopback("localhost:5000") and is_loopback("127.3.2.1") and is_loopback("[::1]:5000")
+    assert not is_loopback("10.0.0.1:5000") and not is_loopback("localhost.example.com")
+    monkeypatch.setenv("LAZYSHIM_INSECURE_REGISTRIES", "mirror.internal:5000, other")
+    for host, scheme in (("mirror.internal:5000", "http"), ("other:443", "http"), ("third", "https")):
+        with RegistryClient(host, auth_files=[]) as c:
+            assert c.scheme == scheme
+    with RegistryClient("127.0.0.1:5000", insecure=False, auth_files=[]) as c:
+        assert c.scheme == "https"
+
+
+def test_invalid_arguments_raise_value_errors_eagerly() -> None:
+    with _client(lambda r: httpx.Response(500)) as c:
+        with pytest.raises(ValueError):
+            c.stream_blob("app", "sha256:short")
+        with pytest.raises(ValueError):
+            c.get_blob("Bad Repo", DIGEST, max_size=1)
+        with pytest.raises(ValueError):
+            c.get_ranges("app", DIGEST, [(5, 1)])
+        assert c.request_count == 0

@@ -564,9 +564,17 @@ class RegistryClient:
 
         Callers must not commit anything until the iterator is exhausted.  A connection lost
         mid-body is resumed with a Range request from the bytes already received (same retry
-        budget), so a long download survives a flaky link.
+        budget), so a long download survives a flaky link.  Arguments are validated now;
+        the first request is sent on the first `next()`.
         """
         url = self._blob_url(repository, digest)
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        return self._stream_blob(url, repository, digest, chunk_size, max_size)
+
+    def _stream_blob(
+        self, url: httpx.URL, repository: str, digest: str, chunk_size: int, max_size: int | None
+    ) -> Iterator[bytes]:
         what = self._what_blob(repository, digest)
         prefix = f"registry {self.registry}: {what}"
         self._check_open()
