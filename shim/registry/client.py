@@ -242,7 +242,9 @@ class RegistryClient:
     def _may_use_http(self, url: httpx.URL) -> bool:
         return url.scheme == "https" or (url.host is not None and is_loopback(url.host)) or self._insecure
 
-    def _send(self, method: str, url: httpx.URL, scope: str, headers: dict[str, str], content: bytes | None):
+    def _send(
+        self, method: str, url: httpx.URL, scope: str, headers: dict[str, str], content: bytes | None
+    ) -> httpx.Response:
         """Send one request, following redirects by hand; return the streaming response.
 
         Authorization is attached only for the registry's own origin, so presigned storage
