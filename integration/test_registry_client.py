@@ -94,9 +94,8 @@ def _start_registry(tmp: Path) -> _Registry:
         port = _free_port()
         cfg = tmp / "config.yml"
         cfg.write_text(CONFIG.format(root=root, port=port))
-        log = open(tmp / "registry.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg)], stdout=log, stderr=log)
-        log.close()
+        with open(tmp / "registry.log", "ab") as log:
+            proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg)], stdout=log, stderr=log)
         reg = _Registry(root, port, proc)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and proc.poll() is None:

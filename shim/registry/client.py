@@ -242,7 +242,9 @@ class RegistryClient:
     def _may_use_http(self, url: httpx.URL) -> bool:
         return url.scheme == "https" or (url.host is not None and is_loopback(url.host)) or self._insecure
 
-    def _send(self, method: str, url: httpx.URL, scope: str, headers: dict[str, str], content: bytes | None):
+    def _send(
+        self, method: str, url: httpx.URL, scope: str, headers: dict[str, str], content: bytes | None
+    ) -> httpx.Response:
         """Send one request, following redirects by hand; return the streaming response.
 
         Authorization is attached only for the registry's own origin, so presigned storage
@@ -564,9 +566,17 @@ class RegistryClient:
 
         Callers must not commit anything until the iterator is exhausted.  A connection lost
         mid-body is resumed with a Range request from the bytes already received (same retry
-        budget), so a long download survives a flaky link.
+        budget), so a long download survives a flaky link.  Arguments are validated now;
+        the first request is sent on the first `next()`.
         """
         url = self._blob_url(repository, digest)
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        return self._stream_blob(url, repository, digest, chunk_size, max_size)
+
+    def _stream_blob(
+        self, url: httpx.URL, repository: str, digest: str, chunk_size: int, max_size: int | None
+    ) -> Iterator[bytes]:
         what = self._what_blob(repository, digest)
         prefix = f"registry {self.registry}: {what}"
         self._check_open()
@@ -595,7 +605,7 @@ class RegistryClient:
                 length = resp.headers.get("content-length", "")
                 if max_size is not None and length.isdigit() and received + int(length) > max_size:
                     raise BlobTooLarge(f"{prefix}: larger than {max_size} bytes")
-                for chunk in resp.iter_raw(chunk_size):
+                for chunk in _iter_raw(resp, chunk_size):
                     received += len(chunk)
                     if max_size is not None and received > max_size:
                         raise BlobTooLarge(f"{prefix}: larger than {max_size} bytes")
@@ -824,11 +834,23 @@ def _read_bounded(resp: httpx.Response, limit: int, prefix: str) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise BlobTooLarge(f"{prefix}: {int(length)} bytes exceeds the limit of {limit}")
     buf = bytearray()
-    for chunk in resp.iter_raw():
+    for chunk in _iter_raw(resp):
         buf += chunk
         if len(buf) > limit:
             raise BlobTooLarge(f"{prefix}: more than {limit} bytes")
     return bytes(buf)
+
+
+def _iter_raw(resp: httpx.Response, chunk_size: int | None = None) -> Iterator[bytes]:
+    """The undecoded body (what digests cover), also for responses a transport pre-read."""
+    try:
+        content = resp.content
+    except httpx.ResponseNotRead:
+        yield from resp.iter_raw(chunk_size)
+        return
+    step = chunk_size or len(content) or 1
+    for i in range(0, len(content), step):
+        yield content[i : i + step]
 
 
 def _error_code(resp: httpx.Response) -> str:
