@@ -141,9 +141,7 @@ class Registry:
         url = f"http://{self.host}/v2/"
         while True:
             if self._proc.poll() is not None:
-                raise RegistryError(
-                    f"exited with {self._proc.returncode}: {self._tail(self.error_log_path)}"
-                )
+                raise RegistryError(f"exited with {self._proc.returncode}: {self._tail(self.error_log_path)}")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as resp:
                     if resp.status == 200:
