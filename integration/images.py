@@ -469,10 +469,17 @@ class _PrivateEnv:
         """Env vars for one tool invocation with its own (initially empty) blob-info cache."""
         data_home = self.root / f"data-{cache_name}"
         data_home.mkdir(exist_ok=True)
+        # With a non-root "rootless uid" the libraries also derive /run/user/1, /tmp/containers-user-1
+        # and /var/tmp/containers-user-1 unless these point somewhere private.
+        for d in ("run", "tmp", "config"):
+            (self.root / d).mkdir(mode=0o700, exist_ok=True)
         return {
             **os.environ,
             "HOME": str(self.root / "home"),
             "XDG_DATA_HOME": str(data_home),
+            "XDG_RUNTIME_DIR": str(self.root / "run"),
+            "XDG_CONFIG_HOME": str(self.root / "config"),
+            "TMPDIR": str(self.root / "tmp"),
             "_CONTAINERS_ROOTLESS_UID": "1",
         }
 
@@ -643,6 +650,23 @@ def _cache_dir(spec: ImageSpec) -> Path:
     return CACHE_ROOT / f"{spec.name}-{spec.cache_key()}"
 
 
+def _publish(staging: Path, final: Path) -> None:
+    """Move a finished layout into the cache; if a concurrent run got there first, keep theirs."""
+    try:
+        staging.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prune_stale(spec: ImageSpec, keep: Path) -> None:
+    """Remove cached builds of this image made from older inputs (a checkout keeps only one)."""
+    for old in CACHE_ROOT.glob(f"{spec.name}-*"):
+        if old != keep and old.is_dir() and len(old.name) == len(keep.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _ensure_legacy(spec: ImageSpec, cdir: Path) -> Path:
     """The cached legacy layout, written now if absent (atomically via rename)."""
     final = cdir / "legacy"
@@ -651,7 +675,7 @@ def _ensure_legacy(spec: ImageSpec, cdir: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-legacy-", dir=cdir))
         shutil.rmtree(tmp)
         write_oci_layout(spec, tmp, "legacy")
-        tmp.rename(final)
+        _publish(tmp, final)
     return final
 
 
@@ -682,6 +706,7 @@ def build_and_push(
         for name in names:
             spec = SPECS[name]()
             cdir = _cache_dir(spec)
+            _prune_stale(spec, cdir)
             legacy_cached = (cdir / "legacy").is_dir()
             legacy = _ensure_legacy(spec, cdir)
             # legacy is always pushed: it is the source of every conversion.
@@ -698,7 +723,9 @@ def build_and_push(
                     stats.from_cache.append(key)
                     continue
                 if variant == "podman-zstdchunked":
-                    _podman_zstd_chunked(host, name, tmp / f"podman-{name}", penv)
+                    # podman refuses a runroot path longer than 50 characters: keep it short.
+                    pdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lzp-")))
+                    _podman_zstd_chunked(host, name, pdir, penv)
                 else:
                     if containerd is None:
                         containerd = Containerd(tmp / "containerd").start()
@@ -712,7 +739,7 @@ def build_and_push(
                 staging = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=cdir))
                 shutil.rmtree(staging)
                 skopeo_copy(f"docker://{refs[key]}", f"oci:{staging}:{variant}", penv)
-                staging.rename(layout)
+                _publish(staging, layout)
                 stats.built.append(key)
     stats.seconds = time.monotonic() - t0
     return refs
@@ -767,9 +794,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     class _Existing(Registry):
+        """An already running registry: only its address is known."""
+
         def __init__(self, host: str) -> None:
             super().__init__()
-            self.port = int(host.rsplit(":", 1)[1])
+            self._existing_host = host
+
+        @property
+        def host(self) -> str:
+            return self._existing_host
 
     stats = BuildStats()
     with contextlib.ExitStack() as stack:
