@@ -67,6 +67,8 @@ REQUIRED_BINARIES = (
     "containerd",
     "ctr-remote",
     "podman",
+    "umoci",
+    "runc",
 )
 
 
