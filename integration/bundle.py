@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from integration.images import PrivateEnv, skopeo_copy
+
 
 class BundleError(RuntimeError):
     """Preparing or running the bundle failed."""
@@ -49,21 +51,13 @@ def bundle_from_registry(ref: str, workdir: Path) -> Path:
     """
     layout = workdir / "layout"
     bundle = workdir / "bundle"
-    _check(
-        ["skopeo", "--policy", str(_policy(workdir)), "copy", "--quiet", "--src-tls-verify=false",
-         f"docker://{ref}", f"oci:{layout}:img"]
-    )  # fmt: skip
+    # Through the images module's private environment: a plain root skopeo would create
+    # /var/lib/containers/cache, the blob-info cache that makes podman push stale gzip blobs.
+    skopeo_copy(f"docker://{ref}", f"oci:{layout}:img", PrivateEnv(workdir / "containers"), preserve=False)
     _check(["umoci", "unpack", "--image", f"{layout}:img", str(bundle)])
     (bundle / "config.json").unlink()  # umoci's spec; replaced by runc's default below
     _check(["runc", "spec", "--bundle", str(bundle)])
     return bundle
-
-
-def _policy(workdir: Path) -> Path:
-    """A private accept-anything signature policy, so the host's policy.json does not matter."""
-    path = workdir / "policy.json"
-    path.write_text('{"default":[{"type":"insecureAcceptAnything"}]}')
-    return path
 
 
 def run_in_bundle(

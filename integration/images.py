@@ -298,7 +298,7 @@ def _ldd_paths(binary: str) -> list[str]:
 
 
 def python_spec() -> ImageSpec:
-    """Debian's python3.11 with its libraries: a realistic, many-file image (about 3000 files)."""
+    """Debian's python3.11 with its libraries: a realistic many-file image (about 700 entries)."""
     base = _LayerBuilder()
     for top in ("bin", "lib", "lib64", "sbin"):
         if os.path.islink(f"/{top}"):
@@ -452,7 +452,7 @@ def check_tools() -> None:
         raise ImageBuildError(f"missing tools: {', '.join(missing)} (run `make apt`)")
 
 
-class _PrivateEnv:
+class PrivateEnv:
     """Environment isolating skopeo/podman from the host's containers state.
 
     containers/image keeps a blob-info cache (as root: /var/lib/containers/cache) that remembers
@@ -486,7 +486,7 @@ class _PrivateEnv:
         }
 
 
-def skopeo_copy(src: str, dest: str, penv: _PrivateEnv, *, preserve: bool = True) -> None:
+def skopeo_copy(src: str, dest: str, penv: PrivateEnv, *, preserve: bool = True) -> None:
     """``skopeo copy`` between ``oci:`` layouts and the plain-HTTP loopback registry."""
     argv = [
         "skopeo",
@@ -595,7 +595,7 @@ class Containerd:
             proc.wait(timeout=10)
 
 
-def _podman_zstd_chunked(host: str, name: str, workdir: Path, penv: _PrivateEnv) -> None:
+def _podman_zstd_chunked(host: str, name: str, workdir: Path, penv: PrivateEnv) -> None:
     """Pull ``name:legacy`` into a private podman store and push it as ``name:podman-zstdchunked``.
 
     The push runs with a blob-info cache distinct from the pull's, so it cannot learn that a gzip
@@ -703,7 +703,7 @@ def build_and_push(
     refs: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lazyshim-images-") as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
-        penv = _PrivateEnv(tmp / "containers")
+        penv = PrivateEnv(tmp / "containers")
         containerd: Containerd | None = None
         for name in names:
             spec = SPECS[name]()

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_second_push_comes_from_cache(registry: Registry, images: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def python_bundle(images: dict[str, str]) -> Path:
+def python_bundle(images: dict[str, str]) -> Iterator[Path]:
     """The legacy python image unpacked as an OCI bundle (shared by the run tests)."""
     with tempfile.TemporaryDirectory(prefix="lazyshim-bundle-") as tmp:
         yield bundle_from_registry(images["python:legacy"], Path(tmp))
