@@ -1,0 +1,43 @@
+"""Session fixtures: one real registry and the test images pushed into it.
+
+Nothing is skipped: a missing tool or a failed build makes every dependent test error with the
+one-line reason, because a silently skipped integration suite looks exactly like a passing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from integration.images import BuildStats, ImageBuildError, build_and_push, check_tools
+from integration.registry import Registry, RegistryError
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    """A private docker-registry on 127.0.0.1, stopped and deleted at the end of the session."""
+    try:
+        reg = Registry().start()
+    except RegistryError as exc:
+        pytest.fail(f"registry: {exc}", pytrace=False)
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def image_build_stats() -> BuildStats:
+    """Filled by the ``images`` fixture: which variants were built and which came from the cache."""
+    return BuildStats()
+
+
+@pytest.fixture(scope="session")
+def images(registry: Registry, image_build_stats: BuildStats) -> dict[str, str]:
+    """``{"name:variant": "127.0.0.1:PORT/name:variant"}`` for every test image variant."""
+    try:
+        check_tools()
+        return build_and_push(registry, stats=image_build_stats)
+    except ImageBuildError as exc:
+        pytest.fail(f"test images: {exc}", pytrace=False)
