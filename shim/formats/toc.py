@@ -213,7 +213,7 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
                 raise FormatError(f"chunk entry {name[:80]!r} does not follow its file")
             _add_chunk(last_reg, d, blob_data_end, offsets)
             continue
-        if typ not in ENTRY_TYPES:
+        if not isinstance(typ, str) or typ not in ENTRY_TYPES:
             raise FormatError(f"entry {str(d.get('name'))[:80]!r}: unknown type {str(typ)[:20]!r}")
         name = normalize_name(d.get("name")) if d.get("name") not in ("./", ".", "/") else ""
         if name == "" and typ != "dir":
