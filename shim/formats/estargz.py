@@ -8,13 +8,14 @@ it.  Pure: bytes in, objects out.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
 import tarfile
 import zlib
 
-from .toc import TOC_TAR_NAME, FormatError, Toc, build_toc
+from .toc import MAX_CHUNK_SIZE, TOC_TAR_NAME, FormatError, Toc, build_toc
 
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
@@ -97,17 +98,26 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
 
 def toc_json_from_region(region: bytes) -> bytes:
     """Extract the raw TOC JSON from the compressed TOC region (a gzipped tar entry)."""
-    tar_bytes = gunzip_bounded(region, MAX_TOC_UNCOMPRESSED + 4096)
+    tar_bytes = gunzip_bounded(region, MAX_TOC_UNCOMPRESSED + 64 * 1024)
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
-            for m in tf:
-                if m.name == TOC_TAR_NAME and m.isreg():
-                    f = tf.extractfile(m)
-                    assert f is not None
-                    return f.read()
-    except tarfile.TarError as e:
-        raise FormatError(f"corrupt TOC tar: {e}") from e
+            # The stargz writer makes the TOC the first (and only) entry of its region.
+            m = tf.next()
+            if m is not None and m.name == TOC_TAR_NAME and m.isreg():
+                f = tf.extractfile(m)
+                if f is not None:
+                    data = f.read()
+                    if len(data) != m.size:
+                        raise FormatError("truncated TOC tar entry")
+                    return data
+    except (tarfile.TarError, ValueError, EOFError, OverflowError, UnicodeError) as e:
+        raise FormatError(f"corrupt TOC tar: {str(e)[:100]}") from e
     raise FormatError(f"no {TOC_TAR_NAME} in the TOC region")
+
+
+def toc_digest(toc_json: bytes) -> str:
+    """The eStargz TOC digest (annotation `containerd.io/snapshot/stargz/toc.digest`)."""
+    return "sha256:" + hashlib.sha256(toc_json).hexdigest()
 
 
 def parse_toc(toc_json: bytes, toc_offset: int) -> Toc:
@@ -125,8 +135,15 @@ def parse_toc(toc_json: bytes, toc_offset: int) -> Toc:
 
 
 def decode_member(data: bytes, inner_offset: int, size: int) -> bytes:
-    """Decompress one gzip member and return `size` bytes from `inner_offset`."""
+    """Decompress one gzip member and return `size` bytes from `inner_offset`.
+
+    Only `inner_offset + size` bytes are ever inflated, whatever the member holds.
+    """
+    if not 0 <= inner_offset <= MAX_CHUNK_SIZE or not 0 <= size <= MAX_CHUNK_SIZE:
+        raise FormatError(f"chunk bounds out of range ({inner_offset}, {size})")
     limit = inner_offset + size
+    if limit == 0:
+        return b""  # zlib treats a max_length of 0 as "no limit"
     d = zlib.decompressobj(wbits=31)
     try:
         out = d.decompress(data, limit)

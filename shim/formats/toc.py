@@ -103,7 +103,16 @@ def normalize_name(raw: object) -> str:
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise FormatError(f"entry name escapes the layer: {raw[:200]!r}")
+    _check_utf8(raw)
     return "/".join(parts)
+
+
+def _check_utf8(s: str) -> None:
+    """JSON can carry lone surrogates; no file system name can."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FormatError(f"name is not valid UTF-8: {s[:80]!r}") from e
 
 
 def _int(d: dict, key: str, lo: int, hi: int, default: int = 0) -> int:
@@ -130,14 +139,17 @@ def _mtime(v: object) -> int:
         return 0
     if not isinstance(v, str) or len(v) > 64:
         raise FormatError(f"bad modtime {str(v)[:40]!r}")
-    from datetime import datetime
+    from datetime import UTC, datetime
 
     s = v.replace("Z", "+00:00")
     # Python's fromisoformat accepts at most 6 fractional digits; Go writes up to 9.
     s = re.sub(r"(\.\d{6})\d+", r"\1", s)
     try:
-        return int(datetime.fromisoformat(s).timestamp())
-    except (ValueError, OverflowError) as e:
+        t = datetime.fromisoformat(s)
+        if t.tzinfo is None:  # never depend on the local time zone
+            t = t.replace(tzinfo=UTC)
+        return int(t.timestamp())
+    except (ValueError, OverflowError, OSError) as e:
         raise FormatError(f"bad modtime {v[:40]!r}") from e
 
 
@@ -152,8 +164,9 @@ def _xattrs(d: dict) -> dict[str, bytes]:
 
     out: dict[str, bytes] = {}
     for k, v in raw.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 255:
+        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 255 or "\x00" in k:
             raise FormatError(f"entry {str(d.get('name'))[:80]!r}: bad xattr")
+        _check_utf8(k)
         if k.startswith(OVERLAY_XATTR_PREFIXES):
             continue  # never let an image steer overlayfs
         try:
@@ -171,16 +184,21 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
 
     `blob_data_end` is the first byte after the last file payload (the TOC's offset):
     every chunk must lie before it.  Chunk ends are derived from the next larger payload
-    offset, because the formats record only where each compressed member starts; a
-    format that knows its ends (zstd:chunked's endOffset) may fix them up afterwards.
+    offset, because eStargz records only where each compressed member starts.
+    zstd:chunked's `endOffset` marks where a file's compressed data ends (containers/storage
+    writes it on the file's first entry even when the file has several chunks), so it
+    bounds the file's LAST chunk; an `endOffset` on a "chunk" entry bounds that chunk.
     """
     if not isinstance(raw_entries, list):
         raise FormatError("TOC has no entries list")
     if len(raw_entries) > MAX_ENTRIES:
         raise FormatError(f"TOC has {len(raw_entries)} entries (limit {MAX_ENTRIES})")
+    if isinstance(blob_data_end, bool) or not isinstance(blob_data_end, int) or blob_data_end < 0:
+        raise FormatError(f"bad data end {blob_data_end!r}")
     entries: list[Entry] = []
     by_name: dict[str, Entry] = {}
     offsets: set[int] = {blob_data_end}
+    file_ends: dict[int, int] = {}  # id(Entry) -> end of its compressed data (endOffset)
     prioritized = 0
     no_prefetch = False
     regs_seen = 0
@@ -195,9 +213,12 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
                 raise FormatError(f"chunk entry {name[:80]!r} does not follow its file")
             _add_chunk(last_reg, d, blob_data_end, offsets)
             continue
-        if typ not in ENTRY_TYPES:
+        if not isinstance(typ, str) or typ not in ENTRY_TYPES:
             raise FormatError(f"entry {str(d.get('name'))[:80]!r}: unknown type {str(typ)[:20]!r}")
         name = normalize_name(d.get("name")) if d.get("name") not in ("./", ".", "/") else ""
+        if name == "" and typ != "dir":
+            raise FormatError(f"the layer root is a {str(typ)[:20]}, not a directory")
+        last_reg = None
         if typ == "reg" and name in _SKIPPED_NAMES:
             if name == PREFETCH_LANDMARK:
                 prioritized = regs_seen
@@ -219,13 +240,16 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
             link = d.get("linkName")
             if not isinstance(link, str) or not link or len(link) > MAX_NAME or "\x00" in link:
                 raise FormatError(f"symlink {name[:80]!r}: bad target")
+            _check_utf8(link)
             e.link = link
         elif typ == "hardlink":
             target = normalize_name(d.get("linkName"))
             t = by_name.get(target)
-            if t is None or t.type != "reg":
+            if t is not None and t.type == "hardlink":  # tar may chain links: point at the file
+                t = by_name.get(t.link)
+            if t is None or t.type == "dir" or not target:
                 raise FormatError(f"hardlink {name[:80]!r} -> {target[:80]!r}: target is not an earlier file")
-            e.link = target
+            e.link = t.name
             e.size = t.size
         elif typ == "reg":
             e.size = _int(d, "size", 0, MAX_FILE_SIZE)
@@ -235,15 +259,17 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
             regs_seen += 1
             last_reg = e
             if e.size:
-                _add_chunk(e, d, blob_data_end, offsets)
-        if typ != "reg":
-            last_reg = None
+                end = d.get("endOffset")
+                _add_chunk(e, {k: v for k, v in d.items() if k != "endOffset"}, blob_data_end, offsets)
+                if end not in (None, 0):
+                    file_ends[id(e)] = _int(d, "endOffset", e.chunks[0].offset + 1, blob_data_end)
+                    offsets.add(file_ends[id(e)])
         if name in by_name and by_name[name].type == "dir" and typ == "dir":
             by_name[name].mode, by_name[name].uid, by_name[name].gid = e.mode, e.uid, e.gid
             continue
         by_name[name] = e
         entries.append(e)
-    _finish_chunks(entries, sorted(offsets))
+    _finish_chunks(entries, sorted(offsets), file_ends)
     return Toc(entries=entries, prioritized=prioritized, no_prefetch=no_prefetch)
 
 
@@ -251,14 +277,16 @@ def _add_chunk(e: Entry, d: dict, blob_data_end: int, offsets: set[int]) -> None
     off = _int(d, "offset", 0, blob_data_end - 1 if blob_data_end else 0)
     chunk_off = _int(d, "chunkOffset", 0, e.size)
     size = _int(d, "chunkSize", 0, MAX_CHUNK_SIZE)
-    if size == 0:  # an unchunked file: one chunk of the whole file
+    if size == 0:  # an unchunked file, or the last chunk: up to the end of the file
         size = e.size - chunk_off
-    if size > MAX_CHUNK_SIZE or chunk_off + size > e.size:
+    if size <= 0 or size > MAX_CHUNK_SIZE or chunk_off + size > e.size:
         raise FormatError(f"file {e.name[:80]!r}: chunk beyond file size")
     expected = e.chunks[-1].file_offset + e.chunks[-1].size if e.chunks else 0
     if chunk_off != expected:
         raise FormatError(f"file {e.name[:80]!r}: chunks not contiguous at {chunk_off}")
     zeros = d.get("chunkType") == "zeros"
+    if not zeros and d.get("chunkType") not in (None, ""):
+        raise FormatError(f"file {e.name[:80]!r}: unknown chunkType {str(d.get('chunkType'))[:20]!r}")
     c = Chunk(
         offset=off,
         end=0,
@@ -269,13 +297,14 @@ def _add_chunk(e: Entry, d: dict, blob_data_end: int, offsets: set[int]) -> None
         zeros=zeros,
     )
     end = d.get("endOffset")
-    if end is not None:
+    if end not in (None, 0):
         c.end = _int(d, "endOffset", off + 1, blob_data_end)
+        offsets.add(c.end)
     e.chunks.append(c)
     offsets.add(off)
 
 
-def _finish_chunks(entries: list[Entry], offsets: list[int]) -> None:
+def _finish_chunks(entries: list[Entry], offsets: list[int], file_ends: dict[int, int]) -> None:
     """Give every chunk its compressed end and check that each file is fully covered."""
     import bisect
 
@@ -285,6 +314,11 @@ def _finish_chunks(entries: list[Entry], offsets: list[int]) -> None:
         last = e.chunks[-1]
         if last.file_offset + last.size != e.size:
             raise FormatError(f"file {e.name[:80]!r}: chunks do not cover its size")
+        file_end = file_ends.get(id(e))
+        if file_end is not None and last.end == 0 and not last.zeros:
+            if file_end <= last.offset:
+                raise FormatError(f"file {e.name[:80]!r}: endOffset before its last chunk")
+            last.end = file_end
         for c in e.chunks:
             if c.end == 0 and not c.zeros:
                 i = bisect.bisect_right(offsets, c.offset)
