@@ -54,7 +54,11 @@ def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str
     manifest = _manifest(host, rest)
     total = sum(layer["size"] for layer in manifest["layers"])
     served = sum(registry.bytes_served(layer["digest"]) for layer in manifest["layers"])
-    assert 0 < served < total / 2, f"fetched {served} of {total} bytes"
+    # The interpreter and libc are most of this small image; the stdlib stays behind.
+    assert 0 < served < total * 0.8, f"fetched {served} of {total} bytes"
+    filled = sum((d / "filled").read_bytes().count(1) for d in _layer_dirs(store))
+    entries = sum(len((d / "filled").read_bytes()) for d in _layer_dirs(store))
+    assert filled < entries / 10, f"{filled} of {entries} entries filled"
 
 
 def test_files_read_are_byte_identical(store: Path, images: dict[str, str]) -> None:

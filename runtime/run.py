@@ -13,7 +13,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError

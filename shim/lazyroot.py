@@ -49,7 +49,7 @@ class LazyRoot:
 
     def fill_path(self, root_fd: int, path: str) -> bool:
         """Fill the file at `path` inside the rootfs open at root_fd; True if it was filled."""
-        from seccomp.resolve import RESOLVE_IN_ROOT, O_PATH, openat2
+        from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, openat2
 
         try:
             fd = openat2(root_fd, path.encode(), O_PATH, RESOLVE_IN_ROOT)

@@ -96,12 +96,14 @@ def _load(layer_dir: Path) -> LayerMeta:
 def layer_format(desc: Descriptor) -> str:
     """Which reader a layer needs, from its (verified) manifest annotations alone."""
     ann = desc.annotations or {}
-    if estargz.TOC_DIGEST_ANNOTATION in ann:
-        return "estargz"
     from .formats import zstdchunked
 
-    if zstdchunked.manifest_location(ann) is not None:
-        return "zstd:chunked"
+    if "zstd" in desc.media_type:
+        loc = zstdchunked.manifest_location(ann)
+        # Without the manifest checksum the TOC cannot be trusted: no laziness then.
+        return "zstd:chunked" if loc is not None and loc.checksum else "legacy"
+    if estargz.TOC_DIGEST_ANNOTATION in ann:
+        return "estargz"
     return "legacy"
 
 
@@ -138,9 +140,10 @@ def _zstd_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> Laye
     from .formats import zstdchunked
 
     loc = zstdchunked.manifest_location(desc.annotations)
-    assert loc is not None
+    if loc is None or loc.offset + loc.length > desc.size:
+        raise FormatError("zstd:chunked manifest position lies outside the blob")
     region = client.get_range(ref.repository, desc.digest, loc.offset, loc.offset + loc.length)
     toc_json = zstdchunked.decode_manifest(region, loc)
-    toc = zstdchunked.parse_toc(toc_json, loc.offset)
+    toc = zstdchunked.parse_toc(toc_json, loc.data_end)
     return LayerMeta(digest=desc.digest, format="zstd:chunked", blob_size=desc.size, toc=toc,
                      toc_digest=loc.checksum)
