@@ -104,7 +104,7 @@ def test_corrupt_blob_fails_the_open_and_stores_nothing(tmp_path: Path, images: 
                      check=False)
     finally:
         blob.write_bytes(original)
-    assert "FAIL" in p.stdout, p.stdout + p.stderr
+    assert "FAIL" in p.stdout, repr(p)
     layer_dir = store / "layers" / layer["digest"].replace(":", "-")
     filled = (layer_dir / "filled").read_bytes()
     assert filled.count(1) < len(filled)

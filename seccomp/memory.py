@@ -43,7 +43,6 @@ class MemoryReader:
         """
         if addr == 0:
             return None
-        out = b""
         for attempt in (0, 1):
             try:
                 fd = self._fd(pid)
@@ -53,7 +52,8 @@ class MemoryReader:
                     n = min(_PAGE - (pos % _PAGE), limit - len(out))
                     piece = os.pread(fd, n, pos)
                     if not piece:
-                        return None
+                        # 0 bytes: the fd belongs to an address space the task left by execve.
+                        raise ProcessLookupError
                     nul = piece.find(b"\0")
                     if nul >= 0:
                         return out + piece[:nul]

@@ -47,8 +47,6 @@ class Supervisor:
                  workers: int = 16, log=None) -> None:
         self.root = root
         self.verdicts = verdicts
-        self.mem = MemoryReader()
-        self.resolver = RootResolver()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
         self.stats = Stats()
         self.stats_path = stats_path
@@ -99,6 +97,10 @@ class Supervisor:
     # ---- the hot path ---------------------------------------------------------
     def _notify_loop(self, fd: int) -> None:
         notifier = Notifier(fd)
+        # Caches of fds are owned by this thread alone: a closed-and-reused fd number seen
+        # by another thread could otherwise read the wrong task's memory.
+        mem = MemoryReader()
+        resolver = RootResolver()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         try:
@@ -110,39 +112,44 @@ class Supervisor:
                 if ev & select.POLLIN:
                     n = notifier.recv()
                     if n is not None:
-                        self._handle(notifier, n)
+                        self._handle(notifier, n, mem, resolver)
                     continue
                 if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     break
         finally:
+            mem.forget_all()
+            resolver.forget_all()
             notifier.close()
             self._fd_closed()
 
-    def _handle(self, notifier: Notifier, n: Notification) -> None:
+    def _handle(self, notifier: Notifier, n: Notification, mem: MemoryReader, resolver: RootResolver) -> None:
         self.stats.notifications += 1
         spec = PATH_ARGS.get(n.nr)
         if spec is None:
             self._answer(notifier, n)
             return
-        path = self.mem.read_cstring(n.pid, n.args[spec.path])
+        path = mem.read_cstring(n.pid, n.args[spec.path])
         if path is None:
             self._answer(notifier, n)
             return
         dirfd = signed32(n.args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
-        st = self.resolver.stat(n.pid, dirfd, path, spec.follows(n.args))
+        st = resolver.stat(n.pid, dirfd, path, spec.follows(n.args))
         hit = self.root.lookup(st) if st is not None and st.st_size else None
         if hit is None and not (spec.exec and st is not None and stat.S_ISREG(st.st_mode)):
             self._answer(notifier, n)
             return
+        full = resolver.absolute(n.pid, dirfd, path) if spec.exec else None
+        cwd = resolver.absolute(n.pid, AT_FDCWD, b"") if spec.exec else None
         # Needs work that may block on the network: leave this thread free.
-        self.pool.submit(self._slow, notifier, n, hit, spec.exec, dirfd, path)
+        self.pool.submit(self._slow, notifier, n, hit, full, cwd or b"/")
 
-    def _slow(self, notifier: Notifier, n: Notification, hit, is_exec: bool, dirfd: int, path: bytes) -> None:
+    def _slow(self, notifier: Notifier, n: Notification, hit, exec_path: bytes | None, cwd: bytes) -> None:
+        path = exec_path or b"?"
         try:
             if hit is not None:
                 self._fill(*hit)
-            if is_exec:
-                self._fill_interpreters(n.pid, dirfd, path)
+            if exec_path is not None:
+                self._fill_interpreters(n.pid, exec_path, cwd)
         except LazyshimError as e:
             self._log(f"fill failed for pid {n.pid} {path!r}: {e}")
             if notifier.id_valid(n.id):
@@ -153,9 +160,6 @@ class Supervisor:
             notifier.fail(n.id, errno.EIO)
             return
         self._answer(notifier, n)
-        if is_exec:
-            self.mem.forget(n.pid)
-            self.resolver.forget(n.pid)
 
     def prefill(self, rootfs: Path, paths: list[str], exec_paths: list[str]) -> None:
         """Fill files before the container starts (runc reads some before the filter)."""
@@ -196,11 +200,15 @@ class Supervisor:
         self.stats.fill_seconds += dt
         self.stats.fill_max = max(self.stats.fill_max, dt)
 
-    def _fill_interpreters(self, pid: int, dirfd: int, path: bytes) -> None:
-        full = self.resolver.absolute(pid, dirfd, path)
-        if full is not None:
-            cwd = self.resolver.absolute(pid, AT_FDCWD, b"") or b"/"
-            self.fill_exec_chain(self.resolver.root_fd(pid), full, cwd)
+    def _fill_interpreters(self, pid: int, full: bytes, cwd: bytes) -> None:
+        try:
+            root_fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # the task is gone
+        try:
+            self.fill_exec_chain(root_fd, full, cwd)
+        finally:
+            os.close(root_fd)
 
     def fill_exec_chain(self, root_fd: int, full: bytes, cwd: bytes = b"/") -> None:
         """Fill an executable and the ELF/#! interpreter chain the kernel will open itself."""
