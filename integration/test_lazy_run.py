@@ -48,7 +48,8 @@ def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str
     ref = images["python:esgz"]
     lazyshim(store, "pull", ref)
     registry.clear_access_log()
-    p = lazyshim(store, "run", "--rm", ref, "python3", "-c", "print('hello from a lazy image')")
+    p = lazyshim(store, "run", "--rm", "--no-background-fetch", ref, "python3", "-c",
+                 "print('hello from a lazy image')")
     assert p.stdout == "hello from a lazy image\n"
     host, _, rest = ref.partition("/")
     manifest = _manifest(host, rest)

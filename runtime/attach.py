@@ -32,9 +32,24 @@ def state_dir(container_id: str) -> Path:
     return runtime_dir() / container_id
 
 
+BACKGROUND_ANNOTATION = "run.lazyshim.background-fetch"
+BACKGROUND_MODES = ("none", "prioritized", "all")
+
+
+def background_mode(config: dict, explicit: str | None = None) -> str:
+    """What the supervisor fetches unasked: the caller's choice, else the bundle's
+    annotation, else $LAZYSHIM_BACKGROUND_FETCH, else everything."""
+    mode = explicit or (config.get("annotations") or {}).get(BACKGROUND_ANNOTATION) \
+        or os.environ.get("LAZYSHIM_BACKGROUND_FETCH") or "all"
+    if mode not in BACKGROUND_MODES:
+        raise LazyshimError(f"background fetch mode {mode!r} is not one of {', '.join(BACKGROUND_MODES)}")
+    return mode
+
+
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
-           metadata: str = "") -> int:
+           metadata: str = "", background: str | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid."""
+    mode = background_mode(config, background)
     sdir = state_dir(container_id)
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock_path = sdir / "seccomp.sock"
@@ -53,6 +68,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--ready-fd", str(ready_w), "--rootfs", str(rootfs),
             "--prefill", "/etc/passwd:/etc/group",
             "--prefill-exec", _exec_path(args[0], config) if args else "",
+            "--background", mode,
         ]
         try:
             proc = subprocess.Popen(
@@ -74,8 +90,9 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
 
 
 def _supervisor_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LAZYSHIM_ROOT", "HOME", "XDG_RUNTIME_DIR",
-                                                          "LAZYSHIM_INSECURE_REGISTRIES", "XDG_DATA_HOME")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "REGISTRY_AUTH_FILE")
+           or k.startswith("LAZYSHIM_")}
     # The supervisor imports our packages from wherever this process found them.
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env

@@ -45,7 +45,8 @@ def run(args) -> int:
             cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
             uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
         )
-        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs")
+        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
+                      background="none" if args.no_background_fetch else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         delegate = find_delegate()
         cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",
@@ -75,6 +76,8 @@ def add_parser(sub) -> None:
     p.add_argument("--entrypoint", type=lambda s: [s] if s else [])
     p.add_argument("--network", choices=("none", "host", "bridge"), default="none")
     p.add_argument("--no-pull", action="store_true", help="fail if the image is not pulled yet")
+    p.add_argument("--no-background-fetch", action="store_true",
+                   help="fetch only what the container opens (default: the rest follows in the background)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=run)

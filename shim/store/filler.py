@@ -94,6 +94,9 @@ class LayerFiller:
 
     def fill(self, idx: int) -> None:
         """Make entry `idx` complete on disk; returns when it is (or raises FillError)."""
+        self._fill(idx, None, wait=True)
+
+    def _fill(self, idx: int, fetched: tuple[int, bytes] | None, wait: bool) -> None:
         if self.filled[idx]:
             return
         with self._lock:
@@ -102,18 +105,57 @@ class LayerFiller:
             if owner:
                 ev = self._inflight[idx] = threading.Event()
         if not owner:
+            if not wait:
+                return  # someone else is on it
             ev.wait()
             if not self.filled[idx]:
                 raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
             return
         try:
-            self._fill_locked(idx)
+            self._fill_locked(idx, fetched)
         finally:
             with self._lock:
                 del self._inflight[idx]
             ev.set()
 
-    def _fill_locked(self, idx: int) -> None:
+    def prefetch(self, indices: list[int], pause: Callable[[], None], gap: int = 64 << 10,
+                 max_request: int = 1 << 20) -> int:
+        """Fill many files with few range requests (runs of adjacent payloads).
+
+        `pause` is called before every request and may block: on-demand fills come first.
+        Returns the number of files that failed (they stay unfilled; an open retries them).
+        """
+        runs: list[list[tuple[int, int, int]]] = []
+        spans = sorted((_span(self.meta.toc.entries[i]) + (i,) for i in indices
+                        if not self.filled[i] and self.meta.toc.entries[i].chunks), key=lambda t: t[0])
+        for start, end, i in spans:
+            if end <= start:
+                continue
+            if runs and start <= runs[-1][-1][1] + gap and end - runs[-1][0][0] <= max_request:
+                runs[-1].append((start, end, i))
+            else:
+                runs.append([(start, end, i)])
+        failed = 0
+        for run in runs:
+            todo = [t for t in run if not self.filled[t[2]]]
+            if not todo:
+                continue
+            pause()
+            start, end = todo[0][0], max(t[1] for t in todo)
+            try:
+                data = self._read(self.meta.toc.entries[todo[0][2]], start, end)
+            except FillError:
+                failed += len(todo)
+                continue
+            self.bytes_fetched += len(data)
+            for _, _, i in todo:
+                try:
+                    self._fill(i, (start, data), wait=False)
+                except FillError:
+                    failed += 1
+        return failed
+
+    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> None:
         e = self.meta.toc.entries[idx]
         path = self.tree / e.name
         try:
@@ -128,7 +170,7 @@ class LayerFiller:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if self.filled[idx]:
                 return  # another process filled it while we waited
-            self._write_content(fd, e)
+            self._write_content(fd, e, fetched)
             os.fsync(fd)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
@@ -140,7 +182,15 @@ class LayerFiller:
         finally:
             os.close(fd)
 
-    def _write_content(self, fd: int, e: Entry) -> None:
+    def _read(self, e: Entry, start: int, end: int) -> bytes:
+        try:
+            return self.source.read_range(start, end)
+        except FillError:
+            raise
+        except Exception as err:  # the source's own errors (network, registry) end this fill
+            raise FillError(f"fetching {e.name!r}: {err}") from err
+
+    def _write_content(self, fd: int, e: Entry, fetched: tuple[int, bytes] | None) -> None:
         whole = hashlib.sha256()
         all_chunk_digests = all(c.digest or c.zeros for c in e.chunks)
         staged: list[tuple[int, bytes]] = []
@@ -148,8 +198,12 @@ class LayerFiller:
             base = group[0].offset
             data = b""
             if not group[0].zeros:
-                data = self.source.read_range(base, max(c.end for c in group))
-                self.bytes_fetched += len(data)
+                end = max(c.end for c in group)
+                if fetched is not None and fetched[0] <= base and end <= fetched[0] + len(fetched[1]):
+                    data = fetched[1][base - fetched[0]: end - fetched[0]]  # already downloaded
+                else:
+                    data = self._read(e, base, end)
+                    self.bytes_fetched += len(data)
             for c in group:
                 if c.zeros:
                     piece = None
@@ -170,6 +224,14 @@ class LayerFiller:
             raise FillError(f"{e.name!r}: content does not match its digest")
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
+
+
+def _span(e: Entry) -> tuple[int, int]:
+    """The compressed byte range holding all of a file's data chunks."""
+    data = [c for c in e.chunks if not c.zeros]
+    if not data:
+        return 0, 0
+    return min(c.offset for c in data), max(c.end for c in data)
 
 
 def _request_groups(chunks: list[Chunk]) -> list[list[Chunk]]:

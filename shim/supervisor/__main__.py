@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rootfs", help="the container's rootfs as the host sees it (for prefill)")
     p.add_argument("--prefill", default="", help="colon-separated paths to fill before start")
     p.add_argument("--prefill-exec", default="", help="colon-separated executables (with interpreters)")
+    p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
+                   help="what to fetch without being asked, after start")
     a = p.parse_args(argv)
 
     from seccomp.verdict import Verdicts
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.ready_fd >= 0:
         os.write(a.ready_fd, b"1")
         os.close(a.ready_fd)
+    if a.background != "none":
+        sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=a.listen_fd)
     sup.serve(listener)
     return 0

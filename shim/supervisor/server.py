@@ -55,6 +55,9 @@ class Supervisor:
         self._seen_fd = False
         self._lock = threading.Lock()
         self.done = threading.Event()
+        self._ondemand = 0
+        self._idle = threading.Condition()
+        self._stats_written = 0.0
 
     # ---- connections -------------------------------------------------------------
     def serve(self, listener: socket.socket) -> None:
@@ -190,15 +193,45 @@ class Supervisor:
 
     def _fill(self, filler, idx: int) -> None:
         t0 = time.monotonic()
+        with self._idle:
+            self._ondemand += 1
         try:
             filler.fill(idx)
         except LazyshimError:
             self.stats.fill_errors += 1
             raise
+        finally:
+            with self._idle:
+                self._ondemand -= 1
+                if not self._ondemand:
+                    self._idle.notify_all()
         dt = time.monotonic() - t0
         self.stats.fills += 1
         self.stats.fill_seconds += dt
         self.stats.fill_max = max(self.stats.fill_max, dt)
+        if t0 - self._stats_written > 0.2:
+            self._stats_written = t0
+            self.write_stats()
+
+    # ---- background fetching ------------------------------------------------
+    def start_background(self, everything: bool) -> None:
+        """Fill the prioritized files (and, if `everything`, the rest) without being asked,
+        one modest range request at a time, always after any on-demand fill."""
+        plan = self.root.prefetch_plan(everything)
+        if plan:
+            threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
+
+    def _background(self, plan) -> None:
+        t0 = time.monotonic()
+        failed = 0
+        for filler, indices in plan:
+            failed += filler.prefetch(indices, self._wait_for_idle)
+        self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
+        self.write_stats()
+
+    def _wait_for_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._ondemand == 0)
 
     def _fill_interpreters(self, pid: int, full: bytes, cwd: bytes) -> None:
         try:

@@ -1,0 +1,229 @@
+"""The supervisor against the traps in DESIGN.md, with real runc, overlayfs and registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from integration.images import RANDOM_FILE_SIZE, build_and_push, fetch_manifest
+from integration.registry import Registry
+from integration.test_lazy_run import LAZYSHIM, lazyshim
+
+RANDOM_SHA = hashlib.sha256(random.Random(20240601).randbytes(RANDOM_FILE_SIZE)).hexdigest()
+HELLO = "hello from the app layer\n"
+IMAGE_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def _run(store: Path, ref: str, script: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return lazyshim(store, "run", "--rm", "--no-background-fetch", *extra, ref, "sh", "-c", script, check=check)
+
+
+def test_copy_up_syscalls_never_copy_an_empty_placeholder(store: Path, images: dict[str, str]) -> None:
+    """chmod/touch/rename/truncate make overlayfs copy a lower file up: each must see the
+    file filled first, or the zeros would be copied and the content lost for good."""
+    script = (
+        "chmod 600 /app/hello.txt && cat /app/hello.txt; "
+        "touch /app/hello.sh && sha256sum /app/hello.sh; "
+        "mv /app/random.bin /random.moved && sha256sum /random.moved; "
+        "truncate -s 5 /app/hello-hardlink.txt && cat /app/hello-hardlink.txt; echo; "
+    )
+    p = _run(store, images["busybox:esgz"], script)
+    lines = p.stdout.splitlines()
+    assert lines[0] == HELLO.strip()
+    hello_sh = hashlib.sha256(b"#!/bin/sh\necho hello from busybox sh\n").hexdigest()
+    assert lines[1].split()[0] == hello_sh
+    assert lines[2].split()[0] == RANDOM_SHA
+    assert lines[3] == "hello"
+
+
+def test_absolute_symlinks_resolve_inside_the_container(store: Path, images: dict[str, str]) -> None:
+    p = _run(store, images["busybox:esgz"], "cat /app/passwd-abs-link")
+    assert p.stdout == IMAGE_PASSWD  # the image's file, never the host's
+
+
+def test_hostile_container_cannot_reach_host_files(store: Path, images: dict[str, str], tmp_path: Path) -> None:
+    """Links the container makes to host paths resolve in the container; nothing outside the
+    store is read or written by the supervisor on its behalf."""
+    canary = tmp_path / "canary"
+    canary.write_bytes(b"host secret\n")
+    before = canary.stat()
+    script = (
+        f"ln -s {canary} /app/evil; cat /app/evil; echo rc=$?; "
+        f"ln -s /../../../../{canary} /app/evil2; cat /app/evil2; echo rc=$?; "
+        "rm /app/hello.txt && ln -s /proc/1/root/etc/hostname /app/hello.txt; cat /app/hello.txt >/dev/null; "
+        "echo done"
+    )
+    p = _run(store, images["busybox:esgz"], script, check=False)
+    assert "host secret" not in p.stdout
+    assert p.stdout.count("rc=1") == 2, p.stdout
+    after = canary.stat()
+    assert (after.st_mtime_ns, after.st_size, canary.read_bytes()) == (before.st_mtime_ns, before.st_size,
+                                                                       b"host secret\n")
+    # The store's own trees are untouched by what the container did in its upper dir.
+    for tree in (store / "layers").glob("*/tree"):
+        assert not (tree / "app/evil").exists()
+        if (tree / "app").is_dir():
+            assert (tree / "app/hello.txt").exists()
+
+
+def test_many_threads_open_unfilled_files_each_fetched_once(store: Path, images: dict[str, str],
+                                                            registry: Registry) -> None:
+    """64 threads open every stdlib file (each twice, concurrently): no deadlock, every byte
+    right, and every file fetched with exactly one range request."""
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    registry.clear_access_log()
+    script = (
+        "import hashlib, json, os, concurrent.futures as cf\n"
+        "paths = [os.path.join(d, f) for d, _, fs in os.walk('/usr/lib/python3.11') for f in fs]\n"
+        "paths = [p for p in paths if os.path.isfile(p) and not os.path.islink(p)]\n"
+        "def h(p):\n"
+        "    with open(p, 'rb') as f: return p, hashlib.sha256(f.read()).hexdigest()\n"
+        "with cf.ThreadPoolExecutor(64) as ex: out = dict(ex.map(h, paths + paths[::-1]))\n"
+        "print(json.dumps(out))\n"
+    )
+    p = lazyshim(store, "run", "--rm", "--no-background-fetch", ref, "python3", "-B", "-c", script,
+                 timeout=300)
+    got = json.loads(p.stdout)
+    assert len(got) > 500
+    wrong = [path for path, digest in got.items()
+             if hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest]
+    assert not wrong, wrong[:5]
+    host, _, rest = ref.partition("/")
+    name, _, tag = rest.rpartition(":")
+    app = fetch_manifest(host, name, tag)["layers"][-1]["digest"]
+    requests = [e for e in registry.blob_requests(app) if e.status == 206]
+    filled = (store / "layers" / app.replace(":", "-") / "filled").read_bytes().count(1)
+    assert len(requests) == filled, f"{len(requests)} range requests for {filled} filled files"
+
+
+@pytest.fixture
+def private_busybox(tmp_path: Path):
+    """A registry of our own, so the test may stop it."""
+    with Registry() as reg:
+        refs = build_and_push(reg, names=("busybox",), variants=("esgz",))
+        yield reg, refs["busybox:esgz"]
+
+
+class _Container:
+    """A `lazyshim run -i` whose stdin the test drives line by line."""
+
+    def __init__(self, store: Path, ref: str, script: str, env: dict[str, str] | None = None) -> None:
+        self.name = f"t{os.getpid()}{random.randrange(1 << 30)}"
+        self.proc = subprocess.Popen(
+            LAZYSHIM + ["run", "--rm", "-i", "--no-background-fetch", "--name", self.name, ref, "sh", "-c", script],
+            env=dict(os.environ, LAZYSHIM_ROOT=str(store), **(env or {})),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._seen = ""
+
+    def expect(self, marker: str, timeout: float = 60) -> str:
+        """Read output until it contains marker (bounded: a hang fails the test).  Raw reads:
+        a buffered reader could hold the marker while select() waits on an empty pipe."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while marker not in self._seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._seen += chunk.decode()
+        if marker not in self._seen:
+            raise AssertionError(f"no {marker!r} in output: {self._seen!r}")
+        head, _, self._seen = self._seen.partition(marker)
+        return head + marker
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self._seen + out
+
+
+def test_registry_outage_gives_eio_then_fills_resume(store: Path, private_busybox) -> None:
+    reg, ref = private_busybox
+    lazyshim(store, "pull", ref)
+    script = (
+        "echo ready; read x; "
+        "cat /app/hello.txt || echo OPEN-FAILED; "
+        "sha256sum /bin/busybox >/dev/null && echo FILLED-FILE-OK; "
+        "echo waiting; read x; cat /app/hello.txt"
+    )
+    c = _Container(store, ref, script, env={"LAZYSHIM_FETCH_TIMEOUT": "2"})
+    c.expect("ready")
+    os.killpg(reg._proc.pid, signal.SIGSTOP)  # the registry hangs: connections accepted, never answered
+    try:
+        t0 = time.monotonic()
+        c.send("go")
+        out = c.expect("waiting", timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        os.killpg(reg._proc.pid, signal.SIGCONT)
+    assert "Input/output error" in out and "OPEN-FAILED" in out
+    assert "FILLED-FILE-OK" in out
+    assert waited < 30, f"an open waited {waited:.1f}s for a dead registry"
+    c.send("go")
+    assert c.finish().strip() == HELLO.strip()
+
+
+def test_supervisor_death_makes_trapped_syscalls_fail_with_enosys(store: Path, images: dict[str, str]) -> None:
+    """Documented behaviour: without its supervisor a container's trapped syscalls fail
+    (ENOSYS) instead of reading unfilled placeholders."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    c = _Container(store, ref, "echo ready; read x; cat /app/hello.txt; echo rc=$?")
+    c.expect("ready")
+    from runtime.attach import state_dir
+
+    pid = int((state_dir(c.name) / "supervisor.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    c.send("go")
+    out = c.finish()
+    assert "Function not implemented" in out and "rc=1" in out, out
+
+
+def test_background_fetch_fills_every_file(store: Path, images: dict[str, str]) -> None:
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    name = f"bg{os.getpid()}"
+    proc = subprocess.Popen(LAZYSHIM + ["run", "--rm", "-i", "--name", name, ref, "python3", "-c", "input()"],
+                            env=dict(os.environ, LAZYSHIM_ROOT=str(store)), stdin=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            maps = [(d / "filled").read_bytes() for d in (store / "layers").iterdir()]
+            if all(_all_regular_filled(d) for d in (store / "layers").iterdir()):
+                break
+            time.sleep(0.2)  # polling the store's state with a deadline, not synchronising on time
+        else:
+            raise AssertionError(f"background fetch did not finish: {[m.count(1) for m in maps]}")
+    finally:
+        proc.communicate("\n", timeout=60)
+
+
+def _all_regular_filled(layer_dir: Path) -> bool:
+    from shim.store.metadata import load_layer
+
+    meta = load_layer((layer_dir / "meta.cbor").read_bytes())
+    filled = (layer_dir / "filled").read_bytes()
+    return all(filled[i] for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size)
