@@ -227,3 +227,26 @@ def _all_regular_filled(layer_dir: Path) -> bool:
     meta = load_layer((layer_dir / "meta.cbor").read_bytes())
     filled = (layer_dir / "filled").read_bytes()
     return all(filled[i] for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size)
+
+
+def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str], tmp_path: Path) -> None:
+    """Syscalls we trap are answered with the user's own verdicts: reads allowed, creating
+    opens denied by an argument condition, chmod denied outright."""
+    o_creat = os.O_CREAT
+    profile = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            {"names": ["openat", "open"], "action": "SCMP_ACT_ERRNO", "errnoRet": 30,  # EROFS
+             "args": [{"index": 2, "value": o_creat, "valueTwo": o_creat, "op": "SCMP_CMP_MASKED_EQ"}]},
+            {"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},  # EACCES
+        ],
+    }
+    pfile = tmp_path / "profile.json"
+    pfile.write_text(json.dumps(profile))
+    script = "cat /app/hello.txt; echo x > /newfile; echo create=$?; chmod 600 /app/hello.txt; echo chmod=$?"
+    p = _run(store, images["busybox:esgz"], script, "--security-opt", f"seccomp={pfile}", check=False)
+    assert HELLO in p.stdout
+    assert "create=1" in p.stdout and "chmod=1" in p.stdout, p.stdout + p.stderr
+    assert "Read-only file system" in p.stdout + p.stderr
+    assert "Permission denied" in p.stdout + p.stderr

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
@@ -45,6 +46,9 @@ def run(args) -> int:
             cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
             uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
         )
+        profile = _seccomp_profile(args.security_opt)
+        if profile is not None:
+            config["linux"]["seccomp"] = profile
         attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                       background="none" if args.no_background_fetch else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
@@ -64,6 +68,62 @@ def run(args) -> int:
             overlay.unmount(cdir / "rootfs")
 
 
+DEFAULT_SECCOMP = Path("/usr/share/containers/seccomp.json")
+
+
+def _seccomp_profile(opts: list[str]) -> dict | None:
+    """The profile the user asked for, as podman reads `--security-opt seccomp=...`."""
+    choice = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "seccomp" or not value:
+            raise LazyshimError(f"unsupported --security-opt {opt!r} (only seccomp=PROFILE|unconfined)")
+        choice = value
+    if choice == "unconfined":
+        return None
+    path = Path(choice) if choice else DEFAULT_SECCOMP
+    if choice is None and not path.exists():
+        return None
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LazyshimError(f"seccomp profile {path}: {e}") from e
+    if not isinstance(profile, dict):
+        raise LazyshimError(f"seccomp profile {path}: not a JSON object")
+    return _oci_profile(profile)
+
+
+def _oci_profile(profile: dict) -> dict:
+    """containers' seccomp.json uses archMap and per-rule includes/excludes; the OCI form
+    lists architectures and plain rules.  Rules that need capabilities we do not grant, or
+    another architecture, are dropped (as podman does for a default container)."""
+    if "archMap" not in profile:
+        return profile
+    from .spec import DEFAULT_CAPS
+
+    arches: list[str] = []
+    for m in profile.get("archMap") or []:
+        if m.get("architecture") == "SCMP_ARCH_X86_64":
+            arches = [m["architecture"], *m.get("subArchitectures", [])]
+    rules = []
+    for r in profile.get("syscalls") or []:
+        inc, exc = r.get("includes") or {}, r.get("excludes") or {}
+        if inc.get("caps") and not set(inc["caps"]) <= set(DEFAULT_CAPS):
+            continue
+        if inc.get("arches") and "amd64" not in inc["arches"] and "x86_64" not in inc["arches"]:
+            continue
+        if exc.get("caps") and set(exc["caps"]) & set(DEFAULT_CAPS):
+            continue
+        if exc.get("arches") and ("amd64" in exc["arches"] or "x86_64" in exc["arches"]):
+            continue
+        rule = {k: v for k, v in r.items() if k not in ("includes", "excludes", "comment")}
+        rules.append(rule)
+    out = {k: v for k, v in profile.items() if k not in ("archMap", "syscalls")}
+    out["architectures"] = arches or ["SCMP_ARCH_X86_64"]
+    out["syscalls"] = rules
+    return out
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run an image with lazily filled files")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
@@ -76,6 +136,8 @@ def add_parser(sub) -> None:
     p.add_argument("--entrypoint", type=lambda s: [s] if s else [])
     p.add_argument("--network", choices=("none", "host", "bridge"), default="none")
     p.add_argument("--no-pull", action="store_true", help="fail if the image is not pulled yet")
+    p.add_argument("--security-opt", action="append", default=[], metavar="seccomp=PROFILE|unconfined",
+                   help="seccomp profile (default: the containers default profile when installed)")
     p.add_argument("--no-background-fetch", action="store_true",
                    help="fetch only what the container opens (default: the rest follows in the background)")
     p.add_argument("image")

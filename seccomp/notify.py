@@ -29,12 +29,13 @@ assert _NOTIF.size == 80 and _RESP.size == 24
 class Notification:
     """One trapped syscall.  Plain attributes, no properties: read once, used often."""
 
-    __slots__ = ("id", "pid", "nr", "args")
+    __slots__ = ("id", "pid", "nr", "arch", "args")
 
-    def __init__(self, id: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
+    def __init__(self, id: int, pid: int, nr: int, arch: int, args: tuple[int, ...]) -> None:
         self.id = id
         self.pid = pid
         self.nr = nr
+        self.arch = arch
         self.args = args
 
 
@@ -66,8 +67,8 @@ class Notifier:
             if e.errno == errno.ENOENT:
                 return None
             raise
-        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-        return Notification(nid, pid, nr, tuple(args))
+        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+        return Notification(nid, pid, nr, arch, tuple(args))
 
     def id_valid(self, nid: int) -> bool:
         """Is the target still waiting?  Check after reading its memory (pid reuse)."""

@@ -81,6 +81,39 @@ DENIED_ENOSYS = ("io_uring_setup",)
 TRAPPED_NAMES = tuple(sorted(NAMES[n] for n in PATH_ARGS))
 
 
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+X32_SYSCALL_BIT = 0x40000000
+
+# i386 numbers of the trapped syscalls (arch/x86/entry/syscalls/syscall_32.tbl); the path
+# arguments sit in the same positions as on x86_64.
+_I386: dict[int, str] = {
+    5: "open", 8: "creat", 9: "link", 11: "execve", 15: "chmod", 16: "lchown", 30: "utime", 38: "rename",
+    92: "truncate", 182: "chown", 198: "lchown", 212: "chown", 226: "setxattr", 227: "lsetxattr",
+    235: "removexattr", 236: "lremovexattr", 271: "utimes", 295: "openat", 298: "fchownat", 299: "futimesat",
+    302: "renameat", 303: "linkat", 306: "fchmodat", 320: "utimensat", 353: "renameat2", 358: "execveat",
+    425: "io_uring_setup", 437: "openat2", 452: "fchmodat2",
+}
+_X32_ONLY = {520: NUMBERS["execve"], 545: NUMBERS["execveat"]}
+
+
+def native_nr(arch: int, nr: int) -> int | None:
+    """The x86_64 number of a trapped syscall made under any x86 ABI (None: not one of ours).
+
+    The profile names syscalls, libseccomp traps them on every listed architecture, and a
+    32-bit or x32 task's numbers differ from x86_64's.
+    """
+    if arch == AUDIT_ARCH_X86_64:
+        if nr & X32_SYSCALL_BIT:
+            nr &= ~X32_SYSCALL_BIT
+            return _X32_ONLY.get(nr, nr)
+        return nr
+    if arch == AUDIT_ARCH_I386:
+        name = _I386.get(nr)
+        return NUMBERS[name] if name else None
+    return None
+
+
 def signed32(v: int) -> int:
     """A syscall int argument (dirfd) as the kernel reads it."""
     v &= 0xFFFFFFFF

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import sys
@@ -23,8 +24,8 @@ from seccomp.listener import receive_fd
 from seccomp.memory import MemoryReader
 from seccomp.notify import Notification, Notifier
 from seccomp.resolve import AT_FDCWD, O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RootResolver, openat2
-from seccomp.syscalls import PATH_ARGS, signed32
-from seccomp.verdict import Verdicts
+from seccomp.syscalls import PATH_ARGS, native_nr, signed32
+from seccomp.verdict import KILL, Verdicts
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
@@ -127,7 +128,12 @@ class Supervisor:
 
     def _handle(self, notifier: Notifier, n: Notification, mem: MemoryReader, resolver: RootResolver) -> None:
         self.stats.notifications += 1
-        spec = PATH_ARGS.get(n.nr)
+        nr = native_nr(n.arch, n.nr)
+        if nr is None:  # not one of ours under any ABI we know: the kernel's own answer
+            notifier.fail(n.id, errno.ENOSYS)
+            return
+        n.nr = nr
+        spec = PATH_ARGS.get(nr)
         if spec is None:
             self._answer(notifier, n)
             return
@@ -186,7 +192,15 @@ class Supervisor:
 
     def _answer(self, notifier: Notifier, n: Notification) -> None:
         err = self.verdicts.errno_for(n.nr, n.args)
-        if err:
+        if err == KILL:
+            # The original profile kills the caller; ours cannot, so we do.
+            if notifier.id_valid(n.id):  # the pid is still the caller's
+                try:
+                    os.kill(n.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            notifier.fail(n.id, errno.EPERM)
+        elif err:
             notifier.fail(n.id, err)
         else:
             notifier.allow(n.id)
