@@ -10,6 +10,7 @@ import os
 
 PATH_MAX = 4096
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_FIRST_READ = 256
 
 
 class MemoryReader:
@@ -48,8 +49,10 @@ class MemoryReader:
                 fd = self._fd(pid)
                 out = b""
                 pos = addr
+                want = _FIRST_READ  # most paths are short: small first read, then page-sized
                 while len(out) < limit:
-                    n = min(_PAGE - (pos % _PAGE), limit - len(out))
+                    n = min(_PAGE - (pos % _PAGE), limit - len(out), want)
+                    want = _PAGE
                     piece = os.pread(fd, n, pos)
                     if not piece:
                         # 0 bytes: the fd belongs to an address space the task left by execve.

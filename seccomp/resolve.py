@@ -24,12 +24,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _HOW = struct.Struct("=QQQ")
+_hows: dict[tuple[int, int], ctypes.Array] = {}
+_syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)
 
 
 def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(2); raises OSError like os.open."""
-    how = ctypes.create_string_buffer(_HOW.pack(flags | os.O_CLOEXEC, 0, resolve), _HOW.size)
-    fd = _syscall(SYS_openat2, ctypes.c_int(dirfd), ctypes.c_char_p(path), how, ctypes.c_size_t(_HOW.size))
+    how = _hows.get((flags, resolve))
+    if how is None:  # a handful of combinations: build each struct once, not per call
+        how = _hows[(flags, resolve)] = ctypes.create_string_buffer(
+            _HOW.pack(flags | os.O_CLOEXEC, 0, resolve), _HOW.size)
+    fd = _syscall(SYS_openat2, dirfd, path, how, _HOW.size)
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

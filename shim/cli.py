@@ -94,10 +94,15 @@ def cmd_fetch(args) -> int:
     rec = resolve_image(store, args.image)
     root = LazyRoot(store, rec.layers)
     t0 = time.monotonic()
-    for filler in root.fillers:
-        for i, e in enumerate(filler.meta.toc.entries):
-            if e.type == "reg" and e.size and not filler.is_filled(i):
-                filler.fill(i)
+    errors: list[str] = []
+    for filler, indices in root.prefetch_plan(everything=True):
+        filler.prefetch(indices, lambda: None, max_request=8 << 20)
+        errors += filler.errors
+    if errors or not root.complete():
+        from .errors import LazyshimError
+
+        first = errors[0] if errors else "files remain unfilled"
+        raise LazyshimError(f"{args.image}: {len(errors)} files could not be fetched; first: {first}")
     st = root.stats()
     print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
     return 0

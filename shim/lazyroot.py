@@ -78,6 +78,15 @@ class LazyRoot:
                 rest.append((f, regs[n:]))
         return first + rest
 
+    def complete(self) -> bool:
+        """Every file of every layer is filled: nothing is left for the supervisor to do but
+        answer.  Recounts, so fills by other containers sharing the layers are seen."""
+        for f in self.fillers:
+            f.unfilled = f.count_unfilled()
+            if f.unfilled:
+                return False
+        return True
+
     def stats(self) -> dict[str, int]:
         return {
             "files_filled": sum(f.files_filled for f in self.fillers),

@@ -11,6 +11,7 @@ the same layer serialise on an flock of the placeholder itself.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import mmap
@@ -82,6 +83,13 @@ class LayerFiller:
         self._inflight: dict[int, threading.Event] = {}
         self.bytes_fetched = 0
         self.files_filled = 0
+        self.errors: list[str] = []  # the last prefetch's failures
+        self.unfilled = self.count_unfilled()
+
+    def count_unfilled(self) -> int:
+        """Regular files with data not yet on disk (fills by other processes included)."""
+        filled = self.filled
+        return sum(1 for i, e in enumerate(self.meta.toc.entries) if e.size and e.type == "reg" and not filled[i])
 
     @property
     def source(self) -> BlobSource:
@@ -135,7 +143,7 @@ class LayerFiller:
                 runs[-1].append((start, end, i))
             else:
                 runs.append([(start, end, i)])
-        failed = 0
+        self.errors = []
         for run in runs:
             todo = [t for t in run if not self.filled[t[2]]]
             if not todo:
@@ -144,18 +152,51 @@ class LayerFiller:
             start, end = todo[0][0], max(t[1] for t in todo)
             try:
                 data = self._read(self.meta.toc.entries[todo[0][2]], start, end)
-            except FillError:
-                failed += len(todo)
+            except FillError as err:
+                self.errors.append(str(err))
                 continue
             self.bytes_fetched += len(data)
-            for _, _, i in todo:
-                try:
-                    self._fill(i, (start, data), wait=False)
-                except FillError:
-                    failed += 1
-        return failed
+            self._fill_run([t[2] for t in todo], (start, data))
+        return len(self.errors)
 
-    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> None:
+    def _fill_run(self, indices: list[int], fetched: tuple[int, bytes]) -> None:
+        """Write a run of files, make them durable with one syncfs, then mark them filled.
+
+        One sync per run instead of one fsync per file; the files stay claimed (in-process
+        waiters keep waiting) until they are marked."""
+        claimed: list[tuple[int, threading.Event]] = []
+        with self._lock:
+            for i in indices:
+                if not self.filled[i] and i not in self._inflight:
+                    ev = self._inflight[i] = threading.Event()
+                    claimed.append((i, ev))
+        written = []
+        try:
+            for i, _ in claimed:
+                try:
+                    if self._fill_locked(i, fetched, durable=False):
+                        written.append(i)
+                except FillError as err:
+                    self.errors.append(str(err))
+            if written:
+                fd = os.open(self.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    _syncfs(fd)
+                finally:
+                    os.close(fd)
+                for i in written:
+                    self.filled[i] = 1
+                self.files_filled += len(written)
+                self.unfilled -= len(written)
+        finally:
+            with self._lock:
+                for i, ev in claimed:
+                    del self._inflight[i]
+                    ev.set()
+
+    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
+        """Write entry idx; with `durable`, fsync and mark it filled.  False if another
+        process had already filled it."""
         e = self.meta.toc.entries[idx]
         path = self.tree / e.name
         try:
@@ -169,14 +210,17 @@ class LayerFiller:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if self.filled[idx]:
-                return  # another process filled it while we waited
+                return False  # another process filled it while we waited
             self._write_content(fd, e, fetched)
-            os.fsync(fd)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
                 os.fchmod(fd, e.mode)
-            self.filled[idx] = 1
-            self.files_filled += 1
+            if durable:
+                os.fsync(fd)  # data on disk before the mark: a crash never serves a hole
+                self.filled[idx] = 1
+                self.files_filled += 1
+                self.unfilled -= 1
+            return True
         except (OSError, FormatError) as err:
             raise FillError(f"filling {e.name!r}: {err}") from err
         finally:
@@ -224,6 +268,15 @@ class LayerFiller:
             raise FillError(f"{e.name!r}: content does not match its digest")
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise FillError(f"syncfs: {os.strerror(e)}")
 
 
 def _span(e: Entry) -> tuple[int, int]:

@@ -59,6 +59,8 @@ class Supervisor:
         self._ondemand = 0
         self._idle = threading.Condition()
         self._stats_written = 0.0
+        # Once every file is filled, answer at once: no path to read, nothing to resolve.
+        self.complete = root.complete()
 
     # ---- connections -------------------------------------------------------------
     def serve(self, listener: socket.socket) -> None:
@@ -134,7 +136,7 @@ class Supervisor:
             return
         n.nr = nr
         spec = PATH_ARGS.get(nr)
-        if spec is None:
+        if spec is None or self.complete:
             self._answer(notifier, n)
             return
         path = mem.read_cstring(n.pid, n.args[spec.path])
@@ -241,6 +243,7 @@ class Supervisor:
         for filler, indices in plan:
             failed += filler.prefetch(indices, self._wait_for_idle)
         self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
+        self.complete = self.root.complete()
         self.write_stats()
 
     def _wait_for_idle(self) -> None:
