@@ -250,3 +250,19 @@ def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str],
     assert "create=1" in p.stdout and "chmod=1" in p.stdout, p.stdout + p.stderr
     assert "Read-only file system" in p.stdout + p.stderr
     assert "Permission denied" in p.stdout + p.stderr
+
+
+def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[str, str]) -> None:
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    c = _Container(store, ref, "cat /app/hello.txt; echo ready; read x")
+    c.expect("ready")
+    try:
+        doc = json.loads(lazyshim(store, "stats", c.name).stdout)
+    finally:
+        c.send("go")
+        c.finish()
+    assert doc["fills"] >= 1 and doc["files_filled"] >= 1 and doc["bytes_fetched"] > 0
+    assert doc["notifications"] >= doc["fills"]
+    p = lazyshim(store, "stats", c.name, check=False)
+    assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr

@@ -20,9 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import run
+    from . import run, stats
 
     run.add_parser(sub)
+    stats.add_parser(sub)
     return p
 
 

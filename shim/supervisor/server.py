@@ -290,21 +290,48 @@ class Supervisor:
             interp = found[0]
             full = interp if interp.startswith(b"/") else cwd.rstrip(b"/") + b"/" + interp
 
+    def stats_doc(self) -> dict:
+        s = self.stats
+        return {
+            "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
+            "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
+            "complete": self.complete, **self.root.stats(),
+        }
+
     def write_stats(self) -> None:
         if self.stats_path is None:
             return
-        s = self.stats
-        doc = {
-            "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
-            "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
-            **self.root.stats(),
-        }
         tmp = self.stats_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(doc))
+            tmp.write_text(json.dumps(self.stats_doc()))
             os.replace(tmp, self.stats_path)
         except OSError:
             pass
+
+    def serve_control(self, path: Path) -> None:
+        """Answer `lazyshim stats` on a socket of our own: connect, read one JSON document."""
+        try:
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            sock.listen(4)
+        except OSError as e:
+            self._log(f"no control socket: {e}")
+            return
+
+        def loop() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        conn.sendall(json.dumps(self.stats_doc()).encode())
+                    except OSError:
+                        pass
+
+        threading.Thread(target=loop, daemon=True, name="control").start()
 
     def _log(self, msg: str) -> None:
         if self.log is not None:
