@@ -110,7 +110,9 @@ def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
     except OSError:
         return None
     target = os.path.realpath(rootfs)
-    layers_prefix = str(store.layers) + "/"
+    layers_prefix = os.path.realpath(store.layers) + "/"
+    # podman mounts with relative lowerdirs (l/XYZ) from <graphroot>/overlay.
+    relative_base = os.path.dirname(os.path.dirname(target))
     for line in mounts.splitlines():
         parts = line.split(" ")
         if len(parts) < 10 or _unescape(parts[4]) != target:
@@ -118,17 +120,35 @@ def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
         sep = parts.index("-")
         if parts[sep + 1] != "overlay":
             continue
-        for opt in parts[sep + 3].split(","):
+        for opt in _split_options(parts[sep + 3]):
             if opt.startswith("lowerdir="):
                 out = []
-                for low in opt[len("lowerdir="):].split(":"):
-                    low = _unescape(low)
+                for low in reversed(opt[len("lowerdir="):].split(":")):  # overlay lists top first
+                    low = os.path.realpath(os.path.join(relative_base, _unescape(low)))
                     if low.startswith(layers_prefix) and low.endswith("/tree"):
                         name = low[len(layers_prefix):-len("/tree")]
                         alg, _, hexpart = name.partition("-")
                         out.append(f"{alg}:{hexpart}")
                 return out or None
     return None
+
+
+def _split_options(s: str) -> list[str]:
+    """Mount options split on commas, except escaped ones (overlay escapes ',' as '\\,')."""
+    out, cur, i = [], "", 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            cur += s[i:i + 2]
+            i += 2
+            continue
+        if s[i] == ",":
+            out.append(cur)
+            cur = ""
+        else:
+            cur += s[i]
+        i += 1
+    out.append(cur)
+    return out
 
 
 def _unescape(s: str) -> str:

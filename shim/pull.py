@@ -42,8 +42,7 @@ def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> Im
             raise LazyshimError(f"{ref_str}: image config is not JSON") from e
         if not isinstance(config, dict):
             raise LazyshimError(f"{ref_str}: image config is not a JSON object")
-        for layer in manifest.layers:
-            ensure_layer(store, client, ref, layer)
+        metas = [ensure_layer(store, client, ref, layer) for layer in manifest.layers]
     finally:
         if own:
             client.close()
@@ -53,6 +52,9 @@ def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> Im
     )
     write_atomic(store.image_file(rec.id), dump_image(rec))
     refs.set_ref(store, str(ref), rec.id)
+    from .store import als
+
+    als.publish(store, rec, metas, [ref_str, str(ref)])
     return rec
 
 

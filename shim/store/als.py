@@ -1,0 +1,62 @@
+"""Expose pulled layers to podman as an *additional layer store* (containers/storage).
+
+With `additionallayerstores = ["STORE/als:ref"]` in storage.conf, podman's pull looks for
+`STORE/als/<base64(image ref)>/<layer digest>/{diff,info,blob}` and, when it finds them,
+uses `diff` as the layer's lower dir instead of downloading the blob.  We point `diff` at
+our placeholder tree, so `podman pull` becomes manifest + config only and `podman run
+--runtime lazyshim` gets a rootfs whose lower dirs are ours.
+
+`info` is the containers/storage Layer record (digests and sizes); `blob` must exist but is
+never read for running containers, so it stays empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+from .layout import Store
+from .metadata import ImageRecord, LayerMeta
+
+COMPRESSION_GZIP = 2  # containers/storage archive.Compression
+COMPRESSION_ZSTD = 4
+
+
+def als_root(store: Store) -> Path:
+    return store.root / "als"
+
+
+def ref_dir(store: Store, ref: str) -> Path:
+    return als_root(store) / base64.standard_b64encode(ref.encode()).decode()
+
+
+def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[str]) -> None:
+    """Write the ALS entries of an image under every name podman may look it up by."""
+    diff_ids = list((rec.config.get("rootfs") or {}).get("diff_ids") or [])
+    for ref in dict.fromkeys(refs):
+        base = ref_dir(store, ref)
+        for i, meta in enumerate(metas):
+            target = base / meta.digest
+            if (target / "info").exists():
+                continue
+            tmp = base / f".{meta.digest}.{os.getpid()}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            os.symlink(store.layer_dir(meta.digest) / "tree", tmp / "diff")
+            (tmp / "blob").touch()
+            info = {
+                "compressed-diff-digest": meta.digest,
+                "compressed-size": meta.blob_size,
+                "diff-size": sum(e.size for e in meta.toc.entries if e.type == "reg"),
+                "compression": COMPRESSION_ZSTD if meta.format == "zstd:chunked" else COMPRESSION_GZIP,
+            }
+            if i < len(diff_ids):
+                info["diff-digest"] = diff_ids[i]
+            (tmp / "info").write_text(json.dumps(info))
+            try:
+                os.rename(tmp, target)
+            except OSError:  # a concurrent pull published it first
+                for name in ("diff", "blob", "info"):
+                    (tmp / name).unlink(missing_ok=True)
+                tmp.rmdir()
