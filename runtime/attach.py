@@ -67,7 +67,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--listen-fd", str(listener.fileno()), "--state-dir", str(sdir),
             "--ready-fd", str(ready_w), "--rootfs", str(rootfs),
             "--prefill", "/etc/passwd:/etc/group",
-            "--prefill-exec", _exec_path(args[0], config) if args else "",
+            "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
             "--background", mode,
         ]
         try:
@@ -99,18 +99,15 @@ def _supervisor_env() -> dict[str, str]:
 
 
 def _exec_path(arg0: str, config: dict) -> str:
-    """The entrypoint as the container's execvp will find it (PATH from its env)."""
+    """The entrypoint, with the container's PATH for the supervisor to search when it has
+    no slash (as execvp would); the search itself happens inside the container's root."""
     if "/" in arg0:
         return arg0 if arg0.startswith("/") else "/" + arg0
     path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     for item in config.get("process", {}).get("env") or []:
         if item.startswith("PATH="):
             path = item[5:]
-    rootfs = Path(config.get("root", {}).get("path", "/"))
-    for d in path.split(":"):
-        if d.startswith("/") and os.path.lexists(rootfs / d.lstrip("/") / arg0):
-            return f"{d.rstrip('/')}/{arg0}"
-    return ""
+    return ":".join(f"{d.rstrip('/')}/{arg0}" for d in path.split(":") if d.startswith("/"))
 
 
 class _bound_socket:

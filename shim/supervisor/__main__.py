@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int, default=-1, help="closed once loaded and prefilled")
     p.add_argument("--rootfs", help="the container's rootfs as the host sees it (for prefill)")
     p.add_argument("--prefill", default="", help="colon-separated paths to fill before start")
-    p.add_argument("--prefill-exec", default="", help="colon-separated executables (with interpreters)")
+    p.add_argument("--prefill-exec-candidates", default="",
+                   help="colon-separated entrypoint paths; the first that exists is filled, interpreters too")
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
                    help="what to fetch without being asked, after start")
     a = p.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log)
     if a.rootfs:
         try:
-            sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec))
+            sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
         except (LazyshimError, OSError) as e:
             print(f"supervisor: prefill: {e}", file=log)
             return 1

@@ -172,8 +172,9 @@ class Supervisor:
             return
         self._answer(notifier, n)
 
-    def prefill(self, rootfs: Path, paths: list[str], exec_paths: list[str]) -> None:
-        """Fill files before the container starts (runc reads some before the filter)."""
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
+        """Fill files before the container starts (runc reads some before the filter), and
+        the entrypoint: the first of its candidate paths that exists, with its interpreters."""
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for p in paths:
@@ -187,8 +188,13 @@ class Supervisor:
                     os.close(fd)
                 if hit is not None:
                     self._fill(*hit)
-            for p in exec_paths:
+            for p in exec_candidates:
+                try:
+                    os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+                except OSError:
+                    continue
                 self.fill_exec_chain(root_fd, p.encode())
+                break
         finally:
             os.close(root_fd)
 
