@@ -3,9 +3,10 @@
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-PYTHON3   ?= python3
+# Debian's interpreter, not a per-user one: rootless tests run the venv as an ordinary user.
+PYTHON3   ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 APT_PKGS  := runc crun podman docker-registry stargz-snapshotter containerd skopeo umoci \
-             busybox-static uidmap iptables debootstrap
+             busybox-static uidmap iptables debootstrap python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv test unit integration lint demo bench clean
@@ -22,9 +23,10 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-venv: $(VENV)/.stamp
+venv: apt $(VENV)/.stamp
 
 $(VENV)/.stamp: requirements.lock pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON3) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .

@@ -20,7 +20,11 @@ from shim.errors import LazyshimError
 
 
 def runtime_dir() -> Path:
-    if os.geteuid() == 0:
+    from shim.userns import host_root
+
+    if os.environ.get("LAZYSHIM_RUNTIME_DIR"):
+        return Path(os.environ["LAZYSHIM_RUNTIME_DIR"])
+    if host_root():
         return Path("/run/lazyshim")
     xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazyshim-{os.geteuid()}"
     return Path(xdg) / "lazyshim"

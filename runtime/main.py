@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         p.print_help(sys.stderr)
         return 2
+    from .rootless import maybe_reexec
+
+    try:
+        maybe_reexec(args.verb, argv)
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"lazyshim: {e}", file=sys.stderr)
+        return 1
     return _guarded(args.func, args)
 
 

@@ -33,7 +33,10 @@ def run(args) -> int:
         (cdir / sub).mkdir(parents=True, mode=0o755)
     mounted = False
     try:
-        overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs")
+        from shim.userns import in_user_namespace
+
+        overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
+                              userxattr=in_user_namespace())
         mounted = True
         cfg = image.config
         args_ = spec.process_args(cfg, list(args.command), args.entrypoint)

@@ -27,7 +27,9 @@ def default_root() -> Path:
     env = os.environ.get("LAZYSHIM_ROOT")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    from ..userns import host_root
+
+    if host_root():
         return Path("/var/lib/lazyshim")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "lazyshim"

@@ -26,11 +26,17 @@ OPAQUE_MARKER = ".wh..wh..opq"
 
 
 class TreeOptions:
-    """How much of the image's identity this process may reproduce (rootless cannot mknod
-    or chown to arbitrary ids, and overlay then reads `user.overlay.*` xattrs)."""
+    """How much of the image's identity this process may reproduce.
+
+    Host root: everything, and overlay reads `trusted.overlay.*`.  Root of a user namespace
+    (rootless with a subuid range): owners within the mapping, whiteouts, but overlay is
+    mounted with `userxattr` and reads `user.overlay.*`.  A plain user: no owners at all."""
 
     def __init__(self, privileged: bool | None = None) -> None:
-        self.privileged = os.geteuid() == 0 if privileged is None else privileged
+        from ..userns import host_root
+
+        self.privileged = host_root() if privileged is None else privileged
+        self.can_chown = self.privileged or os.geteuid() == 0
         self.overlay_xattr_prefix = "trusted.overlay." if self.privileged else "user.overlay."
 
 
@@ -174,8 +180,8 @@ def _apply_meta(root_fd: int, name: str, e: Entry, opts: TreeOptions) -> None:
 
 
 def _own(root_fd: int, name: str | None, e: Entry, opts: TreeOptions) -> None:
-    if not opts.privileged:
-        return  # rootless: the user namespace maps ids; the store keeps the caller's
+    if not opts.can_chown:
+        return  # a plain user: the store keeps the caller's ids
     if name is None:
         os.fchown(root_fd, e.uid, e.gid)
     else:

@@ -1,0 +1,74 @@
+"""Rootless: an ordinary user with a subuid range pulls and runs lazily (user namespace,
+overlay with userxattr, in-image owners through the id mapping)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+USER = "lazyshim-test"
+
+
+@pytest.fixture(scope="module")
+def rootless_user():
+    """A real unprivileged user with a subuid/subgid range and its own XDG dirs."""
+    try:
+        pw = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        pw = pwd.getpwnam(USER)
+    for f in ("/etc/subuid", "/etc/subgid"):
+        text = Path(f).read_text() if Path(f).exists() else ""
+        if not any(line.split(":")[0] == USER for line in text.splitlines()):
+            with open(f, "a") as out:
+                out.write(f"{USER}:300000:65536\n")
+    home = Path(tempfile.mkdtemp(prefix="lazyshim-rootless-"))  # pytest's tmp dirs are root-only
+    shutil.chown(home, pw.pw_uid, pw.pw_gid)
+    run = home / "run"
+    run.mkdir(mode=0o700)
+    shutil.chown(run, pw.pw_uid, pw.pw_gid)
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(run), "PATH": os.environ["PATH"]}
+    probe = _as_user(env, "--version")
+    if probe.returncode != 0:
+        pytest.fail(f"{USER} cannot run lazyshim from this checkout (is the repo world-readable?): "
+                    f"{probe.stderr.strip()}", pytrace=False)
+    yield env
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _as_user(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                           sys.executable, "-m", "runtime.main", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+def test_rootless_pull_and_run_lazily(rootless_user: dict[str, str], images: dict[str, str], registry) -> None:
+    ref = images["busybox:esgz"]
+    p = _as_user(rootless_user, "pull", ref)
+    assert p.returncode == 0, p.stderr
+    store = Path(rootless_user["HOME"]) / ".local/share/lazyshim"
+    assert (store / "layers").is_dir(), "a rootless store lives under the user's XDG data dir"
+    registry.clear_access_log()
+    script = ("cat /app/hello.txt; ls -ln /app/hello.txt; "
+              "chmod 600 /app/hello.sh && sha256sum /app/hello.sh")
+    p = _as_user(rootless_user, "run", "--rm", "--no-background-fetch", ref, "sh", "-c", script)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "hello from the app layer"
+    assert lines[1].split()[2:4] == ["0", "0"], "in-image owners survive the id mapping"
+    import hashlib
+
+    assert lines[2].split()[0] == hashlib.sha256(b"#!/bin/sh\necho hello from busybox sh\n").hexdigest()
+    host, _, rest = ref.partition("/")
+    from integration.images import fetch_manifest
+
+    name, _, tag = rest.rpartition(":")
+    app = fetch_manifest(host, name, tag)["layers"][-1]
+    assert 0 < registry.bytes_served(app["digest"]) < app["size"] / 2, "the 4.5 MiB file was not needed"
