@@ -47,7 +47,16 @@ test: deps lint
 demo: deps
 	$(PY) -m integration.demo
 
-bench: deps
+# Benchmark: the chart needs matplotlib, kept out of the test venv's lock (requirements-bench.lock).
+BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 --variants podman,podman-zstd,lazyshim,lazyshim-zstd \
+              --micro --json docs/bench/py.json --png docs/bench/py.png
+
+$(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.lock
+	touch $@
+
+bench: deps $(VENV)/.bench-stamp
+	@mkdir -p docs/bench
 	$(PY) -m integration.bench $(BENCH_ARGS)
 
 clean:

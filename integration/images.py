@@ -103,12 +103,26 @@ class Entry:
         return "\0".join(parts)
 
 
+@dataclass(frozen=True)
+class TarLayer:
+    """A layer given as a ready uncompressed tar (e.g. a debootstrap root), used byte for byte.
+
+    For trees a ``_LayerBuilder`` cannot describe: owners other than root, device nodes, xattrs.
+    """
+
+    path: Path
+
+    def fingerprint(self) -> str:
+        st = self.path.stat()
+        return f"tar\0{self.path}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
 @dataclass
 class ImageSpec:
     """An image as layers of entries plus the few config fields tests care about."""
 
     name: str
-    layers: list[list[Entry]]
+    layers: list[list[Entry] | TarLayer]
     cmd: list[str]
     env: list[str] = field(default_factory=lambda: ["PATH=/usr/local/bin:/usr/bin:/bin"])
 
@@ -117,6 +131,9 @@ class ImageSpec:
         h = hashlib.sha256(f"{BUILD_VERSION}\0{self.name}\0{self.cmd}\0{self.env}".encode())
         for i, layer in enumerate(self.layers):
             h.update(f"\0layer{i}\0".encode())
+            if isinstance(layer, TarLayer):
+                h.update(layer.fingerprint().encode())
+                continue
             for e in layer:
                 h.update(e.fingerprint().encode() + b"\n")
         return h.hexdigest()[:16]
@@ -330,6 +347,11 @@ def _finish(b: _LayerBuilder) -> list[Entry]:
 SPECS: dict[str, Callable[[], ImageSpec]] = {"busybox": busybox_spec, "python": python_spec}
 
 
+def register_spec(name: str, factory: Callable[[], ImageSpec]) -> None:
+    """Make another image buildable by :func:`build_and_push` (the benchmark's Debian images)."""
+    SPECS[name] = factory
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic OCI layout writer
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +407,7 @@ def write_oci_layout(spec: ImageSpec, dest: Path, tag: str = "legacy") -> str:
 
     layers, diff_ids = [], []
     for entries in spec.layers:
-        tar = _tar_layer(entries)
+        tar = entries.path.read_bytes() if isinstance(entries, TarLayer) else _tar_layer(entries)
         diff_ids.append(_sha256(tar))
         gz = _gzip(tar)
         layers.append({"mediaType": MT_LAYER_GZIP, "digest": put(gz), "size": len(gz)})
@@ -431,10 +453,15 @@ def write_oci_layout(spec: ImageSpec, dest: Path, tag: str = "legacy") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Run a tool; on failure raise with the command and the tail of its stderr on one line."""
+def _run(
+    argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 300, prefix: Sequence[str] = ()
+) -> str:
+    """Run a tool; on failure raise with the command and the tail of its stderr on one line.
+
+    ``prefix`` (a registry's ``prefix_cmd``) runs it where that registry's loopback is.
+    """
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run([*prefix, *argv], capture_output=True, text=True, env=env, timeout=timeout)
     except FileNotFoundError as exc:
         raise ImageBuildError(f"{argv[0]} not found: {exc}") from None
     except subprocess.TimeoutExpired:
@@ -486,7 +513,9 @@ class PrivateEnv:
         }
 
 
-def skopeo_copy(src: str, dest: str, penv: PrivateEnv, *, preserve: bool = True) -> None:
+def skopeo_copy(
+    src: str, dest: str, penv: PrivateEnv, *, preserve: bool = True, prefix: Sequence[str] = ()
+) -> None:
     """``skopeo copy`` between ``oci:`` layouts and the plain-HTTP loopback registry."""
     argv = [
         "skopeo",
@@ -499,7 +528,7 @@ def skopeo_copy(src: str, dest: str, penv: PrivateEnv, *, preserve: bool = True)
     ]
     if preserve:
         argv.append("--preserve-digests")  # fail rather than recompress a converted blob
-    _run([*argv, src, dest], env=penv.env("skopeo"))
+    _run([*argv, src, dest], env=penv.env("skopeo"), timeout=900, prefix=prefix)
 
 
 class Containerd:
@@ -574,10 +603,12 @@ class Containerd:
                 raise ImageBuildError(f"containerd socket not ready within {self.start_timeout:.0f}s")
             time.sleep(0.05)
 
-    def ctr(self, *args: str, timeout: float = 300) -> str:
+    def ctr(self, *args: str, timeout: float = 600, prefix: Sequence[str] = ()) -> str:
         """Run ``ctr-remote`` against this instance in the test namespace."""
         return _run(
-            ["ctr-remote", "--address", str(self.sock), "--namespace", NAMESPACE, *args], timeout=timeout
+            ["ctr-remote", "--address", str(self.sock), "--namespace", NAMESPACE, *args],
+            timeout=timeout,
+            prefix=prefix,
         )
 
     def stop(self) -> None:
@@ -595,7 +626,9 @@ class Containerd:
             proc.wait(timeout=10)
 
 
-def _podman_zstd_chunked(host: str, name: str, workdir: Path, penv: PrivateEnv) -> None:
+def _podman_zstd_chunked(
+    host: str, name: str, workdir: Path, penv: PrivateEnv, prefix: Sequence[str] = ()
+) -> None:
     """Pull ``name:legacy`` into a private podman store and push it as ``name:podman-zstdchunked``.
 
     The push runs with a blob-info cache distinct from the pull's, so it cannot learn that a gzip
@@ -617,7 +650,8 @@ def _podman_zstd_chunked(host: str, name: str, workdir: Path, penv: PrivateEnv) 
         str(workdir / "tmp"),
     ]
     ref = f"{host}/{name}:legacy"
-    _run([*base, "pull", "--quiet", "--tls-verify=false", f"docker://{ref}"], env=penv.env("podman-pull"))
+    _run([*base, "pull", "--quiet", "--tls-verify=false", f"docker://{ref}"], env=penv.env("podman-pull"),
+         prefix=prefix, timeout=900)
     _run(
         [
             *base,
@@ -630,6 +664,8 @@ def _podman_zstd_chunked(host: str, name: str, workdir: Path, penv: PrivateEnv) 
             f"docker://{host}/{name}:podman-zstdchunked",
         ],
         env=penv.env(f"podman-push-{name}"),
+        prefix=prefix,
+        timeout=900,
     )
     _run([*base, "rmi", "--all", "--force"], env=penv.env("podman-pull"))
 
@@ -700,6 +736,7 @@ def build_and_push(
     stats = stats if stats is not None else BuildStats()
     t0 = time.monotonic()
     host = registry.host
+    prefix = getattr(registry, "prefix_cmd", [])  # a registry inside a network namespace
     refs: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lazyshim-images-") as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
@@ -712,7 +749,7 @@ def build_and_push(
             legacy_cached = (cdir / "legacy").is_dir()
             legacy = _ensure_legacy(spec, cdir)
             # legacy is always pushed: it is the source of every conversion.
-            skopeo_copy(f"oci:{legacy}:legacy", f"docker://{host}/{name}:legacy", penv)
+            skopeo_copy(f"oci:{legacy}:legacy", f"docker://{host}/{name}:legacy", penv, prefix=prefix)
             (stats.from_cache if legacy_cached else stats.built).append(f"{name}:legacy")
             for variant in variants:
                 key = f"{name}:{variant}"
@@ -721,26 +758,26 @@ def build_and_push(
                     continue
                 layout = cdir / variant
                 if layout.is_dir():
-                    skopeo_copy(f"oci:{layout}:{variant}", f"docker://{refs[key]}", penv)
+                    skopeo_copy(f"oci:{layout}:{variant}", f"docker://{refs[key]}", penv, prefix=prefix)
                     stats.from_cache.append(key)
                     continue
                 if variant == "podman-zstdchunked":
                     # podman refuses a runroot path longer than 50 characters: keep it short.
                     pdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lzp-")))
-                    _podman_zstd_chunked(host, name, pdir, penv)
+                    _podman_zstd_chunked(host, name, pdir, penv, prefix)
                 else:
                     if containerd is None:
                         containerd = Containerd(tmp / "containerd").start()
                         stack.callback(containerd.stop)
                     src = f"{host}/{name}:legacy"
-                    containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "native", src)
+                    containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "native", src, prefix=prefix)
                     flag = "--estargz" if variant == "esgz" else "--zstdchunked"
                     containerd.ctr("image", "convert", "--oci", flag, src, refs[key])
-                    containerd.ctr("image", "push", "--plain-http", refs[key])
+                    containerd.ctr("image", "push", "--plain-http", refs[key], prefix=prefix)
                 # Keep the converted bytes exactly as pushed, for later sessions.
                 staging = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=cdir))
                 shutil.rmtree(staging)
-                skopeo_copy(f"docker://{refs[key]}", f"oci:{staging}:{variant}", penv)
+                skopeo_copy(f"docker://{refs[key]}", f"oci:{staging}:{variant}", penv, prefix=prefix)
                 _publish(staging, layout)
                 stats.built.append(key)
     stats.seconds = time.monotonic() - t0

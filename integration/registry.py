@@ -18,9 +18,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -97,9 +99,23 @@ class Registry:
     under one temporary directory that :meth:`stop` removes.
     """
 
-    def __init__(self, *, start_timeout: float = 15.0, binary: str = REGISTRY_BIN) -> None:
+    def __init__(
+        self,
+        *,
+        start_timeout: float = 15.0,
+        binary: str = REGISTRY_BIN,
+        prefix_cmd: Sequence[str] = (),
+        call_in: Callable[[Callable[[], Any]], Any] | None = None,
+    ) -> None:
+        """``prefix_cmd`` (e.g. ``["nsenter", "--net=/run/netns/X"]``) runs the registry inside another
+        network namespace; ``call_in(func)`` must then run ``func`` where it can reach that namespace's
+        loopback (see ``integration.netem.in_netns``): the readiness probe goes through it. Clients
+        talking to such a registry run with the same ``prefix_cmd``.
+        """
         self._binary = binary
         self._start_timeout = start_timeout
+        self.prefix_cmd = list(prefix_cmd)
+        self._call_in = call_in or (lambda func: func())
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
         self.port = 0
@@ -119,7 +135,7 @@ class Registry:
             config.write_text(_config_yaml(self.port, self.storage_dir))
             with open(self.access_log_path, "ab") as out, open(self.error_log_path, "ab") as err:
                 self._proc = subprocess.Popen(
-                    [self._binary, "serve", str(config)],
+                    [*self.prefix_cmd, self._binary, "serve", str(config)],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
@@ -139,15 +155,19 @@ class Registry:
         assert self._proc is not None
         deadline = time.monotonic() + self._start_timeout
         url = f"http://{self.host}/v2/"
+
+        def probe() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    return resp.status == 200
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+
         while True:
             if self._proc.poll() is not None:
                 raise RegistryError(f"exited with {self._proc.returncode}: {self._tail(self.error_log_path)}")
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if self._call_in(probe):
+                return
             if time.monotonic() > deadline:
                 raise RegistryError(f"no answer on {url} within {self._start_timeout:.0f}s")
             time.sleep(0.05)

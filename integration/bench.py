@@ -1,0 +1,456 @@
+"""Benchmark: how soon a container prints and exits when its image is still in the registry.
+
+``python -m integration.bench --image py --link 100mbit:20ms --runs 3 [--variants ...] [--json F]``
+
+Everything runs inside a private network namespace whose loopback is shaped (integration.netem):
+the registry, podman and lazyshim, so every registry byte crosses the emulated link. Per image and
+variant, and per run with fresh caches, it records time to first output (TTFO), time to exit and
+the bytes the registry served (its access log). Variants:
+
+- ``podman``         podman pull + run of the legacy gzip image (private --root/--runroot);
+- ``podman-zstd``    the same with podman's own zstd:chunked image and partial pulls enabled;
+- ``lazyshim``       ``lazyshim pull`` + ``lazyshim run --rm`` of the ctr-remote eStargz image;
+- ``lazyshim-zstd``  the same on podman's zstd:chunked image;
+- ``floor``          (computed) bytes lazyshim fetched / link rate + 3 RTT.
+
+``--micro`` adds steady-state numbers: per-open cost after fill vs plain runc, ``state`` latency,
+and the supervisor's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from integration import images
+from integration.netem import Link, NetemError, ShapedNetns, in_netns
+from integration.registry import Registry, RegistryError
+
+REPO = Path(__file__).resolve().parent.parent
+LAZYSHIM = [sys.executable, "-m", "runtime.main"]
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed; the message is one line with the command and its stderr tail."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    image: str
+    cmd: list[str]
+    expect: str
+    user: str = ""
+
+
+PG = "/usr/lib/postgresql/15/bin"
+WORKLOADS: dict[str, Workload] = {
+    "busybox": Workload("busybox", ["/app/hello.sh"], "hello"),
+    "python": Workload("python", ["python3", "-c", "print('hello')"], "hello"),
+    "py": Workload("py", ["python3", "-c", "print('hello')"], "hello"),
+    "pysci": Workload("pysci", ["python3", "-c", "import pandas, scipy; print('imported', pandas.__version__)"],
+                      "imported"),
+    "gcc": Workload("gcc", ["sh", "-c", "printf '#include <stdio.h>\\nint main(void){puts(\"hello\");return 0;}\\n'"
+                            " > /tmp/h.c && gcc -o /tmp/h /tmp/h.c && /tmp/h"], "hello"),
+    "pg": Workload("pg", ["sh", "-c",
+                          f"{PG}/initdb -D /tmp/pg >/dev/null && {PG}/pg_ctl -D /tmp/pg -s -w "
+                          "-o '-k /tmp -c listen_addresses=' start >/dev/null && "
+                          "psql -h /tmp -d postgres -Atc 'select 40+2' && "
+                          f"{PG}/pg_ctl -D /tmp/pg -s -m fast -w stop"], "42", user="postgres"),
+}
+BIG = ("py", "pysci", "gcc", "pg")
+
+# variant -> image variant (tag) it runs
+VARIANTS: dict[str, str] = {
+    "podman": "legacy",
+    "podman-zstd": "podman-zstdchunked",
+    "lazyshim": "esgz",
+    "lazyshim-zstd": "podman-zstdchunked",
+}
+DEFAULT_VARIANTS = ("podman", "podman-zstd", "lazyshim")
+
+
+@dataclass
+class Sample:
+    ttfo: float
+    exit: float
+    bytes: int
+    rc: int
+    ok: bool
+
+
+@dataclass
+class Result:
+    image: str
+    variant: str
+    samples: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    def med(self, attr: str) -> float:
+        vals = [getattr(s, attr) for s in self.samples]
+        return statistics.median(vals) if vals else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one thing, timed
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(argv: Sequence[str], env: dict[str, str] | None = None, timeout: float = 900) -> str:
+    p = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout,
+                       stdin=subprocess.DEVNULL, cwd=REPO)
+    if p.returncode != 0:
+        tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
+        raise BenchError(f"`{' '.join(argv)}` failed ({p.returncode}): {tail}")
+    return p.stdout
+
+
+def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, str],
+          timeout: float = 900) -> tuple[float, float, str, str, int]:
+    """Run ``steps`` (checked), then ``final``; return (ttfo, exit, stdout, stderr, rc), times from t0."""
+    t0 = time.monotonic()
+    for s in steps:
+        _check(s, env, timeout)
+    with tempfile.TemporaryFile() as errf:
+        p = subprocess.Popen(list(final), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL,
+                             env=env, cwd=REPO)
+        assert p.stdout is not None
+        first = p.stdout.read1(65536) if hasattr(p.stdout, "read1") else p.stdout.read(1)
+        ttfo = time.monotonic() - t0
+        rest = p.stdout.read()
+        rc = p.wait(timeout=timeout)
+        total = time.monotonic() - t0
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+    return ttfo, total, (first + rest).decode(errors="replace"), err, rc
+
+
+class Bench:
+    """One shaped namespace, one registry in it, the images pushed; runs variants."""
+
+    def __init__(self, link: Link, names: Sequence[str], tags: Sequence[str]) -> None:
+        self.link = link
+        self.names = list(names)
+        self.tags = sorted(set(tags) | {"legacy"})
+        self.stack = contextlib.ExitStack()
+        self.tmp = Path(tempfile.mkdtemp(prefix="lzb-"))  # short: podman's runroot must be < 50 chars
+        self.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.rtt = self.goodput = float("nan")
+
+    def __enter__(self) -> Bench:
+        try:
+            self.ns = self.stack.enter_context(ShapedNetns(self.link))
+            self.registry = self.stack.enter_context(
+                Registry(prefix_cmd=self.ns.prefix, call_in=lambda f: in_netns(self.ns.path, f)))
+            # Pushed before shaping: uploading is not what is measured.
+            self.refs = images.build_and_push(self.registry, self.names, self.tags)
+            self.ns.shape()
+            self.rtt, self.goodput = self.ns.verify()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def served(self) -> int:
+        """Body bytes the registry sent since the last clear (waits for the log to settle)."""
+        last, stable_since = -1, time.monotonic()
+        while time.monotonic() - stable_since < 0.3:
+            n = sum(e.size for e in self.registry.access_log() if e.method == "GET")
+            if n != last:
+                last, stable_since = n, time.monotonic()
+            time.sleep(0.05)
+        return last
+
+    # -- variants ---------------------------------------------------------------------------------
+
+    def run_variant(self, variant: str, wl: Workload, tag_variant: str) -> Sample:
+        ref = self.refs[f"{wl.image}:{tag_variant}"]
+        self.registry.clear_access_log()
+        if variant.startswith("podman"):
+            with self._podman(partial=variant == "podman-zstd") as (base, env):
+                user = ["--user", wl.user] if wl.user else []
+                ttfo, total, out, err, rc = timed(
+                    [[*self.ns.prefix, *base, "pull", "--quiet", "--tls-verify=false", ref]],
+                    [*self.ns.prefix, *base, "run", "--rm", "--network", "none", "--ulimit", "nofile=20000:20000",
+                     "--ulimit", "nproc=32768:32768", *user, ref, *wl.cmd], env)
+        else:
+            with self._lazyshim_root() as env:
+                user = ["--user", wl.user] if wl.user else []
+                ttfo, total, out, err, rc = timed(
+                    [[*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref]],
+                    [*self.ns.prefix, *LAZYSHIM, "run", "--rm", *user, ref, *wl.cmd], env)
+        ok = rc == 0 and wl.expect in out
+        if not ok:
+            tail = " | ".join(err.strip().splitlines()[-3:])
+            raise BenchError(f"{variant} {ref} {wl.cmd}: rc={rc} stdout={out[-200:]!r} stderr: {tail}")
+        return Sample(ttfo, total, self.served(), rc, ok)
+
+    @contextlib.contextmanager
+    def _lazyshim_root(self) -> Iterator[dict[str, str]]:
+        root = Path(tempfile.mkdtemp(prefix="store-", dir=self.tmp))
+        try:
+            yield dict(os.environ, LAZYSHIM_ROOT=str(root))
+        finally:
+            subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _podman(self, partial: bool) -> Iterator[tuple[list[str], dict[str, str]]]:
+        d = Path(tempfile.mkdtemp(prefix="p", dir=self.tmp))
+        conf = d / "storage.conf"
+        conf.write_text(
+            '[storage]\ndriver = "overlay"\n'
+            f'graphroot = "{d}/root"\nrunroot = "{d}/rr"\n'
+            "[storage.options]\n"
+            f'pull_options = {{enable_partial_images = "{str(partial).lower()}", use_hard_links = "false"}}\n')
+        from runtime.delegate import find_delegate  # runc here: crun refuses hybrid cgroups
+
+        base = ["podman", "--runtime", find_delegate(), "--root", f"{d}/root", "--runroot", f"{d}/rr",
+                "--storage-driver", "overlay",
+                "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--tmpdir", f"{d}/tmp"]
+        env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+        try:
+            yield base, env
+        finally:
+            subprocess.run([*base, "rmi", "--all", "--force"], capture_output=True, env=env)
+            subprocess.run(["umount", "-R", "-l", f"{d}/root/overlay"], capture_output=True)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def floor(self, lazy_bytes: float) -> float:
+        return lazy_bytes / self.link.bytes_per_s + 3 * self.link.rtt_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-benchmarks
+# ---------------------------------------------------------------------------------------------
+
+OPEN_LOOP = ("import time\nf='/usr/lib/python3.11/os.py'\nopen(f).close()\nt=time.perf_counter()\n"
+             "for _ in range(100000): open(f).close()\nprint('%.0f' % ((time.perf_counter()-t)/100000*1e9))\n")
+
+
+def micro(b: Bench, image: str) -> dict[str, float | str]:
+    """Per-open cost after fill (lazyshim vs runc), `state` latency, supervisor RSS."""
+    from integration.bundle import bundle_from_registry
+
+    out: dict[str, float | str] = {}
+    ref_lazy, ref_legacy = b.refs[f"{image}:esgz"], b.refs[f"{image}:legacy"]
+    # Plain runc on the unpacked legacy image: the baseline.
+    bdir = b.tmp / "bundle"
+    bundle = in_netns(b.ns.path, lambda: None) or None  # noqa: F841 (namespace sanity)
+    _check([*b.ns.prefix, sys.executable, "-c",
+            f"from integration.bundle import bundle_from_registry as f; f({ref_legacy!r}, __import__('pathlib')"
+            f".Path({str(bdir)!r}))"])
+    del bundle_from_registry
+    bundle = bdir / "bundle"
+    cfg = json.loads((bundle / "config.json").read_text())
+    state = b.tmp / "runc-state"
+    state.mkdir(exist_ok=True)
+
+    def runc_run(args: list[str], cid: str, detach: bool = False) -> str:
+        cfg["process"]["args"] = args
+        cfg["process"]["env"] = ["PATH=/usr/local/bin:/usr/bin:/bin"]
+        cfg["process"]["terminal"] = False
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        return _check(["runc", "--root", str(state), "run", *(["-d"] if detach else []), "--bundle", str(bundle),
+                       cid])
+
+    runc_ns = [int(runc_run(["python3", "-c", OPEN_LOOP], f"lzb-open-{i}").strip()) for i in range(3)]
+    out["open_ns_runc"] = statistics.median(runc_ns)
+    with b._lazyshim_root() as env:
+        _check([*b.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref_lazy], env)
+        lazy_ns = [int(_check([*b.ns.prefix, *LAZYSHIM, "run", "--rm", ref_lazy, "python3", "-c", OPEN_LOOP],
+                              env).strip()) for _ in range(3)]
+        out["open_ns_lazyshim"] = statistics.median(lazy_ns)
+        out["open_ratio"] = out["open_ns_lazyshim"] / out["open_ns_runc"]
+
+        # Supervisor RSS while a container runs (after python has started, i.e. after its fills).
+        cid = f"lzbrss{os.getpid()}"
+        p = subprocess.Popen([*b.ns.prefix, *LAZYSHIM, "run", "--rm", "--name", cid, ref_lazy, "python3", "-c",
+                              "import json, sys; print('up', flush=True); import time; time.sleep(2)"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        assert p.stdout is not None
+        p.stdout.readline()
+        rss = "n/a"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(Path(f"/run/lazyshim/{cid}/supervisor.pid").read_text())
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = float(line.split()[1]) / 1024
+        p.communicate(timeout=60)
+        out["supervisor_rss_mib"] = rss
+
+    # `state`: runc vs lazyshim on a running runc container.
+    cid = f"lzb-state-{os.getpid()}"
+    runc_run(["sleep", "30"], cid, detach=True)
+    try:
+        out["state_ms_runc"] = _loop_ms(["runc", "--root", str(state), "state", cid])
+        probe = subprocess.run([*LAZYSHIM, "--root", str(state), "state", cid], capture_output=True, text=True,
+                               cwd=REPO)
+        if probe.returncode == 0:
+            out["state_ms_lazyshim"] = _loop_ms([*LAZYSHIM, "--root", str(state), "state", cid])
+        else:
+            out["state_ms_lazyshim"] = "n/a: " + (probe.stderr.strip().splitlines() or ["?"])[-1][:100]
+        out["version_ms_lazyshim"] = _loop_ms([*LAZYSHIM, "--version"])
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "--force", cid], capture_output=True)
+    return out
+
+
+def _loop_ms(argv: list[str], n: int = 20) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(argv, capture_output=True, cwd=REPO)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def table(results: list[Result], b: Bench) -> str:
+    lines = [f"link {b.link} (measured RTT {b.rtt * 1000:.1f} ms, goodput {b.goodput * 8 / 1e6:.1f} Mbit/s); "
+             f"median of {max((len(r.samples) for r in results), default=0)} runs, fresh caches each run",
+             "", "| image | variant | first output | exit | registry bytes | vs podman |",
+             "|---|---|---|---|---|---|"]
+    by_image: dict[str, list[Result]] = {}
+    for r in results:
+        by_image.setdefault(r.image, []).append(r)
+    for image, rs in by_image.items():
+        base = next((r.med("exit") for r in rs if r.variant == "podman" and r.samples), float("nan"))
+        for r in rs:
+            if r.error:
+                lines.append(f"| {image} | {r.variant} | failed: {r.error[:150]} | | | |")
+                continue
+            speed = base / r.med("exit") if r.samples else float("nan")
+            lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s | "
+                         f"{_mb(r.med('bytes'))} | {speed:.1f}× |")
+        lazy = next((r for r in rs if r.variant == "lazyshim" and r.samples), None)
+        if lazy:
+            fl = b.floor(lazy.med("bytes"))
+            lines.append(f"| {image} | floor | {fl:.2f} s | | {_mb(lazy.med('bytes'))} | {base / fl:.1f}× |")
+    return "\n".join(lines)
+
+
+def chart(results: list[Result], b: Bench, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib missing (make bench installs requirements-bench.lock)"
+    groups = sorted({r.image for r in results}, key=[r.image for r in results].index)
+    variants = sorted({r.variant for r in results}, key=[r.variant for r in results].index) + ["floor"]
+    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(groups), 4))
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            if v == "floor":
+                lazy = next((r for r in results if r.image == g and r.variant == "lazyshim" and r.samples), None)
+                y = b.floor(lazy.med("bytes")) if lazy else None
+            else:
+                r = next((r for r in results if r.image == g and r.variant == v and r.samples), None)
+                y = r.med("exit") if r else None
+            if y is not None:
+                xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                ys.append(y)
+        bars = ax.bar(xs, ys, width, label=v)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("seconds to exit (median)")
+    ax.set_title(f"pull + run, link {b.link}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"chart: {path}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m integration.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--image", default="python",
+                   help=f"comma list of {', '.join(WORKLOADS)}; 'big' = {','.join(BIG)}")
+    p.add_argument("--link", default="100mbit:20ms")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--png", type=Path)
+    p.add_argument("--micro", action="store_true", help="also per-open, state and RSS micro-benchmarks")
+    args = p.parse_args(argv)
+    names = [n for x in args.image.split(",") for n in (BIG if x == "big" else (x,))]
+    variants = args.variants.split(",")
+    try:
+        bad = [n for n in names if n not in WORKLOADS] + [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise BenchError(f"unknown image/variant: {', '.join(bad)}")
+        if any(n in BIG for n in names):
+            from integration.bench_images import register_all
+
+            register_all()
+        link = Link.parse(args.link)
+        tags = {VARIANTS[v] for v in variants} | ({"esgz"} if args.micro else set())
+        print(f"# preparing images {names} {sorted(tags)} and link {link} ...", file=sys.stderr, flush=True)
+        with Bench(link, names, tags) as b:
+            print(f"# link: RTT {b.rtt * 1000:.1f} ms, goodput {b.goodput * 8 / 1e6:.1f} Mbit/s", file=sys.stderr)
+            results = []
+            for name in names:
+                wl = WORKLOADS[name]
+                for v in variants:
+                    r = Result(name, v)
+                    results.append(r)
+                    for i in range(args.runs):
+                        try:
+                            s = b.run_variant(v, wl, VARIANTS[v])
+                        except (BenchError, subprocess.TimeoutExpired) as exc:
+                            r.error = str(exc)
+                            print(f"# {name} {v} run {i + 1}: FAILED {exc}", file=sys.stderr, flush=True)
+                            break
+                        r.samples.append(s)
+                        print(f"# {name} {v} run {i + 1}: first output {s.ttfo:.2f} s, exit {s.exit:.2f} s, "
+                              f"{_mb(s.bytes)}", file=sys.stderr, flush=True)
+            micro_res = micro(b, names[0] if names[0] in ("python", "py") else "python") if args.micro else {}
+            if not b.ns.delayer_alive():
+                raise BenchError("the link's delayer died during the run: results are not shaped")
+            md = table(results, b)
+            print(md)
+            if micro_res:
+                print("\nmicro:", json.dumps(micro_res))
+            if args.png:
+                print(chart(results, b, args.png), file=sys.stderr)
+            if args.json:
+                args.json.write_text(json.dumps({
+                    "link": str(link), "rtt_s": b.rtt, "goodput_Bps": b.goodput, "runs": args.runs,
+                    "results": [{**asdict(r), "median_ttfo": r.med("ttfo"), "median_exit": r.med("exit"),
+                                 "median_bytes": r.med("bytes")} for r in results],
+                    "floor": {r.image: b.floor(r.med("bytes")) for r in results
+                              if r.variant == "lazyshim" and r.samples},
+                    "micro": micro_res, "command": " ".join(["python -m integration.bench", *(argv or sys.argv[1:])]),
+                }, indent=1))
+    except (BenchError, NetemError, RegistryError, images.ImageBuildError, ValueError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
