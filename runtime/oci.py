@@ -352,8 +352,25 @@ def _list(ctx: Ctx) -> int | None:
     if not pairs:
         return None
     rc, out = spawn_capture(ctx.delegate_argv())
-    _write_stdout(_unprivate(out, pairs))
+    if out.startswith(b"ID ") and b" BUNDLE " in out.split(b"\n", 1)[0]:
+        out = _retable(out, pairs)
+    else:
+        out = _unprivate(out, pairs)
+    _write_stdout(out)
     return rc
+
+
+def _retable(out: bytes, pairs: list[tuple[str, str]]) -> bytes:
+    """runc's table (Go tabwriter: min width 12, padding 3) with the bundle column swapped."""
+    swap = {os.fsencode(p): os.fsencode(b) for p, b in pairs}
+    lines = out.split(b"\n")
+    header = lines[0]
+    starts = [i for i in range(len(header)) if header[i] != 32 and (i == 0 or header[i - 1] == 32)]
+    bounds = list(zip(starts, starts[1:] + [None], strict=True))
+    rows = [[swap.get(c, c) for c in (line[s:e].rstrip() for s, e in bounds)] for line in lines if line]
+    widths = [max(12, max(len(r[i]) for r in rows) + 3) for i in range(len(bounds) - 1)]
+    text = [b"".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + r[-1] for r in rows]
+    return b"\n".join(text) + b"\n"
 
 
 def _unprivate(out: bytes, pairs: list[tuple[str, str]]) -> bytes:
