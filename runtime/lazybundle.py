@@ -144,16 +144,33 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     image = api.ensure_image(store, found.image)
     if not os.path.isdir(found.rootfs):
         raise LazyshimError(f"{ANNOTATION}: root.path {found.rootfs} does not exist")
-    if os.path.ismount(found.rootfs) or os.listdir(found.rootfs):
-        raise LazyshimError(f"{ANNOTATION}: root.path {found.rootfs} must be an empty directory")
+    if os.path.ismount(found.rootfs) or not _scaffold_only(found.rootfs):
+        raise LazyshimError(f"{ANNOTATION}: root.path {found.rootfs} must be an empty directory "
+                            "(or hold only the directories, symlinks and empty files an engine puts there)")
     scratch = store.containers / "oci" / state.parent.name / container_id
     if scratch.exists():
         shutil.rmtree(scratch)
     for sub in ("upper", "work"):
         (scratch / sub).mkdir(parents=True, mode=0o755)
-    overlay.mount_overlay(api.layer_trees(store, image), scratch / "upper", scratch / "work", Path(found.rootfs))
+    # The directory itself is the top lower layer: podman's scaffold (etc/mtab) stays visible.
+    lowers = api.layer_trees(store, image) + [Path(found.rootfs)]
+    overlay.mount_overlay(lowers, scratch / "upper", scratch / "work", Path(found.rootfs))
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
     return str(store.root), list(image.layers)
+
+
+def _scaffold_only(path: str, limit: int = 64) -> bool:
+    """Nothing but directories, symlinks and empty files (mount points an engine made)."""
+    seen = 0
+    for top, dirs, files in os.walk(path):
+        seen += len(dirs) + len(files)
+        if seen > limit:
+            return False
+        for name in files:
+            st = os.lstat(os.path.join(top, name))
+            if not (os.path.islink(os.path.join(top, name)) or (st.st_size == 0 and st.st_mode & 0o170000 == 0o100000)):
+                return False
+    return True
 
 
 def _absolute_bind_sources(config: dict, bundle: str) -> None:
