@@ -201,3 +201,7 @@ def cleanup(sdir: str) -> None:
         overlay.unmount(Path(info["target"]))
         shutil.rmtree(info["scratch"], ignore_errors=True)
     attach.stop_supervisor(state.name, sdir=state)
+    try:
+        state.parent.rmdir()  # the --root's directory, once its last container is gone
+    except OSError:
+        pass
