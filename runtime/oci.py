@@ -331,6 +331,7 @@ def _state(ctx: Ctx) -> int | None:
     sdir, bundle = hit
     rc, out = spawn_capture(ctx.delegate_argv())
     _write_stdout(_unprivate(out, [(os.path.join(sdir, "bundle"), bundle)]))
+    _quick_exit(rc)
     return rc
 
 
@@ -357,6 +358,7 @@ def _list(ctx: Ctx) -> int | None:
     else:
         out = _unprivate(out, pairs)
     _write_stdout(out)
+    _quick_exit(rc)
     return rc
 
 
@@ -469,6 +471,16 @@ def _wait(pid: int) -> int:
 def _status(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def _quick_exit(rc: int) -> None:
+    """Leave without interpreter teardown (a few ms that `state` pays per call), as an
+    exec'd delegate would; only when running as the `lazyshim` command itself."""
+    if os.environ.get("LAZYSHIM_NO_QUICK_EXIT") or not sys.argv or os.path.basename(sys.argv[0]) != "lazyshim":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _write_stdout(data: bytes) -> None:
