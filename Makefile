@@ -29,7 +29,7 @@ $(VENV)/.stamp: requirements.lock pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON3) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 lint: venv

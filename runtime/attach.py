@@ -18,21 +18,16 @@ from pathlib import Path
 from seccomp.verdict import patch_profile
 from shim.errors import LazyshimError
 
+from . import paths
+
 
 def runtime_dir() -> Path:
-    from shim.userns import host_root
-
-    if os.environ.get("LAZYSHIM_RUNTIME_DIR"):
-        return Path(os.environ["LAZYSHIM_RUNTIME_DIR"])
-    if host_root():
-        return Path("/run/lazyshim")
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazyshim-{os.geteuid()}"
-    return Path(xdg) / "lazyshim"
+    return Path(paths.runtime_dir())
 
 
 def state_dir(container_id: str) -> Path:
-    if not container_id or "/" in container_id or container_id in (".", ".."):
-        raise LazyshimError(f"invalid container id {container_id!r}")
+    if not paths.valid_id(container_id) or container_id in paths.RESERVED:
+        raise LazyshimError(f"invalid container ID format: {container_id!r}")
     return runtime_dir() / container_id
 
 
@@ -51,12 +46,15 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 
 
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
-           metadata: str = "", background: str | None = None) -> int:
-    """Patch `config` in place and start the supervisor; returns its pid."""
+           metadata: str = "", sdir: Path | None = None, background: str | None = None) -> int:
+    """Patch `config` in place and start the supervisor; returns its pid.
+
+    `sdir` is the container's state directory (default: the standalone one for the id).
+    """
     mode = background_mode(config, background)
-    sdir = state_dir(container_id)
+    sdir = Path(sdir) if sdir is not None else state_dir(container_id)
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    sock_path = sdir / "seccomp.sock"
+    sock_path = _socket_path(sdir)
     linux = config.setdefault("linux", {})
     profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
     linux["seccomp"] = profile
@@ -114,6 +112,18 @@ def _exec_path(arg0: str, config: dict) -> str:
     return ":".join(f"{d.rstrip('/')}/{arg0}" for d in path.split(":") if d.startswith("/"))
 
 
+def _socket_path(sdir: Path) -> Path:
+    """sun_path holds 107 bytes; a 64-hex id under a long --root key does not fit."""
+    path = sdir / "seccomp.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    import hashlib
+
+    short = runtime_dir() / "sock"
+    short.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return short / (hashlib.sha256(os.fsencode(sdir)).hexdigest()[:32] + ".sock")
+
+
 class _bound_socket:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -130,14 +140,19 @@ class _bound_socket:
         self.sock.close()
 
 
-def stop_supervisor(container_id: str) -> None:
+def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
     """Stop the supervisor of a deleted container and remove its state."""
-    sdir = state_dir(container_id)
+    sdir = Path(sdir) if sdir is not None else state_dir(container_id)
     try:
         pid = int((sdir / "supervisor.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
+        # The pid may have been reused since the supervisor left: only signal our own.
+        if b"shim.supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGTERM)
     except (OSError, ValueError):
         pass
+    sock = _socket_path(sdir)
+    if sock.parent != sdir:
+        sock.unlink(missing_ok=True)
     shutil.rmtree(sdir, ignore_errors=True)
 
 

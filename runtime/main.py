@@ -1,21 +1,38 @@
 """`lazyshim`: one command for image management and the runc-compatible runtime.
 
-Image verbs (pull, images, inspect, rmi, fetch) live in `shim.cli`; runtime verbs in
-`runtime`.  Imports stay lazy: podman calls us several times per container and `state`
-must cost little more than `runc state`.
+A runc command line (`create`, `start`, `state`, `kill`, `delete`, `exec`, ..., with runc's
+global flags) goes to `runtime.oci`, which imports almost nothing: podman calls us several
+times per container and `state` must cost little more than `runc state`.  lazyshim's own
+verbs (pull, images, inspect, rmi, fetch, and `run IMAGE` - see `oci.wants_oci` for how
+`run` is told apart from runc's `run`) get an argparse CLI.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-IMAGE_VERBS = ("pull", "images", "inspect", "rmi", "fetch")
+EPILOG = """\
+runc commands (create, start, run -b BUNDLE ID, state, kill, delete, exec, ps, list, pause,
+resume, update, events, features, spec, checkpoint, restore, --version) are handled as runc
+handles them, by runc or crun; bundles whose rootfs is a lazyshim overlay (or that carry the
+annotation run.lazyshim.image=REF) get their files filled on open.
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lazyshim", description="Start containers before their image is downloaded.")
-    p.add_argument("--version", action="version", version="lazyshim 0.1.0")
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from . import oci
+
+    if oci.wants_oci(argv):
+        return oci.main(argv)
+    return image_main(argv)
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lazyshim", description="Start containers before their image is downloaded.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", metavar="COMMAND")
     from shim import cli as image_cli
 
@@ -24,16 +41,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run.add_parser(sub)
     stats.add_parser(sub)
+    sub.add_parser("help", help="show this help")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def image_main(argv: list[str]) -> int:
     p = _parser()
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
-        p.print_help(sys.stderr)
-        return 2
+        p.print_help(sys.stdout if args.verb == "help" else sys.stderr)
+        return 0 if args.verb == "help" else 2
     from .rootless import maybe_reexec
 
     try:

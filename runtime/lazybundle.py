@@ -1,0 +1,207 @@
+"""Lazy bundles: which bundles get a supervisor, and the private bundle we give the delegate.
+
+A bundle is lazy when
+- its `root.path` is an overlay mount with lowerdirs that are placeholder trees of a
+  lazyshim store (`STORE/layers/<alg>-<hex>/tree`); the store is the one those trees live
+  in, whatever $LAZYSHIM_ROOT says (podman and containerd do not pass our environment on);
+- or its config carries the annotation `run.lazyshim.image=REF` (podman `--annotation`):
+  the image is resolved in (or pulled into) the store of $LAZYSHIM_ROOT, and an overlay of
+  its trees is mounted on `root.path`, which must then be an empty directory (podman
+  `--rootfs DIR`); its upper and work dirs live in the store and go away at `delete`.
+Any other bundle passes through untouched, so `lazyshim` is safe as a default runtime.
+
+The caller's config.json is never modified: the patched copy (seccomp NOTIFY rule and
+listenerPath, root.path and relative bind sources made absolute) goes to STATE/bundle/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.errors import LazyshimError
+
+ANNOTATION = "run.lazyshim.image"
+
+
+@dataclass
+class Found:
+    bundle: str          # the caller's bundle, absolute, as runc would record it
+    config: dict
+    rootfs: str          # root.path, absolute
+    store_root: str | None = None
+    layers: list[str] | None = None
+    image: str | None = None  # from the annotation, when the rootfs is not lazy yet
+
+
+def detect(bundle: str) -> Found | None:
+    """The lazy bundle at `bundle`, or None for a bundle to pass through (also for one
+    that cannot be read: the delegate reports that in its own words)."""
+    bundle_abs = os.path.realpath(bundle)
+    try:
+        with open(os.path.join(bundle_abs, "config.json"), "rb") as f:
+            config = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    root = config.get("root")
+    path = root.get("path") if isinstance(root, dict) else None
+    if not isinstance(path, str) or not path:
+        return None
+    rootfs = os.path.normpath(os.path.join(bundle_abs, path))
+    found = Found(bundle_abs, config, rootfs)
+    store_root = _store_of(overlay_lowerdirs(rootfs))
+    if store_root is not None:
+        from shim.lazyroot import layers_of_rootfs
+        from shim.store.layout import Store
+
+        layers = layers_of_rootfs(Store(Path(store_root)), Path(rootfs))
+        if layers:
+            found.store_root, found.layers = store_root, layers
+            return found
+    annotations = config.get("annotations")
+    image = annotations.get(ANNOTATION) if isinstance(annotations, dict) else None
+    if isinstance(image, str) and image:
+        found.image = image
+        return found
+    return None
+
+
+def overlay_lowerdirs(path: str) -> list[str]:
+    """The lowerdirs of the overlay mounted at `path` (the topmost mount there), or []."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    target = os.path.realpath(path)
+    lowers: list[str] = []
+    for line in lines:
+        parts = line.split(" ")
+        if len(parts) < 10 or _unescape(parts[4]) != target or "-" not in parts:
+            continue
+        sep = parts.index("-")
+        if len(parts) < sep + 4:
+            continue
+        lowers = []
+        if parts[sep + 1] == "overlay":
+            for opt in parts[sep + 3].split(","):
+                if opt.startswith("lowerdir="):
+                    lowers = [_unescape(x) for x in opt[len("lowerdir="):].split(":") if x]
+    return lowers
+
+
+def _store_of(lowers: list[str]) -> str | None:
+    for low in lowers:
+        if os.path.basename(low) != "tree":
+            continue
+        layer = os.path.dirname(low)
+        layers = os.path.dirname(layer)
+        if os.path.basename(layers) == "layers" and os.path.exists(os.path.join(layer, "meta.cbor")):
+            return os.path.dirname(layers)
+    return None
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def prepare(found: Found, container_id: str, sdir: str) -> str:
+    """Start the supervisor for `found` and write the private bundle; returns its path."""
+    from . import attach
+
+    state = Path(sdir)
+    if state.exists():
+        cleanup(sdir)  # left behind by a create that died half-way: the delegate has no such container
+    state.mkdir(parents=True, mode=0o700)
+    try:
+        store_root, layers = found.store_root, found.layers
+        if found.image is not None:
+            store_root, layers = _mount_image(found, container_id, state)
+        config = found.config
+        config["root"]["path"] = found.rootfs
+        _absolute_bind_sources(config, found.bundle)
+        attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state)
+        private = state / "bundle"
+        private.mkdir(mode=0o700)
+        (private / "config.json").write_text(json.dumps(config))
+        (state / "orig-bundle").write_text(found.bundle)
+        return os.path.realpath(private)
+    except BaseException:
+        cleanup(sdir)
+        raise
+
+
+def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str]]:
+    from shim import api
+
+    from . import overlay
+    store = api.open_store()
+    image = api.ensure_image(store, found.image)
+    if not os.path.isdir(found.rootfs):
+        raise LazyshimError(f"{ANNOTATION}: root.path {found.rootfs} does not exist")
+    if os.path.ismount(found.rootfs) or not _scaffold_only(found.rootfs):
+        raise LazyshimError(f"{ANNOTATION}: root.path {found.rootfs} must be an empty directory "
+                            "(or hold only the directories, symlinks and empty files an engine puts there)")
+    scratch = store.containers / "oci" / state.parent.name / container_id
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    for sub in ("upper", "work"):
+        (scratch / sub).mkdir(parents=True, mode=0o755)
+    # The directory itself is the top lower layer: podman's scaffold (etc/mtab) stays visible.
+    lowers = api.layer_trees(store, image) + [Path(found.rootfs)]
+    overlay.mount_overlay(lowers, scratch / "upper", scratch / "work", Path(found.rootfs))
+    (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
+    return str(store.root), list(image.layers)
+
+
+def _scaffold_only(path: str, limit: int = 64) -> bool:
+    """Nothing but directories, symlinks and empty files (mount points an engine made)."""
+    seen = 0
+    for top, dirs, files in os.walk(path):
+        seen += len(dirs) + len(files)
+        if seen > limit:
+            return False
+        for name in files:
+            st = os.lstat(os.path.join(top, name))
+            if not (os.path.islink(os.path.join(top, name)) or (st.st_size == 0 and st.st_mode & 0o170000 == 0o100000)):
+                return False
+    return True
+
+
+def _absolute_bind_sources(config: dict, bundle: str) -> None:
+    """The delegate resolves relative bind sources against the bundle; ours is elsewhere."""
+    for m in config.get("mounts") or []:
+        if not isinstance(m, dict):
+            continue
+        src = m.get("source")
+        opts = m.get("options") or []
+        if isinstance(src, str) and src and not src.startswith("/") and (
+                m.get("type") == "bind" or "bind" in opts or "rbind" in opts):
+            m["source"] = os.path.join(bundle, src)
+
+
+def cleanup(sdir: str) -> None:
+    """Stop the supervisor, unmount what we mounted, forget the container."""
+    from . import attach
+
+    state = Path(sdir)
+    mounted = state / "mounted"
+    try:
+        info = json.loads(mounted.read_text())
+    except (OSError, ValueError):
+        info = None
+    if info:
+        from . import overlay
+
+        overlay.unmount(Path(info["target"]))
+        shutil.rmtree(info["scratch"], ignore_errors=True)
+    attach.stop_supervisor(state.name, sdir=state)
+    try:
+        state.parent.rmdir()  # the --root's directory, once its last container is gone
+    except OSError:
+        pass

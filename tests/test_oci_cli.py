@@ -1,0 +1,75 @@
+"""The runc CLI's own parsing: Go flag rules, the `run` dispatch rule, list re-alignment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime import oci
+from runtime.paths import oci_state_dir, valid_id
+
+
+def test_parse_flags_like_go() -> None:
+    items, i = oci.parse_flags(["--bundle", "b", "-pid-file=p", "--no-pivot", "id", "--bogus"], oci.CREATE_VALUE)
+    assert [(n, v) for n, v, _, _ in items] == [("bundle", "b"), ("pid-file", "p"), ("no-pivot", "true")]
+    assert i == 4
+    items, i = oci.parse_flags(["-b", "x", "--", "-id"], oci.CREATE_VALUE)
+    assert i == 3 and oci._last(items, "bundle", "b") == "x"
+    with pytest.raises(oci.Usage):
+        oci.parse_flags(["--bundle"], oci.CREATE_VALUE)
+    with pytest.raises(oci.Usage):
+        oci.parse_flags(["---x"], oci.CREATE_VALUE)
+
+
+@pytest.mark.parametrize("argv, runc", [
+    (["state", "x"], True),
+    (["--root", "/r", "run", "x"], True),
+    (["run", "--bundle", "b", "x"], True),
+    (["run", "-d", "x"], True),
+    (["run", "busybox"], False),                        # no ./config.json here
+    (["run", "--rm", "busybox", "sh"], False),
+    (["run", "127.0.0.1:5000/busybox:esgz"], False),
+    (["run", "x", "echo", "hi"], False),
+    (["pull", "busybox"], False),
+    ([], False),
+    (["--help"], False),
+    (["--version"], True),
+    (["features"], True),
+])
+def test_dispatch(argv: list[str], runc: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert oci.wants_oci(argv) is runc
+
+
+def test_run_in_a_bundle_dir_is_runc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert oci.wants_oci(["run", "mycontainer"]) is True
+    assert oci.wants_oci(["run", "docker.io/library/busybox"]) is False
+
+
+def test_ids_are_path_safe() -> None:
+    for bad in ("", ".", "..", "a/b", "../x", "a b", "x\n"):
+        assert not valid_id(bad)
+        with pytest.raises(ValueError):
+            oci_state_dir("/run/runc", bad)
+    assert valid_id("abc-1.2_3+4")
+
+
+def test_retable_keeps_runc_alignment() -> None:
+    out = (b"ID          PID         STATUS      BUNDLE                     CREATED   OWNER\n"
+           b"a           1           created     /run/lazyshim/x/bundle     T         root\n")
+    got = oci._retable(out, [("/run/lazyshim/x/bundle", "/b")])
+    assert got == (b"ID          PID         STATUS      BUNDLE      CREATED     OWNER\n"
+                   b"a           1           created     /b          T           root\n")
+
+
+def test_rewrite_create_argv_keeps_everything_else() -> None:
+    argv = ["--root", "/r", "create", "-b", "rel", "--console-socket", "s.sock", "--pid-file", "p", "id"]
+    g, vi = oci.parse_flags(argv, oci.GLOBAL_VALUE)
+    ctx = oci.Ctx(argv, g, vi)
+    items, pi = oci.parse_flags(ctx.rest, oci.CREATE_VALUE)
+    out = oci._rewrite_create_argv(ctx, items, pi, "/priv", "/abs/rel")
+    assert out == ["--root", "/r", "create", "--bundle", "/priv", "--console-socket=/abs/rel/s.sock",
+                   "--pid-file", "p", "id"]
