@@ -1,13 +1,49 @@
-"""Blob sources backed by a registry: what a fill reads its compressed ranges from."""
+"""Registry clients for lazyshim, and blob sources backed by them (what a fill reads its
+compressed ranges from).
+
+Every client the shim creates comes from `new_client`, so the environment knobs apply
+everywhere: LAZYSHIM_REGISTRY_RETRIES (retries per request, default 3) and
+LAZYSHIM_REGISTRY_TIMEOUT (seconds per network operation, default 30; it also bounds the
+total time spent retrying one request at four times that).
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 
+from .errors import LazyshimError
 from .registry.client import RegistryClient
+
+RETRIES_ENV = "LAZYSHIM_REGISTRY_RETRIES"
+TIMEOUT_ENV = "LAZYSHIM_REGISTRY_TIMEOUT"
 
 _clients: dict[str, RegistryClient] = {}
 _lock = threading.Lock()
+
+
+def _env_number(name: str, default: float, lo: float, hi: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise LazyshimError(f"${name}={raw[:40]!r} is not a number") from None
+    if not lo <= v <= hi:
+        raise LazyshimError(f"${name}={raw[:40]!r} is out of range [{lo:g}, {hi:g}]")
+    return v
+
+
+def client_options() -> dict:
+    timeout = _env_number(TIMEOUT_ENV, 30.0, 0.1, 3600.0)
+    retries = int(_env_number(RETRIES_ENV, 3, 0, 100))
+    return {"timeout": timeout, "retries": retries, "retry_time": max(4 * timeout, 1.0)}
+
+
+def new_client(registry: str) -> RegistryClient:
+    """A fresh client for `registry` with the environment's retry/timeout settings."""
+    return RegistryClient(registry, **client_options())
 
 
 def shared_client(registry: str) -> RegistryClient:
@@ -15,7 +51,7 @@ def shared_client(registry: str) -> RegistryClient:
     with _lock:
         c = _clients.get(registry)
         if c is None:
-            c = _clients[registry] = RegistryClient(registry)
+            c = _clients[registry] = new_client(registry)
         return c
 
 
