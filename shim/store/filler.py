@@ -55,6 +55,18 @@ class FileBlobSource:
         return data
 
 
+class _MemorySource:
+    """Blob bytes fetched ahead (one span of a bulk fill)."""
+
+    def __init__(self, start: int, data: bytes) -> None:
+        self.start, self.data = start, data
+
+    def read_range(self, start: int, end: int) -> bytes:
+        if start < self.start or end > self.start + len(self.data):
+            raise FillError(f"range [{start}, {end}) outside the prefetched span")
+        return self.data[start - self.start:end - self.start]
+
+
 def filled_map_path(layer_dir: Path) -> Path:
     return layer_dir / "filled"
 
@@ -92,7 +104,7 @@ class LayerFiller:
     def is_filled(self, idx: int) -> bool:
         return self.filled[idx] != 0
 
-    def fill(self, idx: int) -> None:
+    def fill(self, idx: int, source: BlobSource | None = None) -> None:
         """Make entry `idx` complete on disk; returns when it is (or raises FillError)."""
         if self.filled[idx]:
             return
@@ -107,13 +119,50 @@ class LayerFiller:
                 raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
             return
         try:
-            self._fill_locked(idx)
+            self._fill_locked(idx, source or self.source)
         finally:
             with self._lock:
                 del self._inflight[idx]
             ev.set()
 
-    def _fill_locked(self, idx: int) -> None:
+    def fill_many(self, indices: list[int], max_span: int = MAX_REQUEST, gap: int = 256 << 10) -> None:
+        """Fill many entries with few requests: their compressed ranges are fetched in
+        coalesced spans (at most `max_span` bytes each) and each file is then filled, and
+        verified, from memory exactly as `fill` would.  A file larger than a span is
+        filled on its own."""
+        spans: list[tuple[int, int, list[int]]] = []
+        for idx in sorted((i for i in indices if not self.filled[i]), key=self._first_offset):
+            lo, hi = self._extent(idx)
+            if hi <= lo:
+                self.fill(idx)  # nothing to fetch (all zeros)
+                continue
+            if spans and lo <= spans[-1][1] + gap and max(hi, spans[-1][1]) - spans[-1][0] <= max_span:
+                s0, s1, members = spans[-1]
+                spans[-1] = (s0, max(s1, hi), [*members, idx])
+            else:
+                spans.append((lo, hi, [idx]))
+        for lo, hi, members in spans:
+            if hi - lo > max_span:
+                for idx in members:
+                    self.fill(idx)
+                continue
+            data = self.source.read_range(lo, hi)
+            self.bytes_fetched += len(data)
+            mem = _MemorySource(lo, data)
+            for idx in members:
+                self.fill(idx, mem)
+
+    def _first_offset(self, idx: int) -> int:
+        return self._extent(idx)[0]
+
+    def _extent(self, idx: int) -> tuple[int, int]:
+        """The [start, end) of the blob bytes entry `idx` needs (0, 0 if none)."""
+        cs = [c for c in self.meta.toc.entries[idx].chunks if not c.zeros]
+        if not cs:
+            return 0, 0
+        return min(c.offset for c in cs), max(c.end for c in cs)
+
+    def _fill_locked(self, idx: int, source: BlobSource) -> None:
         e = self.meta.toc.entries[idx]
         path = self.tree / e.name
         try:
@@ -128,19 +177,22 @@ class LayerFiller:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if self.filled[idx]:
                 return  # another process filled it while we waited
-            self._write_content(fd, e)
+            self._write_content(fd, e, source)
             os.fsync(fd)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
                 os.fchmod(fd, e.mode)
             self.filled[idx] = 1
             self.files_filled += 1
-        except (OSError, FormatError) as err:
-            raise FillError(f"filling {e.name!r}: {err}") from err
+        except BaseException as err:
+            _discard(fd, e)  # verified pieces of a failed file must not linger as data
+            if isinstance(err, OSError | FormatError):
+                raise FillError(f"filling {e.name!r}: {err}") from err
+            raise
         finally:
             os.close(fd)
 
-    def _write_content(self, fd: int, e: Entry) -> None:
+    def _write_content(self, fd: int, e: Entry, source: BlobSource) -> None:
         whole = hashlib.sha256()
         all_chunk_digests = all(c.digest or c.zeros for c in e.chunks)
         staged: list[tuple[int, bytes]] = []
@@ -148,8 +200,9 @@ class LayerFiller:
             base = group[0].offset
             data = b""
             if not group[0].zeros:
-                data = self.source.read_range(base, max(c.end for c in group))
-                self.bytes_fetched += len(data)
+                data = source.read_range(base, max(c.end for c in group))
+                if not isinstance(source, _MemorySource):
+                    self.bytes_fetched += len(data)
             for c in group:
                 if c.zeros:
                     piece = None
@@ -170,6 +223,16 @@ class LayerFiller:
             raise FillError(f"{e.name!r}: content does not match its digest")
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
+
+
+def _discard(fd: int, e: Entry) -> None:
+    """Make the placeholder sparse again (same inode, size and mtime, no data blocks)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, e.size)
+        os.utime(fd, (e.mtime, e.mtime))
+    except OSError:
+        pass
 
 
 def _request_groups(chunks: list[Chunk]) -> list[list[Chunk]]:
