@@ -217,6 +217,9 @@ def read_layer(chunks: Iterator[bytes], media_type: str, limit: int = MAX_LAYER_
                 m.mtime = int(m.mtime)
                 for k in ("mtime", "atime", "ctime"):
                     m.pax_headers.pop(k, None)
+                # PAX: an empty value deletes the record (Go's archive/tar, umoci and podman
+                # drop such xattrs; Python's tarfile keeps them).
+                m.pax_headers = {k: v for k, v in m.pax_headers.items() if v != ""}
                 data = None
                 if m.isreg():
                     total += m.size
