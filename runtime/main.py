@@ -37,10 +37,11 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import run, stats
+    from . import mount, run, stats
 
     run.add_parser(sub)
     stats.add_parser(sub)
+    mount.add_parsers(sub)
     sub.add_parser("help", help="show this help")
     return p
 

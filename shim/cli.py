@@ -1,10 +1,12 @@
-"""Image verbs of the `lazyshim` command: pull, images, inspect, rmi, fetch."""
+"""Image verbs of the `lazyshim` command: pull, images, inspect, rmi, fetch, convert."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+
+from .errors import LazyshimError
 
 
 def add_parsers(sub) -> None:
@@ -17,12 +19,21 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("inspect", help="show a pulled image's record and layers")
     p.add_argument("image")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("rmi", help="forget a pulled image")
-    p.add_argument("image")
+    p = sub.add_parser("rmi", help="forget a pulled image; delete layers nothing uses any more")
+    p.add_argument("image", nargs="+")
     p.set_defaults(func=cmd_rmi)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
     p.add_argument("image")
     p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("convert", help="convert an image to eStargz or zstd:chunked and push it",
+                       description="SRC is a registry reference or oci:DIR[:TAG]; DST a registry reference.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--format", default="estargz", choices=("estargz", "zstd:chunked"))
+    p.add_argument("--prioritize", metavar="FILE-LIST",
+                   help="file listing absolute paths (one per line) to put first, before the landmark")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
+    p.set_defaults(func=cmd_convert)
 
 
 def cmd_pull(args) -> int:
@@ -44,12 +55,37 @@ def cmd_pull(args) -> int:
 
 def cmd_images(args) -> int:
     from .api import open_store
+    from .store.metadata import load_image, load_layer
     from .store.refs import load_refs
 
     store = open_store()
+    rows = []
     for name, image_id in sorted(load_refs(store).items()):
-        print(f"{name}\t{image_id}")
+        layers = size = 0
+        try:
+            rec = load_image(store.image_file(image_id).read_bytes())
+            layers = len(rec.layers)
+            for d in rec.layers:
+                size += load_layer((store.layer_dir(d) / "meta.cbor").read_bytes()).blob_size
+            shown = _human(size)
+        except (OSError, LazyshimError):
+            shown = "(damaged)"
+        rows.append((name, image_id.removeprefix("sha256:")[:12], str(layers), shown))
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_IMAGES_HEADER)]
+    for row in [_IMAGES_HEADER, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+_IMAGES_HEADER = ("IMAGE", "ID", "LAYERS", "SIZE")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
 
 
 def cmd_inspect(args) -> int:
@@ -76,13 +112,38 @@ def cmd_inspect(args) -> int:
 
 def cmd_rmi(args) -> int:
     from .api import open_store
-    from .store.refs import remove_ref, resolve_image
+    from .store.gc import collect
+    from .store.refs import load_refs, remove_ref, resolve_image
 
     store = open_store()
-    rec = resolve_image(store, args.image)
-    remove_ref(store, rec.name)
-    print(rec.id)
+    for name in args.image:
+        rec = resolve_image(store, name)
+        with store.lock("gc"):
+            refs = load_refs(store)
+            key = _ref_key(name, refs)
+            # By name: only that name goes; by id: every name of the image.
+            drop = [key] if key is not None else [n for n, i in refs.items() if i == rec.id]
+            for n in drop:
+                remove_ref(store, n)
+            if not any(i == rec.id for i in load_refs(store).values()):
+                store.image_file(rec.id).unlink(missing_ok=True)
+        print(rec.id)
+    removed = collect(store)
+    if removed:
+        print(f"deleted {len(removed)} unused layer(s)", file=sys.stderr)
     return 0
+
+
+def _ref_key(name: str, refs: dict[str, str]) -> str | None:
+    if name in refs:
+        return name
+    from .registry.reference import parse_reference
+
+    try:
+        norm = str(parse_reference(name))
+    except ValueError:
+        return None
+    return norm if norm in refs else None
 
 
 def cmd_fetch(args) -> int:
@@ -105,4 +166,20 @@ def cmd_fetch(args) -> int:
         raise LazyshimError(f"{args.image}: {len(errors)} files could not be fetched; first: {first}")
     st = root.stats()
     print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert, read_prioritize_file
+
+    prio = read_prioritize_file(args.prioritize) if args.prioritize else None
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    res = convert(args.src, args.dst, args.format, prio, log=log)
+    if args.quiet:
+        print(res.digest)
+        return 0
+    before = sum(s for s, _, _ in res.layers)
+    after = sum(n for _, _, n in res.layers)
+    print(f"{res.reference}@{res.digest}  ({len(res.layers)} layers, {_human(before)} -> {_human(after)}, "
+          f"{args.format}, {res.seconds:.1f}s)")
     return 0

@@ -133,7 +133,8 @@ def _entry(m: tarfile.TarInfo) -> Entry | None:
         e.link = m.linkname
     elif typ == "hardlink":
         e.link = normalize_name(m.linkname)
+    # An empty PAX value deletes the record (as Go's archive/tar reads it, so umoci/podman agree).
     xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
-              for k, v in (m.pax_headers or {}).items() if k.startswith("SCHILY.xattr.")}
+              for k, v in (m.pax_headers or {}).items() if k.startswith("SCHILY.xattr.") and v != ""}
     e.xattrs = {k: v for k, v in xattrs.items() if not k.startswith(("trusted.overlay.", "user.overlay."))}
     return e

@@ -32,20 +32,28 @@ def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> Im
     ref = parse_reference(ref_str)
     store.ensure()
     own = client is None
-    client = client or RegistryClient(ref.registry)
+    if client is None:
+        from .sources import new_client
+
+        client = new_client(ref.registry)
     try:
-        manifest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
-        config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
-        try:
-            config = json.loads(config_raw)
-        except ValueError as e:
-            raise LazyshimError(f"{ref_str}: image config is not JSON") from e
-        if not isinstance(config, dict):
-            raise LazyshimError(f"{ref_str}: image config is not a JSON object")
-        metas = [ensure_layer(store, client, ref, layer) for layer in manifest.layers]
+        with store.lock("gc", shared=True):  # no collection may delete our layers before the record
+            return _pull(ref, ref_str, store, client)
     finally:
         if own:
             client.close()
+
+
+def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient) -> ImageRecord:
+    manifest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
+    config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
+    try:
+        config = json.loads(config_raw)
+    except ValueError as e:
+        raise LazyshimError(f"{ref_str}: image config is not JSON") from e
+    if not isinstance(config, dict):
+        raise LazyshimError(f"{ref_str}: image config is not a JSON object")
+    metas = [ensure_layer(store, client, ref, layer) for layer in manifest.layers]
     rec = ImageRecord(
         id=manifest.digest, name=str(ref), registry=ref.registry, repository=ref.repository,
         layers=[d.digest for d in manifest.layers], config=config, config_digest=manifest.config.digest,

@@ -1,8 +1,14 @@
-"""Blob sources backed by a registry: what a fill reads its compressed ranges from.
+"""Registry clients for lazyshim, and blob sources backed by them (what a fill reads its
+compressed ranges from).
 
-A container blocked in open() waits on these requests, so their patience is bounded:
-`LAZYSHIM_FETCH_TIMEOUT` (seconds, default 30) caps one fill's network time including
-retries; after it the open fails with EIO and a later open tries again.
+Every client the shim creates comes from `new_client`, so the environment knobs apply
+everywhere: LAZYSHIM_REGISTRY_RETRIES (retries per request, default 3) and
+LAZYSHIM_REGISTRY_TIMEOUT (seconds per network operation, default 30; it also bounds the
+total time spent retrying one request at four times that).
+
+A container blocked in open() waits on the supervisor's requests, so those are bounded
+harder: `LAZYSHIM_FETCH_TIMEOUT` (seconds, default 30) caps one fill's network time
+including retries; after it the open fails with EIO and a later open tries again.
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ from __future__ import annotations
 import os
 import threading
 
+from .errors import LazyshimError
 from .registry.client import RegistryClient
 
 DEFAULT_FETCH_TIMEOUT = 30.0
+RETRIES_ENV = "LAZYSHIM_REGISTRY_RETRIES"
+TIMEOUT_ENV = "LAZYSHIM_REGISTRY_TIMEOUT"
 
 _clients: dict[str, RegistryClient] = {}
 _lock = threading.Lock()
@@ -24,6 +33,30 @@ def fetch_timeout() -> float:
     except ValueError:
         return DEFAULT_FETCH_TIMEOUT
     return v if v > 0 else DEFAULT_FETCH_TIMEOUT
+
+
+def _env_number(name: str, default: float, lo: float, hi: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise LazyshimError(f"${name}={raw[:40]!r} is not a number") from None
+    if not lo <= v <= hi:
+        raise LazyshimError(f"${name}={raw[:40]!r} is out of range [{lo:g}, {hi:g}]")
+    return v
+
+
+def client_options() -> dict:
+    timeout = _env_number(TIMEOUT_ENV, 30.0, 0.1, 3600.0)
+    retries = int(_env_number(RETRIES_ENV, 3, 0, 100))
+    return {"timeout": timeout, "retries": retries, "retry_time": max(4 * timeout, 1.0)}
+
+
+def new_client(registry: str) -> RegistryClient:
+    """A fresh client for `registry` with the environment's retry/timeout settings."""
+    return RegistryClient(registry, **client_options())
 
 
 def shared_client(registry: str) -> RegistryClient:

@@ -159,6 +159,11 @@ class LayerFiller:
             self._fill_run([t[2] for t in todo], (start, data))
         return len(self.errors)
 
+    def fill_many(self, indices: list[int], max_request: int = MAX_REQUEST) -> None:
+        """Fill many files now, in few requests; raises FillError naming the first failure."""
+        if self.prefetch(indices, lambda: None, max_request=max_request):
+            raise FillError(f"{len(self.errors)} files failed; first: {self.errors[0]}")
+
     def _fill_run(self, indices: list[int], fetched: tuple[int, bytes]) -> None:
         """Write a run of files, make them durable with one syncfs, then mark them filled.
 
@@ -221,8 +226,11 @@ class LayerFiller:
                 self.files_filled += 1
                 self.unfilled -= 1
             return True
-        except (OSError, FormatError) as err:
-            raise FillError(f"filling {e.name!r}: {err}") from err
+        except BaseException as err:
+            _discard(fd, e)  # verified pieces of a failed file must not linger as data
+            if isinstance(err, OSError | FormatError):
+                raise FillError(f"filling {e.name!r}: {err}") from err
+            raise
         finally:
             os.close(fd)
 
@@ -277,6 +285,16 @@ def _syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         e = ctypes.get_errno()
         raise FillError(f"syncfs: {os.strerror(e)}")
+
+
+def _discard(fd: int, e: Entry) -> None:
+    """Make the placeholder sparse again (same inode, size and mtime, no data blocks)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, e.size)
+        os.utime(fd, (e.mtime, e.mtime))
+    except OSError:
+        pass
 
 
 def _span(e: Entry) -> tuple[int, int]:

@@ -78,14 +78,15 @@ class Store:
         os.chmod(self.root, 0o711)  # containers' upper dirs below must be traversable
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """An exclusive lock on a store-wide name (e.g. a layer digest being built)."""
+    def lock(self, name: str, shared: bool = False) -> Iterator[None]:
+        """An exclusive (or shared) lock on a store-wide name (e.g. a layer digest being
+        built; "gc": pulls hold it shared, garbage collection exclusive)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         lockdir = self.root / "locks"
         lockdir.mkdir(exist_ok=True, mode=0o700)
         fd = os.open(lockdir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)

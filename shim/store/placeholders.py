@@ -82,11 +82,27 @@ def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None) -> list[in
     is how the supervisor recognises the files it must fill.
     """
     b = TreeBuilder(dest, opts)
+    owner: dict[str, int] = {}  # name -> index of the regular file that made it last
+    linked: set[int] = set()  # regular files some hardlink entry points at
     try:
-        inodes = [b.add(e) for e in toc.entries]
+        inodes = []
+        for i, e in enumerate(toc.entries):
+            inodes.append(b.add(e))
+            if e.type == "reg":
+                owner[e.name] = i
+            elif e.type == "hardlink" and e.link in owner:
+                linked.add(owner[e.link])
     except BaseException:
         b.close()
         raise
+    # A file a later entry replaced (tar: the last one wins) or removed with its directory
+    # has no placeholder any more; forget its inode, which the file system may reuse.
+    # Still reachable through a hardlink, its inode lives on and stays ours to fill.
+    for i, ino in enumerate(inodes):
+        if ino and i not in linked:
+            name = toc.entries[i].name
+            if owner.get(name) != i or b._kinds.get(name) != "reg":
+                inodes[i] = 0
     b.finish()
     return inodes
 

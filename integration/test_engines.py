@@ -1,0 +1,118 @@
+"""lazyshim where users already are: `podman pull` + `podman --runtime lazyshim run` of an
+image through the additional layer store, and containerd's `ctr run --runc-binary`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.images import Containerd, fetch_manifest
+from integration.registry import Registry
+from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
+from integration.test_lazy_run import lazyshim
+from integration.test_runtime_cli import LAZYSHIM, RUN_FLAGS, sh
+
+HELLO = "hello from a lazy engine"
+
+
+def _layers(ref: str) -> list[dict]:
+    host, _, rest = ref.partition("/")
+    name, _, tag = rest.rpartition(":")
+    return fetch_manifest(host, name, tag)["layers"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def podman_als(store: Path) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A private podman whose storage.conf names lazyshim's additional layer store."""
+    top = Path(tempfile.mkdtemp(prefix="lzp-"))  # podman wants a runroot shorter than 50 chars
+    conf = top / "storage.conf"
+    conf.write_text(
+        '[storage]\ndriver = "overlay"\n'
+        f'graphroot = "{top}/root"\nrunroot = "{top}/run"\n'
+        f'[storage.options]\nadditionallayerstores = ["{store}/als:ref"]\n')
+    argv = ["podman", "--root", str(top / "root"), "--runroot", str(top / "run"), "--storage-driver", "overlay",
+            "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime", LAZYSHIM]
+    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}  # podman does not pass it on anyway
+    env["CONTAINERS_STORAGE_CONF"] = str(conf)
+    env["LAZYSHIM_BACKGROUND_FETCH"] = "none"
+    yield argv, env
+    sh(*argv, "rm", "--all", "--force", env=env)
+    sh(*argv, "rmi", "--all", "--force", env=env)
+    subprocess.run(["umount", "-R", "-l", f"{top}/root/overlay"], capture_output=True)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_podman_pulls_through_the_layer_store_and_runs_lazily(
+        store: Path, podman_als, images: dict[str, str], registry: Registry) -> None:
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    podman, env = podman_als
+    layers = _layers(ref)
+    registry.clear_access_log()
+    pulled = sh(*podman, "pull", "--tls-verify=false", ref, env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    fetched = {la["digest"][:19]: registry.bytes_served(la["digest"]) for la in layers}
+    assert not any(fetched.values()), f"podman pull fetched layer bytes: {fetched} {pulled.stderr[-500:]}"
+
+    p = sh(*podman, *RUN_FLAGS, ref, "python3", "-c", f"print({HELLO!r})", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == HELLO + "\n"
+    served = sum(registry.bytes_served(la["digest"]) for la in layers)
+    total = sum(la["size"] for la in layers)
+    assert 0 < served < total * 0.8, f"fetched {served} of {total} bytes"
+
+
+def test_podman_non_lazy_image_runs_unchanged_through_lazyshim(podman_als, images: dict[str, str]) -> None:
+    podman, env = podman_als
+    p = sh(*podman, *RUN_FLAGS, "--tls-verify=false", images["busybox:legacy"], "sh", "-c", "cat /app/hello.txt",
+           env=env)
+    assert (p.returncode, p.stdout) == (0, "hello from the app layer\n"), p.stderr
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    d = Path(tempfile.mkdtemp(prefix="ctrd-"))
+    c = Containerd(d).start()
+    yield c
+    c.stop()
+    subprocess.run(["umount", "-R", "-l", str(d)], capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_containerd_runs_a_lazy_rootfs_with_runc_binary(store: Path, containerd: Containerd, tmp_path: Path,
+                                                         images: dict[str, str], registry: Registry) -> None:
+    ref = images["python:esgz"]
+    rootfs = tmp_path / "rootfs"
+    lazyshim(store, "mount", ref, str(rootfs))
+    try:
+        registry.clear_access_log()
+        env = {"PATH": os.environ["PATH"], "LAZYSHIM_BACKGROUND_FETCH": "none"}
+        p = subprocess.run(
+            ["ctr", "--address", str(containerd.sock), "-n", "lazyshim-test", "run", "--rm",
+             "--runc-binary", LAZYSHIM, "--env", "PATH=/usr/bin:/bin", "--rootfs", str(rootfs),
+             f"ctr-{os.getpid()}", "python3", "-c", f"print({HELLO!r})"],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.replace("\r", "") == HELLO + "\n"
+        layers = _layers(ref)
+        served = sum(registry.bytes_served(la["digest"]) for la in layers)
+        assert 0 < served < sum(la["size"] for la in layers) * 0.8
+    finally:
+        lazyshim(store, "umount", str(rootfs))
+
+
+def test_mount_errors_are_one_line(store: Path, tmp_path: Path) -> None:
+    p = subprocess.run([*LAZYSHIM_PY, "umount", str(tmp_path)], capture_output=True, text=True,
+                       env=dict(os.environ, LAZYSHIM_ROOT=str(store)))
+    assert p.returncode == 1 and "is not mounted" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,92 @@
+"""Garbage collection of layers no image needs and no container is using.
+
+A layer is kept while any image record (images/*.cbor) lists it, or while its tree is a
+lowerdir of an overlay mount in any mount namespace we can see (a running container whose
+image was removed keeps working).  Collection holds the store's "gc" lock exclusively;
+pulls hold it shared, so a layer that a pull has just made but not yet recorded in an
+image is never collected under it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .layout import Store
+from .metadata import load_image
+
+
+def referenced_layers(store: Store) -> set[str]:
+    """Layer dir names (`sha256-<hex>`) listed by any image record."""
+    from .layout import digest_dirname
+
+    out: set[str] = set()
+    for f in store.images.glob("*.cbor"):
+        try:
+            rec = load_image(f.read_bytes())
+        except Exception:  # an unreadable record: keep everything it might have named
+            return {p.name for p in store.layers.iterdir()}
+        out.update(digest_dirname(d) for d in rec.layers)
+    return out
+
+
+def mounted_layers(store: Store) -> set[str]:
+    """Layer dir names whose tree is a lowerdir of an overlay mount (all visible namespaces)."""
+    seen_ns: set[str] = set()
+    texts: list[str] = []
+    for pid in ["self", *(p for p in os.listdir("/proc") if p.isdigit())]:
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns in seen_ns:
+                continue
+            texts.append(Path(f"/proc/{pid}/mountinfo").read_text())
+            seen_ns.add(ns)
+        except OSError:
+            continue
+    prefixes = {str(store.layers.resolve()) + "/", os.path.abspath(store.layers) + "/"}
+    out: set[str] = set()
+    for text in texts:
+        for line in text.splitlines():
+            parts = line.split(" ")
+            try:
+                sep = parts.index("-")
+            except ValueError:
+                continue
+            if len(parts) < sep + 4 or parts[sep + 1] != "overlay":
+                continue
+            opts = ",".join(parts[sep + 3:]) + "," + ",".join(parts[5:sep])
+            for opt in opts.split(","):
+                if not opt.startswith("lowerdir="):
+                    continue
+                for low in opt[len("lowerdir="):].split(":"):
+                    low = _unescape(low)
+                    for prefix in prefixes:
+                        if low.startswith(prefix):
+                            out.add(low[len(prefix):].split("/", 1)[0])
+    return out
+
+
+def collect(store: Store) -> list[str]:
+    """Delete unreferenced, unmounted layer dirs; return the names deleted."""
+    removed: list[str] = []
+    if not store.layers.is_dir():
+        return removed
+    with store.lock("gc"):
+        keep = referenced_layers(store) | mounted_layers(store)
+        for d in sorted(store.layers.iterdir()):
+            if d.name in keep or not d.is_dir():
+                continue
+            with store.lock(d.name):
+                # Move it out of layers/ first: a crash mid-delete leaves no half layer behind.
+                trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
+                os.rename(d, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(d.name)
+            # The lock file stays: a waiter may hold the old inode, and a new file would let a
+            # second builder in beside it.
+    return removed
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
