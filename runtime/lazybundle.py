@@ -54,6 +54,8 @@ def detect(bundle: str) -> Found | None:
         return None
     rootfs = os.path.normpath(os.path.join(bundle_abs, path))
     found = Found(bundle_abs, config, rootfs)
+    from shim.lazyroot import overlay_lowerdirs
+
     store_root = _store_of(overlay_lowerdirs(rootfs))
     if store_root is not None:
         from shim.lazyroot import layers_of_rootfs
@@ -71,30 +73,6 @@ def detect(bundle: str) -> Found | None:
     return None
 
 
-def overlay_lowerdirs(path: str) -> list[str]:
-    """The lowerdirs of the overlay mounted at `path` (the topmost mount there), or []."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    target = os.path.realpath(path)
-    lowers: list[str] = []
-    for line in lines:
-        parts = line.split(" ")
-        if len(parts) < 10 or _unescape(parts[4]) != target or "-" not in parts:
-            continue
-        sep = parts.index("-")
-        if len(parts) < sep + 4:
-            continue
-        lowers = []
-        if parts[sep + 1] == "overlay":
-            for opt in parts[sep + 3].split(","):
-                if opt.startswith("lowerdir="):
-                    lowers = [_unescape(x) for x in opt[len("lowerdir="):].split(":") if x]
-    return lowers
-
-
 def _store_of(lowers: list[str]) -> str | None:
     for low in lowers:
         if os.path.basename(low) != "tree":
@@ -104,10 +82,6 @@ def _store_of(lowers: list[str]) -> str | None:
         if os.path.basename(layers) == "layers" and os.path.exists(os.path.join(layer, "meta.cbor")):
             return os.path.dirname(layers)
     return None
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
 def prepare(found: Found, container_id: str, sdir: str) -> str:

@@ -103,34 +103,45 @@ def _source_factory(registry: str, repository: str, digest: str):
     return make
 
 
-def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
-    """The lazy layers an overlay rootfs is made of (from its mount options), or None."""
+def overlay_lowerdirs(rootfs: Path | str) -> list[str]:
+    """The lower dirs of the overlay mounted at `rootfs`, bottom first, as real paths.
+
+    podman mounts with short relative links (`l/XYZ`, from <graphroot>/overlay) that lead,
+    through its layer's `diff` symlink and our layer store entry, to our trees."""
     try:
-        mounts = Path("/proc/self/mountinfo").read_text()
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
     except OSError:
-        return None
+        return []
     target = os.path.realpath(rootfs)
-    layers_prefix = os.path.realpath(store.layers) + "/"
-    # podman mounts with relative lowerdirs (l/XYZ) from <graphroot>/overlay.
     relative_base = os.path.dirname(os.path.dirname(target))
-    for line in mounts.splitlines():
+    lowers: list[str] = []
+    for line in lines:  # the last mount on the target is the one in effect
         parts = line.split(" ")
-        if len(parts) < 10 or _unescape(parts[4]) != target:
+        if len(parts) < 10 or _unescape(parts[4]) != target or "-" not in parts:
             continue
         sep = parts.index("-")
+        if len(parts) < sep + 4:
+            continue
+        lowers = []
         if parts[sep + 1] != "overlay":
             continue
         for opt in _split_options(parts[sep + 3]):
             if opt.startswith("lowerdir="):
-                out = []
-                for low in reversed(opt[len("lowerdir="):].split(":")):  # overlay lists top first
-                    low = os.path.realpath(os.path.join(relative_base, _unescape(low)))
-                    if low.startswith(layers_prefix) and low.endswith("/tree"):
-                        name = low[len(layers_prefix):-len("/tree")]
-                        alg, _, hexpart = name.partition("-")
-                        out.append(f"{alg}:{hexpart}")
-                return out or None
-    return None
+                lowers = [os.path.realpath(os.path.join(relative_base, _unescape(low)))
+                          for low in reversed(opt[len("lowerdir="):].split(":")) if low]
+    return lowers
+
+
+def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
+    """The lazy layers an overlay rootfs is made of (from its mount options), or None."""
+    layers_prefix = os.path.realpath(store.layers) + "/"
+    out = []
+    for low in overlay_lowerdirs(rootfs):
+        if low.startswith(layers_prefix) and low.endswith("/tree"):
+            alg, _, hexpart = low[len(layers_prefix):-len("/tree")].partition("-")
+            out.append(f"{alg}:{hexpart}")
+    return out or None
 
 
 def _split_options(s: str) -> list[str]:

@@ -73,3 +73,13 @@ def test_rewrite_create_argv_keeps_everything_else() -> None:
     out = oci._rewrite_create_argv(ctx, items, pi, "/priv", "/abs/rel")
     assert out == ["--root", "/r", "create", "--bundle", "/priv", "--console-socket=/abs/rel/s.sock",
                    "--pid-file", "p", "id"]
+
+
+def test_every_lazyshim_verb_is_routed_to_lazyshim() -> None:
+    """A verb added to lazyshim's own parser but not to IMAGE_VERBS would go to runc."""
+    from runtime.main import _parser
+    from runtime.oci import IMAGE_VERBS
+
+    sub = next(a for a in _parser()._actions if a.dest == "verb")
+    ours = set(sub.choices) - {"run", "help"}
+    assert ours <= IMAGE_VERBS, ours - IMAGE_VERBS

@@ -73,7 +73,7 @@ class Store:
         return self.images / (digest_dirname(image_id) + ".cbor")
 
     def ensure(self) -> None:
-        for d in (self.layers, self.images, self.containers, self.tmp):
+        for d in (self.layers, self.images, self.containers, self.tmp, self.root / "als"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o711)  # containers' upper dirs below must be traversable
 
