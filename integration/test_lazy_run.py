@@ -120,3 +120,21 @@ def _manifest(host: str, name_tag: str) -> dict:
 
     name, _, tag = name_tag.rpartition(":")
     return fetch_manifest(host, name, tag)
+
+
+def test_a_fully_fetched_image_runs_without_a_supervisor(store: Path, images: dict[str, str]) -> None:
+    """Steady state: once every file is on disk, containers start with no trap at all."""
+    from integration.test_supervisor import _Container
+
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    lazyshim(store, "fetch", ref)
+    assert all((d / "complete").exists() for d in _layer_dirs(store))
+    c = _Container(store, ref, "cat /app/hello.txt; echo ready; read x")
+    try:
+        assert "hello from the app layer" in c.expect("ready")
+        p = lazyshim(store, "stats", c.name, check=False)
+        assert p.returncode == 1 and "no supervisor" in p.stderr, p.stderr
+    finally:
+        c.send("go")
+        c.finish()

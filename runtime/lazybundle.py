@@ -61,7 +61,12 @@ def detect(bundle: str) -> Found | None:
         from shim.lazyroot import layers_of_rootfs
         from shim.store.layout import Store
 
-        layers = layers_of_rootfs(Store(Path(store_root)), Path(rootfs))
+        store = Store(Path(store_root))
+        layers = layers_of_rootfs(store, Path(rootfs))
+        from shim.lazyroot import layers_complete
+
+        if layers and layers_complete(store, layers):
+            return None  # every file is there: the delegate runs it natively, no supervisor
         if layers:
             found.store_root, found.layers = store_root, layers
             return found

@@ -52,8 +52,11 @@ def run(args) -> int:
         profile = _seccomp_profile(args.security_opt)
         if profile is not None:
             config["linux"]["seccomp"] = profile
-        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                      background="none" if args.no_background_fetch else None)
+        from shim.lazyroot import layers_complete
+
+        if not layers_complete(store, image.layers):  # a fully filled image runs natively
+            attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
+                          background="none" if args.no_background_fetch else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         delegate = find_delegate()
         cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",

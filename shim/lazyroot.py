@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 
 from .errors import LazyshimError
-from .store.filler import BlobSource, LayerFiller
+from .store.filler import BlobSource, LayerFiller, is_complete, mark_complete
 from .store.layout import Store
 from .store.metadata import load_layer
 
@@ -28,7 +28,8 @@ class LazyRoot:
                 meta = load_layer((d / "meta.cbor").read_bytes())
             except FileNotFoundError as e:
                 raise LazyshimError(f"layer {digest[:19]} is not in the store {store.root}") from e
-            if meta.complete:
+            if meta.complete:  # unpacked in full (legacy layer)
+                mark_complete(d)
                 continue
             filler = LayerFiller(d, meta, _source_factory(meta.registry, meta.repository, digest))
             self.fillers.append(filler)
@@ -85,6 +86,7 @@ class LazyRoot:
             f.unfilled = f.count_unfilled()
             if f.unfilled:
                 return False
+            mark_complete(f.dir)
         return True
 
     def stats(self) -> dict[str, int]:
@@ -101,6 +103,11 @@ def _source_factory(registry: str, repository: str, digest: str):
         return RegistryBlobSource(registry, repository, digest)
 
     return make
+
+
+def layers_complete(store: Store, layer_digests: list[str]) -> bool:
+    """Every file of every layer is filled: such a rootfs needs no supervisor at all."""
+    return all(is_complete(store.layer_dir(d)) for d in layer_digests)
 
 
 def overlay_lowerdirs(rootfs: Path | str) -> list[str]:

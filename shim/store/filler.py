@@ -60,9 +60,24 @@ def filled_map_path(layer_dir: Path) -> Path:
     return layer_dir / "filled"
 
 
+COMPLETE_MARK = "complete"
+
+
 def create_filled_map(layer_dir: Path, entries: int, all_filled: bool = False) -> None:
     with open(filled_map_path(layer_dir), "wb") as f:
         f.write((b"\1" if all_filled else b"\0") * max(entries, 1))
+    if all_filled:
+        mark_complete(layer_dir)
+
+
+def mark_complete(layer_dir: Path) -> None:
+    """Record that every file of the layer is on disk (after the data was made durable), so
+    a runtime can start containers of it without any supervisor: native speed."""
+    (layer_dir / COMPLETE_MARK).touch()
+
+
+def is_complete(layer_dir: Path) -> bool:
+    return (layer_dir / COMPLETE_MARK).exists()
 
 
 class LayerFiller:
@@ -85,6 +100,8 @@ class LayerFiller:
         self.files_filled = 0
         self.errors: list[str] = []  # the last prefetch's failures
         self.unfilled = self.count_unfilled()
+        if not self.unfilled:
+            mark_complete(layer_dir)
 
     def count_unfilled(self) -> int:
         """Regular files with data not yet on disk (fills by other processes included)."""
@@ -193,6 +210,8 @@ class LayerFiller:
                     self.filled[i] = 1
                 self.files_filled += len(written)
                 self.unfilled -= len(written)
+                if not self.unfilled:
+                    mark_complete(self.dir)
         finally:
             with self._lock:
                 for i, ev in claimed:
@@ -225,6 +244,8 @@ class LayerFiller:
                 self.filled[idx] = 1
                 self.files_filled += 1
                 self.unfilled -= 1
+                if not self.unfilled:
+                    mark_complete(self.dir)
             return True
         except BaseException as err:
             _discard(fd, e)  # verified pieces of a failed file must not linger as data
