@@ -156,7 +156,7 @@ def cmd_fetch(args) -> int:
     root = LazyRoot(store, rec.layers)
     t0 = time.monotonic()
     errors: list[str] = []
-    for filler, indices in root.prefetch_plan(everything=True):
+    for filler, indices, _ in root.prefetch_plan(everything=True):
         filler.prefetch(indices, lambda: None, max_request=8 << 20)
         errors += filler.errors
     if errors or not root.complete():

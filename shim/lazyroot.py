@@ -65,18 +65,19 @@ class LazyRoot:
         hit[0].fill(hit[1])
         return True
 
-    def prefetch_plan(self, everything: bool) -> list[tuple[LayerFiller, list[int]]]:
+    def prefetch_plan(self, everything: bool) -> list[tuple[LayerFiller, list[int], bool]]:
         """What background fetching fills, in order: every layer's prioritized files (those
-        before its `.prefetch.landmark`), then, if `everything`, all other files in TOC order."""
-        first: list[tuple[LayerFiller, list[int]]] = []
-        rest: list[tuple[LayerFiller, list[int]]] = []
+        before its `.prefetch.landmark`; flagged True: the workload needs them now), then, if
+        `everything`, all other files in TOC order."""
+        first: list[tuple[LayerFiller, list[int], bool]] = []
+        rest: list[tuple[LayerFiller, list[int], bool]] = []
         for f in self.fillers:
             regs = [i for i, e in enumerate(f.meta.toc.entries) if e.type == "reg" and e.size]
             n = 0 if f.meta.toc.no_prefetch else f.meta.toc.prioritized
             if n:
-                first.append((f, regs[:n]))
+                first.append((f, regs[:n], True))
             if everything and regs[n:]:
-                rest.append((f, regs[n:]))
+                rest.append((f, regs[n:], False))
         return first + rest
 
     def complete(self) -> bool:

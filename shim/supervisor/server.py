@@ -57,6 +57,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self.done = threading.Event()
         self._ondemand = 0
+        self._last_ondemand = 0.0
+        self._started = threading.Event()  # the first notify fd arrived: the container exists
         self._idle = threading.Condition()
         self._stats_written = 0.0
         # Once every file is filled, answer at once: no path to read, nothing to resolve.
@@ -91,6 +93,7 @@ class Supervisor:
         with self._lock:
             self._active += 1
             self._seen_fd = True
+        self._started.set()
         threading.Thread(target=self._notify_loop, args=(fd,), daemon=True).start()
 
     def _fd_closed(self) -> None:
@@ -225,6 +228,7 @@ class Supervisor:
         finally:
             with self._idle:
                 self._ondemand -= 1
+                self._last_ondemand = time.monotonic()
                 if not self._ondemand:
                     self._idle.notify_all()
         dt = time.monotonic() - t0
@@ -246,8 +250,11 @@ class Supervisor:
     def _background(self, plan) -> None:
         t0 = time.monotonic()
         failed = 0
-        for filler, indices in plan:
-            failed += filler.prefetch(indices, self._wait_for_idle)
+        for filler, indices, urgent in plan:
+            if not urgent and not self._started.is_set():
+                self._started.wait()  # the rest only once the container runs, after its first burst
+                self._last_ondemand = time.monotonic()
+            failed += filler.prefetch(indices, self._wait_for_idle if urgent else self._wait_for_quiet)
         self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
         self.complete = self.root.complete()
         self.write_stats()
@@ -255,6 +262,19 @@ class Supervisor:
     def _wait_for_idle(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: self._ondemand == 0)
+
+    #: The rest of the image waits until the workload has not needed a fill for this long:
+    #: a start-up burst of opens should have the link to itself.
+    QUIET = 0.25
+
+    def _wait_for_quiet(self) -> None:
+        with self._idle:
+            while True:
+                self._idle.wait_for(lambda: self._ondemand == 0)
+                left = self._last_ondemand + self.QUIET - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(left)
 
     def _fill_interpreters(self, pid: int, full: bytes, cwd: bytes) -> None:
         try:
