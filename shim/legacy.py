@@ -18,7 +18,7 @@ from .formats.toc import Entry, FormatError, Toc, normalize_name
 from .registry.client import Descriptor, RegistryClient
 from .registry.reference import Reference
 from .store.metadata import LayerMeta
-from .store.placeholders import TreeBuilder
+from .store.placeholders import TreeBuilder, TreeOptions
 
 _TYPES = {
     tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg", tarfile.DIRTYPE: "dir",
@@ -76,19 +76,20 @@ class _Decompressed:
         return out
 
 
-def unpack_layer(client: RegistryClient, ref: Reference, desc: Descriptor, dest: Path) -> LayerMeta:
+def unpack_layer(client: RegistryClient, ref: Reference, desc: Descriptor, dest: Path,
+                 opts: TreeOptions | None = None) -> LayerMeta:
     stream = client.stream_blob(ref.repository, desc.digest)
-    entries = unpack_tar_stream(_Decompressed(stream, desc.media_type), dest)
+    entries = unpack_tar_stream(_Decompressed(stream, desc.media_type), dest, opts)
     for _ in stream:  # drain: the digest is checked when the iterator ends
         pass
     return LayerMeta(digest=desc.digest, format="legacy", blob_size=desc.size,
                      toc=Toc(entries=entries), inodes=[0] * len(entries), complete=True)
 
 
-def unpack_tar_stream(fileobj, dest: Path) -> list[Entry]:
+def unpack_tar_stream(fileobj, dest: Path, opts: TreeOptions | None = None) -> list[Entry]:
     """Unpack a tar stream into an overlay-form tree, with the same confinement rules as
     placeholder trees (it shares their builder)."""
-    builder = TreeBuilder(dest)
+    builder = TreeBuilder(dest, opts)
     entries: list[Entry] = []
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tf:

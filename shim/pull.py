@@ -23,7 +23,7 @@ from .store import refs
 from .store.filler import create_filled_map
 from .store.layout import Store
 from .store.metadata import ImageRecord, LayerMeta, dump_image, dump_layer, write_atomic
-from .store.placeholders import build_tree
+from .store.placeholders import TreeOptions, build_tree
 
 MAX_CONFIG = 4 << 20
 
@@ -79,14 +79,16 @@ def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Des
         (staging / "tree").mkdir(parents=True)
         try:
             meta = _lazy_meta(client, ref, desc)
+            opts = TreeOptions()
             if meta is None:
                 from .legacy import unpack_layer
 
-                meta = unpack_layer(client, ref, desc, staging / "tree")
+                meta = unpack_layer(client, ref, desc, staging / "tree", opts)
                 create_filled_map(staging, len(meta.toc.entries), all_filled=True)
             else:
-                meta.inodes = build_tree(meta.toc, staging / "tree")
+                meta.inodes = build_tree(meta.toc, staging / "tree", opts)
                 create_filled_map(staging, len(meta.toc.entries))
+            _warn_skipped(desc, opts)
             meta.registry, meta.repository = ref.registry, ref.repository
             write_atomic(staging / "meta.cbor", dump_layer(meta))
             shutil.rmtree(final, ignore_errors=True)
@@ -95,6 +97,16 @@ def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Des
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return meta
+
+
+def _warn_skipped(desc: Descriptor, opts: TreeOptions) -> None:
+    """Say which entries a rootless store could not hold (never drop them silently)."""
+    if opts.skipped:
+        import sys
+
+        names = ", ".join(opts.skipped[:5]) + (" ..." if len(opts.skipped) > 5 else "")
+        print(f"lazyshim: warning: layer {desc.digest[:19]}: {len(opts.skipped)} device nodes under /dev not "
+              f"created without privilege (the container's /dev is mounted over them): {names}", file=sys.stderr)
 
 
 def _load(layer_dir: Path) -> LayerMeta:

@@ -38,6 +38,7 @@ class TreeOptions:
         self.privileged = host_root() if privileged is None else privileged
         self.can_chown = self.privileged or os.geteuid() == 0
         self.overlay_xattr_prefix = "trusted.overlay." if self.privileged else "user.overlay."
+        self.skipped: list[str] = []  # device nodes under /dev a rootless store could not make
 
 
 class TreeBuilder:
@@ -172,7 +173,9 @@ def _make(root_fd: int, e: Entry, kinds: dict[str, str], opts: TreeOptions, dir_
         kinds[name] = "reg"
         return 0  # shares the target's inode: filling the target fills it
     elif e.type in ("char", "block"):
-        _mknod(root_fd, name, stat.S_IFCHR if e.type == "char" else stat.S_IFBLK, e.dev_major, e.dev_minor, opts)
+        if not _mknod(root_fd, name, stat.S_IFCHR if e.type == "char" else stat.S_IFBLK, e.dev_major, e.dev_minor,
+                      opts):
+            return 0
     elif e.type == "fifo":
         os.mkfifo(name, 0o600, dir_fd=root_fd)
     kinds[name] = e.type if e.type != "hardlink" else "reg"
@@ -238,10 +241,19 @@ def _is_dir_or_reg(root_fd: int, name: str) -> bool:
     return stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
 
 
-def _mknod(root_fd: int, name: str, kind: int, major: int, minor: int, opts: TreeOptions) -> None:
+def _mknod(root_fd: int, name: str, kind: int, major: int, minor: int, opts: TreeOptions) -> bool:
+    """Create a device node; False if it was skipped.
+
+    Without privilege only /dev entries may be skipped (as rootless podman does): the
+    runtime mounts a fresh /dev over them, so the container could never see them.  They are
+    listed in `opts.skipped` for the caller to report; any other device node fails the pull."""
     try:
         os.mknod(name, kind | 0o600, os.makedev(major, minor), dir_fd=root_fd)
+        return True
     except PermissionError as e:
+        if name.startswith("dev/") and (major, minor) != (0, 0):
+            opts.skipped.append(name)
+            return False
         raise LazyshimError(
             f"cannot create device node {name!r} without privilege (rootless stores cannot hold it)"
         ) from e
