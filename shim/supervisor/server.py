@@ -179,8 +179,9 @@ class Supervisor:
         """Fill files before the container starts (runc reads some before the filter), and
         the entrypoint: the first of its candidate paths that exists, with its interpreters."""
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        pending = []
         try:
-            for p in paths:
+            for p in paths:  # fetched alongside the exec chain, not one round trip after another
                 try:
                     fd = openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
                 except OSError:
@@ -190,7 +191,7 @@ class Supervisor:
                 finally:
                     os.close(fd)
                 if hit is not None:
-                    self._fill(*hit)
+                    pending.append(self.pool.submit(self._fill, *hit))
             for p in exec_candidates:
                 try:
                     os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
@@ -198,6 +199,8 @@ class Supervisor:
                     continue
                 self.fill_exec_chain(root_fd, p.encode())
                 break
+            for f in pending:
+                f.result()  # re-raises a failed fill
         finally:
             os.close(root_fd)
 
