@@ -138,3 +138,22 @@ def test_a_fully_fetched_image_runs_without_a_supervisor(store: Path, images: di
     finally:
         c.send("go")
         c.finish()
+
+
+def test_bridge_network_gives_the_container_its_own_address(store: Path, images: dict[str, str]) -> None:
+    """--network bridge: eth0 with an address of lazyshim's subnet and a default route via the
+    bridge, set up by pyroute2 from runc's createRuntime hook; the address is freed after."""
+    import ipaddress
+
+    from runtime import network
+
+    p = lazyshim(store, "run", "--rm", "--network", "bridge", images["busybox:esgz"], "sh", "-c",
+                 "ip -4 addr show eth0; ip route")
+    addrs = [w.split("/")[0] for line in p.stdout.splitlines() if "inet " in line for w in line.split()[1:2]]
+    assert addrs and ipaddress.ip_address(addrs[0]) in network.SUBNET, p.stdout
+    assert f"default via {network.GATEWAY} dev eth0" in p.stdout
+    assert addrs[0] not in {f.name for f in network._state_dir().iterdir()}, "address released"
+    # leave the host as found
+    subprocess.run(["ip", "link", "del", network.BRIDGE], capture_output=True)
+    subprocess.run(["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", str(network.SUBNET), "!", "-o",
+                    network.BRIDGE, "-j", "MASQUERADE"], capture_output=True)

@@ -49,6 +49,14 @@ def run(args) -> int:
             cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
             uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
         )
+        if args.network == "bridge":
+            from shim.userns import in_user_namespace
+
+            if in_user_namespace():
+                raise LazyshimError("--network bridge needs root; rootless containers use none or host")
+            from . import network
+
+            config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
         profile = _seccomp_profile(args.security_opt)
         if profile is not None:
             config["linux"]["seccomp"] = profile
@@ -66,6 +74,10 @@ def run(args) -> int:
         return rc
     finally:
         attach.stop_supervisor(cid)
+        if args.network == "bridge":
+            from . import network
+
+            network.release(cid)
         if args.rm:
             if mounted:
                 overlay.unmount(cdir / "rootfs")

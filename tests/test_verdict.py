@@ -91,3 +91,15 @@ def test_native_numbers_across_x86_abis() -> None:
     assert native_nr(AUDIT_ARCH_I386, 11) == EXECVE
     assert native_nr(AUDIT_ARCH_X86_64, 0x40000000 | 520) == EXECVE  # x32 execve
     assert native_nr(0xDEAD, 1) is None
+
+
+def test_syscall_table_agrees_with_python_ptrace() -> None:
+    """Our x86_64 numbers are hard-coded (the supervisor must not pay ptrace's import at
+    start-up); python-ptrace's table is the independent check."""
+    from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+
+    for name, nr in NUMBERS.items():
+        if nr in SYSCALL_NAMES:  # python-ptrace's table predates openat2/fchmodat2
+            assert SYSCALL_NAMES[nr] == name, (name, nr, SYSCALL_NAMES[nr])
+    known = [n for n in NUMBERS.values() if n in SYSCALL_NAMES]
+    assert len(known) >= len(NUMBERS) - 3
