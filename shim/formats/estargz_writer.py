@@ -138,6 +138,20 @@ def landmark(name: str) -> tuple[tarfile.TarInfo, bytes]:
     return ti, LANDMARK_CONTENTS
 
 
+def rfc3339(t: int) -> str:
+    """A TOC modtime, as Go's time.Time marshals whole seconds in UTC."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pax_xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
+    """A tar member's xattrs (PAX SCHILY.xattr.*) as TOC JSON carries them: base64 values."""
+    return {
+        k[len(_XATTR_PAX_PREFIX):]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
+        for k, v in ti.pax_headers.items()
+        if k.startswith(_XATTR_PAX_PREFIX)
+    }
+
+
 def toc_entry(ti: tarfile.TarInfo) -> dict:
     """The TOC entry fields that come from the tar header (Go's omitempty order)."""
     typ = _TAR_TYPES[ti.type]
@@ -146,7 +160,7 @@ def toc_entry(ti: tarfile.TarInfo) -> dict:
     if typ == "reg" and ti.size:
         e["size"] = ti.size
     if ti.mtime:
-        e["modtime"] = datetime.fromtimestamp(int(ti.mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        e["modtime"] = rfc3339(int(ti.mtime))
     if ti.linkname:
         e["linkName"] = ti.linkname
     if ti.mode:
@@ -164,11 +178,7 @@ def toc_entry(ti: tarfile.TarInfo) -> dict:
             e["devMajor"] = ti.devmajor
         if ti.devminor:
             e["devMinor"] = ti.devminor
-    xattrs = {
-        k[len(_XATTR_PAX_PREFIX) :]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
-        for k, v in ti.pax_headers.items()
-        if k.startswith(_XATTR_PAX_PREFIX)
-    }
+    xattrs = pax_xattrs(ti)
     if xattrs:
         e["xattrs"] = xattrs
     return e

@@ -20,12 +20,19 @@ import json
 import struct
 import tarfile
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import NamedTuple
 
 import zstandard
 
-from .estargz_writer import TAR_TRAILER, prepare_entries, sha256_digest, tar_header, tar_padding
+from .estargz_writer import (
+    TAR_TRAILER,
+    pax_xattrs,
+    prepare_entries,
+    rfc3339,
+    sha256_digest,
+    tar_header,
+    tar_padding,
+)
 from .zstdchunked import (
     CHECKSUM_ANNOTATION,
     MAGIC,
@@ -47,7 +54,6 @@ _TYPES = {
     tarfile.BLKTYPE: "block",
     tarfile.FIFOTYPE: "fifo",
 }
-_XATTR_PAX_PREFIX = "SCHILY.xattr."
 
 
 class ZstdChunkedLayer(NamedTuple):
@@ -92,10 +98,6 @@ def crc64_iso(data: bytes) -> bytes:
     return struct.pack(">Q", crc ^ 0xFFFFFFFFFFFFFFFF)
 
 
-def _rfc3339(t: int) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def manifest_entry(ti: tarfile.TarInfo) -> dict:
     """A FileMetadata object as containers/storage derives it from the tar header."""
     typ = _TYPES[ti.type]
@@ -111,16 +113,12 @@ def manifest_entry(ti: tarfile.TarInfo) -> dict:
         e["uid"] = ti.uid
     if ti.gid:
         e["gid"] = ti.gid
-    e["modtime"] = _rfc3339(int(ti.mtime))
+    e["modtime"] = rfc3339(int(ti.mtime))
     if ti.devmajor and typ in ("char", "block"):
         e["devMajor"] = ti.devmajor
     if ti.devminor and typ in ("char", "block"):
         e["devMinor"] = ti.devminor
-    xattrs = {
-        k[len(_XATTR_PAX_PREFIX) :]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
-        for k, v in ti.pax_headers.items()
-        if k.startswith(_XATTR_PAX_PREFIX)
-    }
+    xattrs = pax_xattrs(ti)
     if xattrs:
         e["xattrs"] = xattrs
     return e
