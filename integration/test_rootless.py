@@ -39,13 +39,28 @@ def rootless_user():
     if probe.returncode != 0:
         pytest.fail(f"{USER} cannot run lazyshim from this checkout (is the repo world-readable?): "
                     f"{probe.stderr.strip()}", pytrace=False)
+    conf = home / ".config" / "containers"
+    conf.mkdir(parents=True)
+    # rootless podman here: no cgroup delegation, no raising rlimits; our layer store for pulls
+    (conf / "containers.conf").write_text(
+        '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    (conf / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\n[storage.options]\n'
+        f'additionallayerstores = ["{home}/.local/share/lazyshim/als:ref"]\n')
+    for d in (home / ".config", conf):
+        shutil.chown(d, pw.pw_uid, pw.pw_gid)
+    for f in conf.iterdir():
+        shutil.chown(f, pw.pw_uid, pw.pw_gid)
     yield env
+    subprocess.run(["pkill", "-u", USER], capture_output=True)  # rootless podman's pause process
     shutil.rmtree(home, ignore_errors=True)
 
 
-def _as_user(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _as_user(env: dict[str, str], *args: str, timeout: float = 120, program: list[str] | None = None
+             ) -> subprocess.CompletedProcess:
+    program = program or [sys.executable, "-m", "runtime.main"]
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                           sys.executable, "-m", "runtime.main", *args],
+                           *program, *args],
                           capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
 
 
@@ -72,3 +87,28 @@ def test_rootless_pull_and_run_lazily(rootless_user: dict[str, str], images: dic
     name, _, tag = rest.rpartition(":")
     app = fetch_manifest(host, name, tag)["layers"][-1]
     assert 0 < registry.bytes_served(app["digest"]) < app["size"] / 2, "the 4.5 MiB file was not needed"
+
+
+def test_rootless_podman_with_lazyshim_runtime(rootless_user: dict[str, str], images: dict[str, str],
+                                               registry) -> None:
+    """An ordinary user's podman pulls through the user's layer store and runs with
+    `--runtime lazyshim`: the supervisor runs inside podman's user namespace."""
+    ref = images["python:esgz"]
+    assert _as_user(rootless_user, "pull", ref).returncode == 0
+    lazyshim = str(Path(sys.executable).parent / "lazyshim")
+    podman = ["podman"]
+    pulled = _as_user(rootless_user, "pull", "--tls-verify=false", ref, program=podman)
+    assert pulled.returncode == 0, pulled.stderr
+    registry.clear_access_log()
+    p = _as_user(rootless_user, "--runtime", lazyshim, "run", "--rm", "--network", "none",
+                 "--annotation", "run.lazyshim.background-fetch=none", ref,
+                 "python3", "-c", "print('rootless podman, lazily')", program=podman)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "rootless podman, lazily\n"
+    from integration.images import fetch_manifest
+
+    host, _, rest = ref.partition("/")
+    name, _, tag = rest.rpartition(":")
+    layers = fetch_manifest(host, name, tag)["layers"]
+    served = sum(registry.bytes_served(la["digest"]) for la in layers)
+    assert 0 < served < sum(la["size"] for la in layers) * 0.8
