@@ -266,3 +266,23 @@ def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[st
     assert doc["notifications"] >= doc["fills"]
     p = lazyshim(store, "stats", c.name, check=False)
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_paths_through_proc_magic_links_are_filled_too(store: Path, images: dict[str, str]) -> None:
+    """/proc/self/root/x, /proc/self/cwd/x, /proc/1/root/x and an image-side symlink into
+    /proc all reach placeholders; each must be filled, never read as zeros."""
+    script = (
+        "sha256sum /proc/self/root/app/random.bin; "
+        "cd /app && cat /proc/self/cwd/hello.txt; "
+        "ln -s /proc/self/root/app/hello.sh /viaproc && cat /viaproc; "
+        "cat /proc/1/root/app/suid-script.sh; "
+        "echo piped | cat /dev/stdin"
+    )
+    p = _run(store, images["busybox:esgz"], script)
+    assert p.stdout.splitlines() == [
+        f"{RANDOM_SHA}  /proc/self/root/app/random.bin",
+        HELLO.strip(),
+        "#!/bin/sh", "echo hello from busybox sh",
+        "#!/bin/sh", "echo suid",
+        "piped",
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat as stat_mod
 import struct
 
 SYS_openat2 = 437
@@ -39,6 +40,16 @@ def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return fd
+
+
+class _Unresolved:
+    """Marker: the path runs through a /proc magic link we cannot follow for the task."""
+
+    def __repr__(self) -> str:
+        return "UNRESOLVED"
+
+
+UNRESOLVED = _Unresolved()
 
 
 class RootResolver:
@@ -81,21 +92,132 @@ class RootResolver:
         return base.rstrip(b"/") + b"/" + path if path else base
 
     def stat(self, pid: int, dirfd: int, path: bytes, follow: bool = True) -> os.stat_result | None:
-        """stat() the file the task names, resolved inside its root; None if it does not exist."""
+        """stat() the file the task names, resolved inside its root; None if it does not
+        exist, UNRESOLVED if it goes through a /proc magic link we cannot follow for it.
+
+        /proc inside the container is pid-relative (`self` is the caller there, not us) and
+        full of magic links (root, cwd, fd/N), so paths into it are followed as the task
+        would see them, never by the kernel on our behalf."""
         full = self.absolute(pid, dirfd, path)
         if full is None:
             return None
         flags = O_PATH | (0 if follow else os.O_NOFOLLOW)
-        for attempt in (0, 1):
+        for hops in range(40):  # the kernel's own symlink limit
+            if full.startswith(b"/proc/"):
+                nxt = self.translate_proc(pid, full)
+                if nxt is None or nxt is UNRESOLVED:
+                    return nxt
+                full = nxt
+                continue
             try:
                 fd = openat2(self.root_fd(pid), full, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
             except OSError as e:
-                if e.errno == errno.EBADF and not attempt:
+                if e.errno == errno.EBADF and not hops:
                     self.forget(pid)
                     continue
-                return None
+                if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    return None
+                # A symlink on the way may lead into /proc: expand the first one and go on.
+                nxt = self._expand_first_symlink(pid, full)
+                if nxt is None:
+                    return None
+                full = nxt
+                continue
             try:
                 return os.fstat(fd)
             finally:
                 os.close(fd)
+        return UNRESOLVED
+
+    def _expand_first_symlink(self, pid: int, full: bytes) -> bytes | None:
+        """`full` with its first symlink replaced by the link's target; None if it has none."""
+        root = self.root_fd(pid)
+        cur = b""
+        comps = full.split(b"/")
+        for i, c in enumerate(comps):
+            if c in (b"", b"."):
+                continue
+            nxt = cur + b"/" + c
+            try:
+                fd = openat2(root, nxt, O_PATH | os.O_NOFOLLOW, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return None
+            try:
+                if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+                    target = os.readlink("", dir_fd=fd).encode("utf-8", "surrogateescape")
+                    rest = b"/".join(comps[i + 1:])
+                    base = target if target.startswith(b"/") else cur + b"/" + target
+                    return base.rstrip(b"/") + (b"/" + rest if rest else b"")
+            finally:
+                os.close(fd)
+            cur = nxt
         return None
+
+    def translate_proc(self, pid: int, full: bytes):
+        """A path under the task's /proc as a plain path in its root (through root, cwd,
+        exe, fd/N of `self`, `thread-self` or a pid of its namespace); None for anything
+        else there (proc files, pipes, sockets: never placeholders); UNRESOLVED for a task
+        we cannot find or a magic link kind we do not follow (ns/, map_files/)."""
+        parts = full.split(b"/", 4)  # ['', 'proc', who, kind, rest]
+        if len(parts) < 4:
+            return None
+        who, kind = parts[2], parts[3]
+        rest = parts[4] if len(parts) > 4 else b""
+        if kind not in (b"root", b"cwd", b"exe", b"fd", b"map_files", b"ns"):
+            return None  # status, maps, ...: files of procfs itself
+        if kind in (b"map_files", b"ns"):
+            return UNRESOLVED
+        if who in (b"self", b"thread-self"):
+            target = pid
+        elif who.isdigit():
+            target = self._host_pid(pid, who)
+            if target is None:
+                return UNRESOLVED
+        else:
+            return None
+        if kind == b"root":
+            return b"/" + rest
+        if kind == b"fd":
+            num, _, rest = rest.partition(b"/")
+            if not num.isdigit():
+                return None  # /proc/PID/fd itself: a directory of links
+            link = f"/proc/{target}/fd/{int(num)}"
+        else:
+            link = f"/proc/{target}/{kind.decode()}"
+        try:
+            base = os.readlink(link).encode("utf-8", "surrogateescape")
+        except OSError:
+            return None
+        if not base.startswith(b"/"):
+            return None  # pipe:[..], socket:[..], anon_inode:..: never a placeholder
+        return base.rstrip(b"/") + b"/" + rest if rest else base
+
+    def _host_pid(self, pid: int, nspid: bytes) -> int | None:
+        """The host pid of the task that `pid`'s pid namespace calls `nspid`."""
+        if self._ns_pid(pid) == nspid:
+            return pid
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        except OSError:
+            return None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if self._ns_pid(int(entry)) == nspid and os.stat(f"/proc/{entry}/ns/pid").st_ino == ns:
+                    return int(entry)
+            except OSError:
+                continue
+        return None
+
+    @staticmethod
+    def _ns_pid(pid: int) -> bytes:
+        """The task's pid as it knows itself (innermost pid namespace)."""
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"NSpid:"):
+                        return line.split()[-1]
+        except OSError:
+            pass
+        return b""

@@ -23,7 +23,15 @@ from pathlib import Path
 from seccomp.listener import receive_fd
 from seccomp.memory import MemoryReader
 from seccomp.notify import Notification, Notifier
-from seccomp.resolve import AT_FDCWD, O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RootResolver, openat2
+from seccomp.resolve import (
+    AT_FDCWD,
+    O_PATH,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    UNRESOLVED,
+    RootResolver,
+    openat2,
+)
 from seccomp.syscalls import PATH_ARGS, native_nr, signed32
 from seccomp.verdict import KILL, Verdicts
 
@@ -148,6 +156,11 @@ class Supervisor:
             return
         dirfd = signed32(n.args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
         st = resolver.stat(n.pid, dirfd, path, spec.follows(n.args))
+        if st is UNRESOLVED:
+            # Through another task's /proc/PID/root or the like: it could reach a placeholder
+            # we cannot identify, and serving its zeros would be silent corruption.
+            notifier.fail(n.id, errno.EACCES)
+            return
         hit = self.root.lookup(st) if st is not None and st.st_size else None
         if hit is None and not (spec.exec and st is not None and stat.S_ISREG(st.st_mode)):
             self._answer(notifier, n)
