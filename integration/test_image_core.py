@@ -586,3 +586,26 @@ def test_convert_errors_are_one_line(registry: Registry, images: dict[str, str],
     p = lazyshim(store, "convert", images["busybox:legacy"], f"{registry.host}/x:y", "--format", "zstd:chunked",
                  "--prioritize", str(prio), check=False)
     assert_one_line_failure(p, "absolute", "estargz")
+
+
+def test_record_then_prioritize_fetches_the_start_up_set_in_few_requests(tmp_path: Path, images: dict[str, str],
+                                                                          registry: Registry) -> None:
+    """`lazyshim record` lists what python opens; `convert --prioritize` puts those files
+    first; a run of the optimized image fetches them in a few large range requests."""
+    prio = tmp_path / "prio.txt"
+    lazyshim(tmp_path / "rec", "record", "-o", str(prio), images["python:esgz"], "python3", "-c", "import json")
+    names = prio.read_text().split()
+    assert "/usr/bin/python3.11" in names and "/usr/lib/python3.11/json/decoder.py" in names
+    legacy = images["python:legacy"]
+    optimized = legacy.rsplit(":", 1)[0] + ":rec-opt"
+    lazyshim(tmp_path / "conv", "convert", "-q", legacy, optimized, "--prioritize", str(prio))
+    store = tmp_path / "store"
+    lazyshim(store, "pull", optimized)
+    registry.clear_access_log()
+    env_mode = {"LAZYSHIM_BACKGROUND_FETCH": "prioritized"}
+    p = subprocess.run([*LAZYSHIM, "run", "--rm", optimized, "python3", "-c", "import json; print('ok')"],
+                       env=dict(os.environ, LAZYSHIM_ROOT=str(store), **env_mode), capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout == "ok\n", p.stderr
+    ranges = [e for e in registry.access_log() if e.status == 206]
+    assert len(ranges) < len(names) / 2, f"{len(ranges)} range requests for {len(names)} files"

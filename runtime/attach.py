@@ -46,7 +46,8 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 
 
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
-           metadata: str = "", sdir: Path | None = None, background: str | None = None) -> int:
+           metadata: str = "", sdir: Path | None = None, background: str | None = None,
+           record: Path | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
@@ -71,7 +72,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--prefill", "/etc/passwd:/etc/group",
             "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
             "--background", mode,
-        ]
+        ] + (["--record", str(record)] if record else [])
         try:
             proc = subprocess.Popen(
                 argv, pass_fds=(listener.fileno(), ready_w), start_new_session=True,

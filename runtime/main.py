@@ -37,9 +37,10 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import mount, run, stats
+    from . import mount, record, run, stats
 
     run.add_parser(sub)
+    record.add_parser(sub)
     stats.add_parser(sub)
     mount.add_parsers(sub)
     sub.add_parser("help", help="show this help")

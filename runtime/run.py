@@ -64,7 +64,8 @@ def run(args) -> int:
 
         if not layers_complete(store, image.layers):  # a fully filled image runs natively
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                          background="none" if args.no_background_fetch else None)
+                          background="none" if args.no_background_fetch else None,
+                          record=Path(args.record) if args.record else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         delegate = find_delegate()
         cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",
@@ -154,6 +155,7 @@ def add_parser(sub) -> None:
     p.add_argument("--entrypoint", type=lambda s: [s] if s else [])
     p.add_argument("--network", choices=("none", "host", "bridge"), default="none")
     p.add_argument("--no-pull", action="store_true", help="fail if the image is not pulled yet")
+    p.add_argument("--record", help=argparse.SUPPRESS)  # used by `lazyshim record`
     p.add_argument("--security-opt", action="append", default=[], metavar="seccomp=PROFILE|unconfined",
                    help="seccomp profile (default: the containers default profile when installed)")
     p.add_argument("--no-background-fetch", action="store_true",

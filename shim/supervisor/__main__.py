@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", default="", help="colon-separated paths to fill before start")
     p.add_argument("--prefill-exec-candidates", default="",
                    help="colon-separated entrypoint paths; the first that exists is filled, interpreters too")
+    p.add_argument("--record", help="append the path of every file filled on demand to this file")
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
                    help="what to fetch without being asked, after start")
     a = p.parse_args(argv)
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"supervisor: {e}", file=log)
         return 1
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log)
+    if a.record:
+        sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     if a.rootfs:
         try:
             sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))

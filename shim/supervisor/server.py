@@ -67,6 +67,7 @@ class Supervisor:
         self._ondemand = 0
         self._last_ondemand = 0.0
         self._started = threading.Event()  # the first notify fd arrived: the container exists
+        self.record = None  # a text file: every file filled on demand, in the order of need
         self._idle = threading.Condition()
         self._stats_written = 0.0
         # Once every file is filled, answer at once: no path to read, nothing to resolve.
@@ -248,6 +249,10 @@ class Supervisor:
                 if not self._ondemand:
                     self._idle.notify_all()
         dt = time.monotonic() - t0
+        if self.record is not None:
+            with self._lock:
+                self.record.write("/" + filler.meta.toc.entries[idx].name + "\n")
+                self.record.flush()
         self.stats.fills += 1
         self.stats.fill_seconds += dt
         self.stats.fill_max = max(self.stats.fill_max, dt)
@@ -270,7 +275,10 @@ class Supervisor:
             if not urgent and not self._started.is_set():
                 self._started.wait()  # the rest only once the container runs, after its first burst
                 self._last_ondemand = time.monotonic()
-            failed += filler.prefetch(indices, self._wait_for_idle if urgent else self._wait_for_quiet)
+            if urgent:  # the start-up set: as few round trips as possible
+                failed += filler.prefetch(indices, self._wait_for_idle, max_request=8 << 20)
+            else:  # the rest: modest requests, so an on-demand fill never waits long behind one
+                failed += filler.prefetch(indices, self._wait_for_quiet)
         self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
         self.complete = self.root.complete()
         self.write_stats()
