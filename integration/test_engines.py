@@ -27,9 +27,16 @@ def _layers(ref: str) -> list[dict]:
     return fetch_manifest(host, name, tag)["layers"]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
-    return tmp_path / "store"
+@pytest.fixture(params=["disk", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A store on disk, or in memory (tmpfs): then overlayfs mixes file systems (our trees on
+    tmpfs, podman's upper dir on disk) and reports lower inode numbers with xino bits set."""
+    if request.param == "disk":
+        yield tmp_path / "store"
+        return
+    d = Path(tempfile.mkdtemp(prefix="lazyshim-test-", dir="/dev/shm"))
+    yield d / "store"
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

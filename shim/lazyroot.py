@@ -39,8 +39,14 @@ class LazyRoot:
                     self.by_inode[ino] = (filler, i, entries[i].size)
 
     def lookup(self, st: os.stat_result) -> tuple[LayerFiller, int] | None:
-        """The unfilled placeholder behind a stat result, or None."""
+        """The unfilled placeholder behind a stat result, or None.
+
+        When the overlay's layers are not all on one file system (a store on tmpfs under an
+        upper dir on disk), overlayfs reports `real inode | fsid << (64 - xino bits)`: the
+        low 32 bits are still the placeholder's own inode number."""
         hit = self.by_inode.get(st.st_ino)
+        if hit is None and st.st_ino >> 32:
+            hit = self.by_inode.get(st.st_ino & 0xFFFFFFFF)
         if hit is None or hit[2] != st.st_size or not stat.S_ISREG(st.st_mode):
             return None
         filler, idx, _ = hit
