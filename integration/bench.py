@@ -377,7 +377,8 @@ def table(results: list[Result], b: Bench) -> str:
         base = next((r.med("exit") for r in rs if r.variant == "podman" and r.samples), float("nan"))
         for r in rs:
             if r.error:
-                lines.append(f"| {image} | {r.variant} | failed: {r.error[:150]} | | | | |")
+                err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
+                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | |")
                 continue
             speed = base / r.med("exit") if r.samples else float("nan")
             pull = r.med("pull")
