@@ -11,7 +11,12 @@ the bytes the registry served (its access log). Variants:
 - ``podman-zstd``    the same with podman's own zstd:chunked image and partial pulls enabled;
 - ``lazyshim``       ``lazyshim pull`` + ``lazyshim run --rm`` of the ctr-remote eStargz image;
 - ``lazyshim-zstd``  the same on podman's zstd:chunked image;
-- ``floor``          (computed) bytes lazyshim fetched / link rate + 3 RTT.
+- ``lazyshim-nobg``  ``lazyshim`` with ``run --no-background-fetch``: the bytes the workload itself needs;
+- ``floor``          (computed) bytes the workload needs (``lazyshim-nobg`` if run, else ``lazyshim``)
+                     / link rate + 3 RTT.
+
+Each sample also records ``pull``: the time the pull step took (``podman pull`` / ``lazyshim pull``),
+so ``exit - pull`` is the time of the ``run`` step.
 
 ``--micro`` adds steady-state numbers: per-open cost after fill vs plain runc, ``state`` latency,
 and the supervisor's RSS.
@@ -76,6 +81,7 @@ VARIANTS: dict[str, str] = {
     "podman-zstd": "podman-zstdchunked",
     "lazyshim": "esgz",
     "lazyshim-zstd": "podman-zstdchunked",
+    "lazyshim-nobg": "esgz",
 }
 DEFAULT_VARIANTS = ("podman", "podman-zstd", "lazyshim")
 
@@ -87,6 +93,7 @@ class Sample:
     bytes: int
     rc: int
     ok: bool
+    pull: float = float("nan")  # seconds the pull step took (the rest of `exit` is the run step)
 
 
 @dataclass
@@ -116,11 +123,15 @@ def _check(argv: Sequence[str], env: dict[str, str] | None = None, timeout: floa
 
 
 def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, str],
-          timeout: float = 900) -> tuple[float, float, str, str, int]:
-    """Run ``steps`` (checked), then ``final``; return (ttfo, exit, stdout, stderr, rc), times from t0."""
+          timeout: float = 900) -> tuple[float, float, str, str, int, float]:
+    """Run ``steps`` (checked), then ``final``; return (ttfo, exit, stdout, stderr, rc, steps_time).
+
+    Times are from t0; ``steps_time`` is when the steps (the pull) finished.
+    """
     t0 = time.monotonic()
     for s in steps:
         _check(s, env, timeout)
+    steps_time = time.monotonic() - t0
     with tempfile.TemporaryFile() as errf:
         p = subprocess.Popen(list(final), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL,
                              env=env, cwd=REPO)
@@ -132,7 +143,7 @@ def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, s
         total = time.monotonic() - t0
         errf.seek(0)
         err = errf.read().decode(errors="replace")
-    return ttfo, total, (first + rest).decode(errors="replace"), err, rc
+    return ttfo, total, (first + rest).decode(errors="replace"), err, rc, steps_time
 
 
 class Bench:
@@ -182,21 +193,22 @@ class Bench:
         if variant.startswith("podman"):
             with self._podman(partial=variant == "podman-zstd") as (base, env):
                 user = ["--user", wl.user] if wl.user else []
-                ttfo, total, out, err, rc = timed(
+                ttfo, total, out, err, rc, pull = timed(
                     [[*self.ns.prefix, *base, "pull", "--quiet", "--tls-verify=false", ref]],
                     [*self.ns.prefix, *base, "run", "--rm", "--network", "none", "--ulimit", "nofile=20000:20000",
                      "--ulimit", "nproc=32768:32768", *user, ref, *wl.cmd], env)
         else:
             with self._lazyshim_root() as env:
                 user = ["--user", wl.user] if wl.user else []
-                ttfo, total, out, err, rc = timed(
+                nobg = ["--no-background-fetch"] if variant == "lazyshim-nobg" else []
+                ttfo, total, out, err, rc, pull = timed(
                     [[*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref]],
-                    [*self.ns.prefix, *LAZYSHIM, "run", "--rm", *user, ref, *wl.cmd], env)
+                    [*self.ns.prefix, *LAZYSHIM, "run", "--rm", *nobg, *user, ref, *wl.cmd], env)
         ok = rc == 0 and wl.expect in out
         if not ok:
             tail = " | ".join(err.strip().splitlines()[-3:])
             raise BenchError(f"{variant} {ref} {wl.cmd}: rc={rc} stdout={out[-200:]!r} stderr: {tail}")
-        return Sample(ttfo, total, self.served(), rc, ok)
+        return Sample(ttfo, total, self.served(), rc, ok, pull)
 
     @contextlib.contextmanager
     def _lazyshim_root(self) -> Iterator[dict[str, str]]:
@@ -242,7 +254,7 @@ OPEN_LOOP = ("import time\nf='/usr/lib/python3.11/os.py'\nopen(f).close()\nt=tim
 
 
 def micro(b: Bench, image: str) -> dict[str, float | str]:
-    """Per-open cost after fill (lazyshim vs runc), `state` latency, supervisor RSS."""
+    """Per-open cost after fill (lazyshim supervised, lazyshim fully filled, runc), `state` latency, RSS."""
     from integration.bundle import bundle_from_registry
 
     out: dict[str, float | str] = {}
@@ -269,28 +281,40 @@ def micro(b: Bench, image: str) -> dict[str, float | str]:
 
     runc_ns = [int(runc_run(["python3", "-c", OPEN_LOOP], f"lzb-open-{i}").strip()) for i in range(3)]
     out["open_ns_runc"] = statistics.median(runc_ns)
+    from runtime.paths import runtime_dir
+
     with b._lazyshim_root() as env:
         _check([*b.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref_lazy], env)
-        lazy_ns = [int(_check([*b.ns.prefix, *LAZYSHIM, "run", "--rm", ref_lazy, "python3", "-c", OPEN_LOOP],
-                              env).strip()) for _ in range(3)]
+        # Without background fetch the image stays partly filled, so the supervisor stays attached
+        # (a fully filled image runs natively, without one): this is the supervised per-open cost.
+        lazy_ns = [int(_check([*b.ns.prefix, *LAZYSHIM, "run", "--rm", "--no-background-fetch", ref_lazy,
+                               "python3", "-c", OPEN_LOOP], env).strip()) for _ in range(3)]
         out["open_ns_lazyshim"] = statistics.median(lazy_ns)
         out["open_ratio"] = out["open_ns_lazyshim"] / out["open_ns_runc"]
 
         # Supervisor RSS while a container runs (after python has started, i.e. after its fills).
         cid = f"lzbrss{os.getpid()}"
-        p = subprocess.Popen([*b.ns.prefix, *LAZYSHIM, "run", "--rm", "--name", cid, ref_lazy, "python3", "-c",
+        p = subprocess.Popen([*b.ns.prefix, *LAZYSHIM, "run", "--rm", "--no-background-fetch", "--name", cid,
+                              ref_lazy, "python3", "-c",
                               "import json, sys; print('up', flush=True); import time; time.sleep(2)"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
         assert p.stdout is not None
         p.stdout.readline()
         rss = "n/a"
         with contextlib.suppress(OSError, ValueError):
-            pid = int(Path(f"/run/lazyshim/{cid}/supervisor.pid").read_text())
+            pid = int((Path(runtime_dir()) / cid / "supervisor.pid").read_text())
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss = float(line.split()[1]) / 1024
         p.communicate(timeout=60)
         out["supervisor_rss_mib"] = rss
+
+        # After every file is filled (`lazyshim fetch`) the container runs natively: steady state.
+        _check([*b.ns.prefix, *LAZYSHIM, "fetch", ref_lazy], env)
+        filled_ns = [int(_check([*b.ns.prefix, *LAZYSHIM, "run", "--rm", ref_lazy, "python3", "-c", OPEN_LOOP],
+                                env).strip()) for _ in range(3)]
+        out["open_ns_lazyshim_filled"] = statistics.median(filled_ns)
+        out["open_ratio_filled"] = out["open_ns_lazyshim_filled"] / out["open_ns_runc"]
 
     # `state`: runc vs lazyshim on a running runc container.
     cid = f"lzb-state-{os.getpid()}"
@@ -327,11 +351,25 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def needed(results: list[Result], image: str) -> Result | None:
+    """The run whose bytes are the workload's need: lazyshim without background fetch if measured."""
+    for v in ("lazyshim-nobg", "lazyshim"):
+        r = next((r for r in results if r.image == image and r.variant == v and r.samples), None)
+        if r:
+            return r
+    return None
+
+
+def _spread(r: Result, attr: str) -> str:
+    vals = [getattr(s, attr) for s in r.samples]
+    return f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
+
+
 def table(results: list[Result], b: Bench) -> str:
     lines = [f"link {b.link} (measured RTT {b.rtt * 1000:.1f} ms, goodput {b.goodput * 8 / 1e6:.1f} Mbit/s); "
              f"median of {max((len(r.samples) for r in results), default=0)} runs, fresh caches each run",
-             "", "| image | variant | first output | exit | registry bytes | vs podman |",
-             "|---|---|---|---|---|---|"]
+             "", "| image | variant | first output | exit (min–max) | pull step + run step | registry bytes "
+             "| vs podman |", "|---|---|---|---|---|---|---|"]
     by_image: dict[str, list[Result]] = {}
     for r in results:
         by_image.setdefault(r.image, []).append(r)
@@ -339,15 +377,19 @@ def table(results: list[Result], b: Bench) -> str:
         base = next((r.med("exit") for r in rs if r.variant == "podman" and r.samples), float("nan"))
         for r in rs:
             if r.error:
-                lines.append(f"| {image} | {r.variant} | failed: {r.error[:150]} | | | |")
+                err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
+                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | |")
                 continue
             speed = base / r.med("exit") if r.samples else float("nan")
-            lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s | "
-                         f"{_mb(r.med('bytes'))} | {speed:.1f}× |")
-        lazy = next((r for r in rs if r.variant == "lazyshim" and r.samples), None)
+            pull = r.med("pull")
+            run = statistics.median([s.exit - s.pull for s in r.samples])
+            lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
+                         f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} | {speed:.1f}× |")
+        lazy = needed(rs, image)
         if lazy:
             fl = b.floor(lazy.med("bytes"))
-            lines.append(f"| {image} | floor | {fl:.2f} s | | {_mb(lazy.med('bytes'))} | {base / fl:.1f}× |")
+            lines.append(f"| {image} | floor | {fl:.2f} s | | | {_mb(lazy.med('bytes'))} ({lazy.variant}) | "
+                         f"{base / fl:.1f}× |")
     return "\n".join(lines)
 
 
@@ -367,7 +409,7 @@ def chart(results: list[Result], b: Bench, path: Path) -> str:
         xs, ys = [], []
         for i, g in enumerate(groups):
             if v == "floor":
-                lazy = next((r for r in results if r.image == g and r.variant == "lazyshim" and r.samples), None)
+                lazy = needed(results, g)
                 y = b.floor(lazy.med("bytes")) if lazy else None
             else:
                 r = next((r for r in results if r.image == g and r.variant == v and r.samples), None)
@@ -441,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.write_text(json.dumps({
                     "link": str(link), "rtt_s": b.rtt, "goodput_Bps": b.goodput, "runs": args.runs,
                     "results": [{**asdict(r), "median_ttfo": r.med("ttfo"), "median_exit": r.med("exit"),
-                                 "median_bytes": r.med("bytes")} for r in results],
-                    "floor": {r.image: b.floor(r.med("bytes")) for r in results
-                              if r.variant == "lazyshim" and r.samples},
+                                 "median_bytes": r.med("bytes"), "median_pull": r.med("pull")} for r in results],
+                    "floor": {img: b.floor(lazy.med("bytes")) for img in names
+                              if (lazy := needed(results, img))},
                     "micro": micro_res, "command": " ".join(["python -m integration.bench", *(argv or sys.argv[1:])]),
                 }, indent=1))
     except (BenchError, NetemError, RegistryError, images.ImageBuildError, ValueError) as exc:
