@@ -12,6 +12,7 @@ the bytes the registry served (its access log). Variants:
 - ``lazyshim``       ``lazyshim pull`` + ``lazyshim run --rm`` of the ctr-remote eStargz image;
 - ``lazyshim-zstd``  the same on podman's zstd:chunked image;
 - ``lazyshim-nobg``  ``lazyshim`` with ``run --no-background-fetch``: the bytes the workload itself needs;
+- ``lazyshim-mem``   ``lazyshim`` with its store on tmpfs (/dev/shm): no ext4 inode creation in the pull;
 - ``floor``          (computed) bytes the workload needs (``lazyshim-nobg`` if run, else ``lazyshim``)
                      / link rate + 3 RTT.
 
@@ -82,6 +83,7 @@ VARIANTS: dict[str, str] = {
     "lazyshim": "esgz",
     "lazyshim-zstd": "podman-zstdchunked",
     "lazyshim-nobg": "esgz",
+    "lazyshim-mem": "esgz",
 }
 DEFAULT_VARIANTS = ("podman", "podman-zstd", "lazyshim")
 
@@ -198,7 +200,7 @@ class Bench:
                     [*self.ns.prefix, *base, "run", "--rm", "--network", "none", "--ulimit", "nofile=20000:20000",
                      "--ulimit", "nproc=32768:32768", *user, ref, *wl.cmd], env)
         else:
-            with self._lazyshim_root() as env:
+            with self._lazyshim_root(memory=variant == "lazyshim-mem") as env:
                 user = ["--user", wl.user] if wl.user else []
                 nobg = ["--no-background-fetch"] if variant == "lazyshim-nobg" else []
                 ttfo, total, out, err, rc, pull = timed(
@@ -211,8 +213,8 @@ class Bench:
         return Sample(ttfo, total, self.served(), rc, ok, pull)
 
     @contextlib.contextmanager
-    def _lazyshim_root(self) -> Iterator[dict[str, str]]:
-        root = Path(tempfile.mkdtemp(prefix="store-", dir=self.tmp))
+    def _lazyshim_root(self, memory: bool = False) -> Iterator[dict[str, str]]:
+        root = Path(tempfile.mkdtemp(prefix="lzb-store-", dir="/dev/shm" if memory else self.tmp))
         try:
             yield dict(os.environ, LAZYSHIM_ROOT=str(root))
         finally:
