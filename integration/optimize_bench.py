@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default="py")
     ap.add_argument("--link", default="100mbit:20ms")
+    ap.add_argument("--memory", action="store_true", help="stores on tmpfs (/dev/shm), see README")
     a = ap.parse_args(argv)
     from integration.bench_images import register_all
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {a.image} over {a.link} (RTT {b.rtt * 1000:.1f} ms): {len(prio.read_text().split())} files recorded")
         print("| image | background | first output | registry bytes |\n|---|---|---|---|")
         for ref, mode in ((plain, "none"), (optimized, "prioritized")):
-            env = dict(os.environ, LAZYSHIM_ROOT=tempfile.mkdtemp(dir=b.tmp), LAZYSHIM_BACKGROUND_FETCH=mode)
+            root = tempfile.mkdtemp(prefix="lzb-opt-", dir="/dev/shm" if a.memory else b.tmp)
+            env = dict(os.environ, LAZYSHIM_ROOT=root, LAZYSHIM_BACKGROUND_FETCH=mode)
             b.registry.clear_access_log()
             t0 = time.monotonic()
             _check([*ns, LAZYSHIM, "pull", "-q", ref], env)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic() - t0
             p.communicate()
             print(f"| {ref.rsplit('/', 1)[1]} | {mode} | {t:.2f} s | {b.served() / 1e6:.1f} MB |", flush=True)
+            subprocess.run(["rm", "-rf", root])
     return 0
 
 
