@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -24,9 +23,9 @@ from pathlib import Path
 from integration.bench import Bench
 from integration.images import Containerd
 from integration.netem import Link, in_netns
+from integration.users import USER, ensure_user
 
 LAZYSHIM = str(Path(sys.executable).parent / "lazyshim")
-USER = "lazyshim-test"
 CMD = ["python3", "-c", "print('hello')"]
 PODMAN_RUN = ["run", "--rm", "--network", "none", "--annotation", "run.lazyshim.background-fetch=none"]
 
@@ -46,21 +45,6 @@ def timed(steps: list[list[str]], env: dict[str, str]) -> float:
     if p.returncode or not first:
         raise SystemExit(f"{' '.join(steps[-1][-4:])}: rc={p.returncode} {err.decode()[-300:]}")
     return t
-
-
-def ensure_user() -> pwd.struct_passwd:
-    """The ordinary user of the rootless paths, with a subuid/subgid range."""
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        pw = pwd.getpwnam(USER)
-    for f in ("/etc/subuid", "/etc/subgid"):
-        text = Path(f).read_text() if Path(f).exists() else ""
-        if not any(line.split(":")[0] == USER for line in text.splitlines()):
-            with open(f, "a") as out:
-                out.write(f"{USER}:300000:65536\n")
-    return pw
 
 
 def user_home(tmp: Path) -> tuple[Path, list[str]]:

@@ -4,7 +4,6 @@ overlay with userxattr, in-image owners through the id mapping)."""
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -13,22 +12,13 @@ from pathlib import Path
 
 import pytest
 
-USER = "lazyshim-test"
+from integration.users import USER, ensure_user
 
 
 @pytest.fixture(scope="module")
 def rootless_user():
     """A real unprivileged user with a subuid/subgid range and its own XDG dirs."""
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        pw = pwd.getpwnam(USER)
-    for f in ("/etc/subuid", "/etc/subgid"):
-        text = Path(f).read_text() if Path(f).exists() else ""
-        if not any(line.split(":")[0] == USER for line in text.splitlines()):
-            with open(f, "a") as out:
-                out.write(f"{USER}:300000:65536\n")
+    pw = ensure_user()
     home = Path(tempfile.mkdtemp(prefix="lazyshim-rootless-"))  # pytest's tmp dirs are root-only
     shutil.chown(home, pw.pw_uid, pw.pw_gid)
     run = home / "run"
