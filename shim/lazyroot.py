@@ -118,32 +118,19 @@ def layers_complete(store: Store, layer_digests: list[str]) -> bool:
 
 
 def overlay_lowerdirs(rootfs: Path | str) -> list[str]:
-    """The lower dirs of the overlay mounted at `rootfs`, bottom first, as real paths.
+    """The real lower dirs (bottom first) of the overlay in effect at `rootfs`, or []."""
+    from .store.mounts import overlay_mounts
 
-    podman mounts with short relative links (`l/XYZ`, from <graphroot>/overlay) that lead,
-    through its layer's `diff` symlink and our layer store entry, to our trees."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError:
         return []
     target = os.path.realpath(rootfs)
-    relative_base = os.path.dirname(os.path.dirname(target))
     lowers: list[str] = []
-    for line in lines:  # the last mount on the target is the one in effect
-        parts = line.split(" ")
-        if len(parts) < 10 or _unescape(parts[4]) != target or "-" not in parts:
-            continue
-        sep = parts.index("-")
-        if len(parts) < sep + 4:
-            continue
-        lowers = []
-        if parts[sep + 1] != "overlay":
-            continue
-        for opt in _split_options(parts[sep + 3]):
-            if opt.startswith("lowerdir="):
-                lowers = [os.path.realpath(os.path.join(relative_base, _unescape(low)))
-                          for low in reversed(opt[len("lowerdir="):].split(":")) if low]
+    for mount_point, mount_lowers in overlay_mounts(text):
+        if mount_point == target:
+            lowers = mount_lowers  # the last mount on the target is the one in effect
     return lowers
 
 
@@ -156,25 +143,3 @@ def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
             alg, _, hexpart = low[len(layers_prefix):-len("/tree")].partition("-")
             out.append(f"{alg}:{hexpart}")
     return out or None
-
-
-def _split_options(s: str) -> list[str]:
-    """Mount options split on commas, except escaped ones (overlay escapes ',' as '\\,')."""
-    out, cur, i = [], "", 0
-    while i < len(s):
-        if s[i] == "\\" and i + 1 < len(s):
-            cur += s[i:i + 2]
-            i += 2
-            continue
-        if s[i] == ",":
-            out.append(cur)
-            cur = ""
-        else:
-            cur += s[i]
-        i += 1
-    out.append(cur)
-    return out
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .layout import Store
 from .metadata import load_image
+from .mounts import overlay_mounts
 
 
 def referenced_layers(store: Store) -> set[str]:
@@ -44,26 +45,11 @@ def mounted_layers(store: Store) -> set[str]:
             seen_ns.add(ns)
         except OSError:
             continue
-    prefixes = {str(store.layers.resolve()) + "/", os.path.abspath(store.layers) + "/"}
+    prefix = os.path.realpath(store.layers) + "/"
     out: set[str] = set()
     for text in texts:
-        for line in text.splitlines():
-            parts = line.split(" ")
-            try:
-                sep = parts.index("-")
-            except ValueError:
-                continue
-            if len(parts) < sep + 4 or parts[sep + 1] != "overlay":
-                continue
-            opts = ",".join(parts[sep + 3:]) + "," + ",".join(parts[5:sep])
-            for opt in opts.split(","):
-                if not opt.startswith("lowerdir="):
-                    continue
-                for low in opt[len("lowerdir="):].split(":"):
-                    low = _unescape(low)
-                    for prefix in prefixes:
-                        if low.startswith(prefix):
-                            out.add(low[len(prefix):].split("/", 1)[0])
+        for _, lowers in overlay_mounts(text):
+            out.update(low[len(prefix):].split("/", 1)[0] for low in lowers if low.startswith(prefix))
     return out
 
 
@@ -86,7 +72,3 @@ def collect(store: Store) -> list[str]:
             # The lock file stays: a waiter may hold the old inode, and a new file would let a
             # second builder in beside it.
     return removed
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
