@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from integration.procs import stop_group
 from integration.registry import Registry
 
 # Bump when the writer or an image's contents change in a way the input hash cannot see.
@@ -614,16 +614,7 @@ class Containerd:
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after a bounded wait."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            proc.wait(timeout=10)
+        stop_group(proc, 10)
 
 
 def _podman_zstd_chunked(

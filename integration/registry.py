@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from integration.procs import stop_group
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -175,16 +176,7 @@ class Registry:
     def _kill(self) -> None:
         """Terminate the registry's process group and reap it (SIGKILL after a bounded wait)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            proc.wait(timeout=5)
+        stop_group(proc, 5)
 
     def stop(self) -> None:
         """Stop the registry and delete its storage and logs. Safe to call twice."""
