@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 import tarfile
 import zlib
 
-from .toc import MAX_CHUNK_SIZE, TOC_TAR_NAME, FormatError, Toc, build_toc
+from .toc import MAX_CHUNK_SIZE, TOC_TAR_NAME, FormatError, Toc, build_toc, load_toc_document
 
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
@@ -122,16 +121,7 @@ def toc_digest(toc_json: bytes) -> str:
 
 def parse_toc(toc_json: bytes, toc_offset: int) -> Toc:
     """Parse eStargz TOC JSON into a validated `Toc`; payloads end at `toc_offset`."""
-    try:
-        doc = json.loads(toc_json)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"TOC is not JSON: {str(e)[:100]}") from e
-    if not isinstance(doc, dict):
-        raise FormatError("TOC is not a JSON object")
-    version = doc.get("version")
-    if version != 1:
-        raise FormatError(f"unsupported TOC version {str(version)[:20]!r}")
-    return build_toc(doc.get("entries"), toc_offset)
+    return build_toc(load_toc_document(toc_json, "TOC").get("entries"), toc_offset)
 
 
 def decode_member(data: bytes, inner_offset: int, size: int) -> bytes:

@@ -188,6 +188,21 @@ def _xattrs(d: dict) -> dict[str, bytes]:
     return out
 
 
+def load_toc_document(toc_json: bytes, what: str) -> dict:
+    """The TOC JSON object of either format (version 1), or a clean FormatError."""
+    import json
+
+    try:
+        doc = json.loads(toc_json)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{what} is not JSON: {str(e)[:100]}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    if doc.get("version") != 1:
+        raise FormatError(f"unsupported {what} version {str(doc.get('version'))[:20]!r}")
+    return doc
+
+
 def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
     """Validate raw JSON TOC entries (eStargz or zstd:chunked) into a `Toc`.
 

@@ -22,14 +22,13 @@ in, objects out.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import struct
 from dataclasses import dataclass
 
 import zstandard
 
-from .toc import MAX_CHUNK_SIZE, Chunk, FormatError, Toc, build_toc
+from .toc import MAX_CHUNK_SIZE, Chunk, FormatError, Toc, build_toc, load_toc_document
 
 CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
 POSITION_ANNOTATION = "io.github.containers.zstd-chunked.manifest-position"
@@ -254,15 +253,7 @@ def tarsplit_digest(toc_json: bytes) -> str | None:
 
 
 def _load(toc_json: bytes) -> dict:
-    try:
-        doc = json.loads(toc_json)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"zstd:chunked manifest is not JSON: {str(e)[:100]}") from e
-    if not isinstance(doc, dict):
-        raise FormatError("zstd:chunked manifest is not a JSON object")
-    if doc.get("version") != 1:
-        raise FormatError(f"unsupported zstd:chunked manifest version {str(doc.get('version'))[:20]!r}")
-    return doc
+    return load_toc_document(toc_json, "zstd:chunked manifest")
 
 
 def decode_frame(data: bytes, inner_offset: int, size: int) -> bytes:
