@@ -54,18 +54,23 @@ class LazyRoot:
             return None
         return filler, idx
 
-    def fill_path(self, root_fd: int, path: str) -> bool:
-        """Fill the file at `path` inside the rootfs open at root_fd; True if it was filled."""
-        from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, openat2
+    def lookup_path(self, root_fd: int, path: bytes) -> tuple[LayerFiller, int] | None:
+        """The unfilled placeholder at `path` inside the rootfs open at root_fd, or None
+        (also when there is nothing there)."""
+        from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
         try:
-            fd = openat2(root_fd, path.encode(), O_PATH, RESOLVE_IN_ROOT)
+            fd = openat2(root_fd, path, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
         except OSError:
-            return False
+            return None
         try:
-            hit = self.lookup(os.fstat(fd))
+            return self.lookup(os.fstat(fd))
         finally:
             os.close(fd)
+
+    def fill_path(self, root_fd: int, path: str) -> bool:
+        """Fill the file at `path` inside the rootfs open at root_fd; True if it was filled."""
+        hit = self.lookup_path(root_fd, path.encode())
         if hit is None:
             return False
         hit[0].fill(hit[1])

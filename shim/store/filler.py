@@ -114,9 +114,6 @@ class LayerFiller:
             self._source = self._source_factory()
         return self._source
 
-    def is_filled(self, idx: int) -> bool:
-        return self.filled[idx] != 0
-
     def fill(self, idx: int) -> None:
         """Make entry `idx` complete on disk; returns when it is (or raises FillError)."""
         self._fill(idx, None, wait=True)

@@ -61,7 +61,6 @@ class Supervisor:
         self.stats_path = stats_path
         self.log = log
         self._active = 0
-        self._seen_fd = False
         self._lock = threading.Lock()
         self.done = threading.Event()
         self._ondemand = 0
@@ -101,7 +100,6 @@ class Supervisor:
     def add_fd(self, fd: int) -> None:
         with self._lock:
             self._active += 1
-            self._seen_fd = True
         self._started.set()
         threading.Thread(target=self._notify_loop, args=(fd,), daemon=True).start()
 
@@ -196,14 +194,7 @@ class Supervisor:
         pending = []
         try:
             for p in paths:  # fetched alongside the exec chain, not one round trip after another
-                try:
-                    fd = openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-                except OSError:
-                    continue
-                try:
-                    hit = self.root.lookup(os.fstat(fd))
-                finally:
-                    os.close(fd)
+                hit = self.root.lookup_path(root_fd, p.encode())
                 if hit is not None:
                     pending.append(self.pool.submit(self._fill, *hit))
             for p in exec_candidates:
@@ -313,20 +304,13 @@ class Supervisor:
     def fill_exec_chain(self, root_fd: int, full: bytes, cwd: bytes = b"/") -> None:
         """Fill an executable and the ELF/#! interpreter chain the kernel will open itself."""
         for _ in range(MAX_DEPTH):
-            try:
-                pfd = openat2(root_fd, full, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except OSError:
-                return  # the kernel will report ENOENT itself
-            try:
-                hit = self.root.lookup(os.fstat(pfd))
-            finally:
-                os.close(pfd)
+            hit = self.root.lookup_path(root_fd, full)
             if hit is not None:
                 self._fill(*hit)
             try:
                 fd = openat2(root_fd, full, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
             except OSError:
-                return
+                return  # nothing there: the kernel will report it itself
             try:
                 head = os.pread(fd, HEADER_READ, 0)
                 found = interpreter(head)
