@@ -7,6 +7,9 @@ a wire format.  Keep this the only door between the two.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LazyshimError
@@ -36,6 +39,54 @@ def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
     """The image's placeholder trees, bottom layer first."""
     return [store.layer_dir(d) / "tree" for d in image.layers]
+
+
+@dataclass(frozen=True)
+class FillResult:
+    """What a full fill did: files written now (not those already filled) and bytes moved."""
+
+    files_filled: int
+    bytes_fetched: int
+    seconds: float
+
+
+# progress(files done, files to do, bytes fetched so far), called before every range request
+# and once at the end.
+FillProgress = Callable[[int, int, int], None]
+
+
+def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
+               progress: FillProgress | None = None) -> FillResult:
+    """Fill every file of an image (or of these layer digests) now, verified, in coalesced
+    range requests; the one door for `lazyshim fetch` and for containers that must start
+    complete.  Raises LazyshimError naming the first file that could not be filled (files
+    that failed stay empty placeholders: an open or a later fill retries them)."""
+    from .lazyroot import LazyRoot
+
+    if isinstance(image_or_layers, ImageRecord):
+        label, layers = image_or_layers.name, image_or_layers.layers
+    else:
+        label, layers = "image", list(image_or_layers)
+    root = LazyRoot(store, layers)
+    plan = root.prefetch_plan(everything=True)
+    total = sum(1 for f, indices, _ in plan for i in indices if not f.filled[i])
+    t0 = time.monotonic()
+    errors: list[str] = []
+
+    def report() -> None:
+        if progress is not None:
+            st = root.stats()
+            progress(st["files_filled"], total, st["bytes_fetched"])
+
+    for filler, indices, _ in plan:
+        filler.prefetch(indices, report, max_request=8 << 20)
+        errors += filler.errors
+    report()
+    if errors or not root.complete():
+        first = errors[0] if errors else "files remain unfilled"
+        raise LazyshimError(f"{label}: {len(errors)} files could not be fetched; first: {first}")
+    st = root.stats()
+    return FillResult(st["files_filled"], st["bytes_fetched"], time.monotonic() - t0)
 
 
 def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str) -> tuple[int, int]:
