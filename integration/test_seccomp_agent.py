@@ -22,7 +22,8 @@ import pytest
 
 from integration.seccomp_agent import SeccompAgent
 from integration.test_lazy_run import LAZYSHIM
-from integration.test_runtime_cli import RANDOM_SHA, RUNC, Runtime, Store, bundle
+from integration.test_runtime_cli import LAZYSHIM as LAZYSHIM_BIN
+from integration.test_runtime_cli import RANDOM_SHA, RUN_FLAGS, RUNC, Runtime, Store, bundle, sh
 from runtime.paths import oci_state_dir
 
 HELLO_SHA = hashlib.sha256(b"hello from the app layer\n").hexdigest()
@@ -172,3 +173,23 @@ def test_lazyshim_run_with_an_agent_profile(tmp_path: Path, images: dict[str, st
     pfile.write_text(json.dumps(agent_profile(tmp_path / "gone.sock")))
     p = lazyshim(store, "run", "--rm", *opts, ref, "true", check=False)
     assert p.returncode == 1 and "failed to connect with seccomp agent" in p.stderr, p.stderr
+
+
+def test_podman_lazy_rootfs_keeps_the_users_agent(tmp_path: Path, busybox: Store, agent: SeccompAgent,
+                                                  short_dir: Path) -> None:
+    """podman puts the profile's listenerPath into the bundle it hands to `--runtime lazyshim`."""
+    rootfs = busybox.rootfs(tmp_path / "c")
+    pfile = tmp_path / "profile.json"
+    pfile.write_text(json.dumps(agent_profile(agent.path)))
+    top = short_dir / "podman"
+    podman = ["podman", "--root", str(top / "root"), "--runroot", str(top / "run"), "--storage-driver", "vfs",
+              "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime", LAZYSHIM_BIN]
+    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}
+    try:
+        p = sh(*podman, *RUN_FLAGS, "--security-opt", f"seccomp={pfile}", "--rootfs", str(rootfs),
+               "sh", "-c", SCRIPT, env=env)
+    finally:
+        sh(*podman, "rm", "--all", "--force")
+    assert (p.returncode, p.stdout.splitlines()) == (0, EXPECTED), p.stderr
+    assert agent.faked >= 1 and len(agent.states) == 1
+    assert _layers_complete(busybox)
