@@ -147,6 +147,9 @@ def test_annotation_bundle_keeps_the_users_agent(tmp_path: Path, images: dict[st
     b = agent_bundle(tmp_path, empty, agent_profile(agent.path),
                      annotations={"run.lazyshim.image": images["busybox:esgz"]})
     r = Runtime(rt.root, env=dict(rt.env, LAZYSHIM_ROOT=str(tmp_path / "store")))
+    p = r("run", "--bundle", str(b), "an0", env=dict(r.env, LAZYSHIM_AGENT_POLICY="refuse"))
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert os.listdir(empty) == [] and not Path(oci_state_dir(str(rt.root), "an0")).exists(), "nothing left"
     p = r("run", "--bundle", str(b), "an1")
     assert (p.returncode, p.stdout.splitlines()) == (0, EXPECTED), p.stderr
     assert agent.faked >= 1 and [s["state"]["id"] for s in agent.states] == ["an1"]
@@ -169,6 +172,10 @@ def test_lazyshim_run_with_an_agent_profile(tmp_path: Path, images: dict[str, st
     assert p.stdout.splitlines() == EXPECTED, p.stderr
     assert agent.faked >= 1 and len(agent.states) == 1
     assert sum(WARNING in line for line in p.stderr.splitlines()) == 1, p.stderr
+    # The image is complete now: nothing to refuse, the agent answers again.
+    p = lazyshim(store, "run", "--rm", *opts, ref, "sh", "-c", SCRIPT, env={"LAZYSHIM_AGENT_POLICY": "refuse"})
+    assert p.stdout.splitlines() == EXPECTED and len(agent.states) == 2, p.stderr
+    assert WARNING not in p.stderr
     # A missing listener: runc's own failure and exit code, after the fill.
     pfile.write_text(json.dumps(agent_profile(tmp_path / "gone.sock")))
     p = lazyshim(store, "run", "--rm", *opts, ref, "true", check=False)

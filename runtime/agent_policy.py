@@ -56,10 +56,10 @@ def complete_for_agent(config: dict, reason: str, store_root: Path, layers: list
     from shim import api
     from shim.lazyroot import layers_complete
 
-    check_allowed(config, reason, what)
     store = api.open_store(Path(store_root))
     if layers_complete(store, layers):
-        return  # nothing to fetch: the container runs natively anyway
+        return  # nothing to fetch: the container runs natively under either policy
+    check_allowed(config, reason, what)
     print(f"lazyshim: warning: {what}: {reason}; a seccomp filter has one listener, so the image is "
           "fetched in full before the container starts and runs without lazyshim's supervisor",
           file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ supervisor: its image is filled in full first (or refused), its profile is never
 and an overlay bundle then passes through exactly as any other.
 
 The caller's config.json is never modified: the patched copy (seccomp NOTIFY rule and
-listenerPath, root.path and relative bind sources made absolute) goes to STATE/bundle/.
+listenerPath unless the profile has its own agent, root.path and relative bind sources made
+absolute) goes to STATE/bundle/.
 """
 
 from __future__ import annotations
@@ -110,17 +111,15 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
     state.mkdir(parents=True, mode=0o700)
     try:
         config = found.config
-        what = f"container {container_id}"
         reason = agent_policy.foreign_reason(config)
-        if reason is not None:
-            agent_policy.check_allowed(config, reason, what)  # before mounting anything
         store_root, layers = found.store_root, found.layers
         if found.image is not None:
             store_root, layers = _mount_image(found, container_id, state)
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
         if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
-            agent_policy.complete_for_agent(config, reason, Path(store_root), list(layers), what)
+            agent_policy.complete_for_agent(config, reason, Path(store_root), list(layers),
+                                            f"container {container_id}")
         else:
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state)
         private = state / "bundle"
