@@ -101,14 +101,15 @@ class SeccompAgent:
                 n = notifier.recv()
                 if n is None:
                     continue
+                # Counted before answering: once the container has seen the answer, the count is there.
                 if n.nr in FAKED:
-                    notifier.fail(n.id, 0)  # error 0, no CONTINUE flag: the call returns 0, does nothing
                     with self._lock:
                         self.faked += 1
+                    notifier.fail(n.id, 0)  # error 0, no CONTINUE flag: the call returns 0, does nothing
                 else:
-                    notifier.allow(n.id)
                     with self._lock:
                         self.continued += 1
+                    notifier.allow(n.id)
         finally:
             notifier.close()
 

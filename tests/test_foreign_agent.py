@@ -102,3 +102,15 @@ def test_refuse_is_one_line_naming_the_reason(monkeypatch: pytest.MonkeyPatch) -
     assert "\n" not in msg and "container c1" in msg and "own agent" in msg and "refuse" in msg
     monkeypatch.setenv(POLICY_ENV, "fill")
     check_allowed({}, "reason", "container c1")  # no error
+
+
+def test_fill_progress_prints_a_line_per_tenth(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.agent_policy import _Progress
+
+    p = _Progress()
+    for done in range(0, 101):
+        p(done, 100, done * 1000)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 9 and lines[0] == "lazyshim: fetching the image: 10/100 files, 0.0 MB"
+    p(0, 0, 0)  # nothing to do: no line, no division by zero
+    assert capsys.readouterr().err == ""
