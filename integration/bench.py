@@ -249,8 +249,9 @@ class Bench:
                 else:
                     conf = d / "storage.conf"
                     conf.write_text(podman_storage_conf(d / "root", d / "rr", partial=partial))
-                base = ["podman", "--runtime", find_delegate(), "--root", f"{d}/root", "--runroot", f"{d}/rr",
-                        "--storage-driver", "overlay",
+                # Roots and driver come from storage.conf only: podman ignores the conf's [storage.options]
+                # (partial pulls, the layer store) when --root/--runroot/--storage-driver are given.
+                base = ["podman", "--runtime", find_delegate(),
                         "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--tmpdir", f"{d}/tmp"]
                 env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
                 try:

@@ -52,7 +52,8 @@ func registryHosts(plainHTTP []string, timeout time.Duration) source.RegistryHos
 		if local, _ := docker.MatchLocalhost(host); local || plain[host] {
 			scheme = "http"
 		}
-		client := &http.Client{Timeout: timeout}
+		// The fetcher uses Client.Transport directly: it must not be nil.
+		client := &http.Client{Timeout: timeout, Transport: http.DefaultTransport.(*http.Transport).Clone()}
 		return []docker.RegistryHost{{
 			Client:       client,
 			Host:         host,
