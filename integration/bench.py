@@ -79,6 +79,8 @@ WORKLOADS: dict[str, Workload] = {
                           "-o '-k /tmp -c listen_addresses=' start >/dev/null && "
                           "psql -h /tmp -d postgres -Atc 'select 40+2' && "
                           f"{PG}/pg_ctl -D /tmp/pg -s -m fast -w stop"], "42", user="postgres"),
+    # `make demo`'s image (integration.demo_image): a model server's start-up check.
+    "demo": Workload("demo", ["/app/serve.py", "--check"], "ready"),
 }
 BIG = ("py", "pysci", "gcc", "pg")
 
@@ -481,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from integration.bench_images import register_all
 
             register_all()
+        if "demo" in names:
+            from integration import demo_image
+
+            demo_image.register()
         link = Link.parse(args.link)
         tags = {VARIANTS[v] for v in variants} | ({"esgz"} if args.micro else set())
         print(f"# preparing images {names} {sorted(tags)} and link {link} ...", file=sys.stderr, flush=True)

@@ -701,6 +701,18 @@ def _cache_dir(spec: ImageSpec) -> Path:
     return CACHE_ROOT / f"{spec.name}-{spec.cache_key()}"
 
 
+def cached_layer_sizes(name: str, variant: str) -> list[int]:
+    """Compressed layer sizes of a built ``name:variant`` as cached (what a registry serves), no network."""
+    layout = _cache_dir(SPECS[name]()) / variant
+    try:
+        index = json.loads((layout / "index.json").read_text())
+        digest = index["manifests"][0]["digest"].split(":", 1)[1]
+        manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+        return [int(layer["size"]) for layer in manifest["layers"]]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ImageBuildError(f"{name}:{variant} is not in the cache ({layout}): {exc}") from None
+
+
 def _publish(staging: Path, final: Path) -> None:
     """Move a finished layout into the cache; if a concurrent run got there first, keep theirs."""
     try:
