@@ -70,7 +70,9 @@ demo: deps peers
 	$(PY) -m integration.demo
 
 # Benchmark: the chart needs matplotlib, kept out of the test venv's lock (requirements-bench.lock).
-BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 --variants podman,podman-zstd,lazyshim,lazyshim-zstd \
+# stargz* = the peer (make peers); -opt = `ctr-remote image optimize` images.
+BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 \
+              --variants podman,podman-zstd,lazyshim,lazyshim-zstd,stargz,stargz-opt,lazyshim-opt \
               --micro --json docs/bench/py.json --png docs/bench/py.png
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
