@@ -224,7 +224,20 @@ class Bench:
         if not ok:
             tail = " | ".join(err.strip().splitlines()[-3:])
             raise BenchError(f"{variant} {ref} {wl.cmd}: rc={rc} stdout={out[-200:]!r} stderr: {tail}")
-        return Sample(ttfo, total, self.served(), rc, ok, pull)
+        served = self.served()
+        if variant.startswith("stargz"):
+            self._check_layer_store_used(variant, wl.image, tag_variant)
+        return Sample(ttfo, total, served, rc, ok, pull)
+
+    def _check_layer_store_used(self, variant: str, image: str, tag: str) -> None:
+        """podman falls back to a full pull, silently, when the layer store cannot serve a layer:
+        then a layer blob was sent whole (stargz-store itself reads ranges only)."""
+        sizes = set(images.cached_layer_sizes(image, tag, self.optimize.get(image)))
+        whole = [e for e in self.registry.access_log()
+                 if e.method == "GET" and e.status == 200 and e.blob_digest and e.size in sizes]
+        if whole:
+            raise BenchError(f"{variant}: podman downloaded {len(whole)} whole layer(s) itself, "
+                             "so stargz-store did not serve them")
 
     @contextlib.contextmanager
     def _lazyshim_root(self, memory: bool = False) -> Iterator[dict[str, str]]:

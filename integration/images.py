@@ -701,9 +701,18 @@ def _cache_dir(spec: ImageSpec) -> Path:
     return CACHE_ROOT / f"{spec.name}-{spec.cache_key()}"
 
 
-def cached_layer_sizes(name: str, variant: str) -> list[int]:
+def _layout_dir(cdir: Path, variant: str, optimize: OptimizeRun | None) -> Path:
+    """Where a variant's layout is cached; an optimized image per workload it was optimized for."""
+    if variant != OPTIMIZED:
+        return cdir / variant
+    if optimize is None:
+        raise ImageBuildError(f"{cdir.name}:{OPTIMIZED} needs the workload it is optimized for")
+    return cdir / f"{variant}-{optimize.key()}"
+
+
+def cached_layer_sizes(name: str, variant: str, optimize: OptimizeRun | None = None) -> list[int]:
     """Compressed layer sizes of a built ``name:variant`` as cached (what a registry serves), no network."""
-    layout = _cache_dir(SPECS[name]()) / variant
+    layout = _layout_dir(_cache_dir(SPECS[name]()), variant, optimize)
     try:
         index = json.loads((layout / "index.json").read_text())
         digest = index["manifests"][0]["digest"].split(":", 1)[1]
@@ -786,7 +795,7 @@ def build_and_push(
                 refs[key] = f"{host}/{name}:{variant}"
                 if variant == "legacy":
                     continue
-                layout = cdir / (f"{variant}-{optimize[name].key()}" if variant == OPTIMIZED else variant)
+                layout = _layout_dir(cdir, variant, optimize.get(name))
                 if layout.is_dir():
                     skopeo_copy(f"oci:{layout}:{variant}", f"docker://{refs[key]}", penv, prefix=prefix)
                     stats.from_cache.append(key)

@@ -1,11 +1,16 @@
-"""The benchmark table: every variant of one run in one table, with ratios to the floor and the peer."""
+"""The benchmark harness without a link: the table (every variant of a run, ratios to the floor and the
+peer) and the check that the peer really served its layers."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from integration.bench import Result, Sample, table
+import pytest
+
+from integration import images
+from integration.bench import Bench, BenchError, Result, Sample, table
 from integration.netem import Link
+from integration.registry import AccessLogEntry
 
 
 def _result(variant: str, exit_s: float, nbytes: int = 10_000_000) -> Result:
@@ -24,3 +29,17 @@ def test_ratios_to_floor_and_to_the_matching_stargz_variant() -> None:
     assert cells["podman"][6] == "1.0×" and cells["lazyshim"][6] == "4.0×"
     assert cells["floor"][-2:] == ["1.00", "0.25 "]
     assert "failed: …boom/x" in cells["lazyshim-zstd"][2]
+
+
+def test_a_silent_fallback_to_a_full_pull_fails_the_stargz_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = "/v2/py/blobs/sha256:" + "a" * 64
+    log = [AccessLogEntry("GET", "/v2/py/blobs/sha256:" + "c" * 64, 200, 554),  # the config
+           AccessLogEntry("GET", layer, 206, 4096)]  # ranges: what stargz-store reads
+    bench = Bench.__new__(Bench)
+    bench.optimize = {}
+    bench.registry = SimpleNamespace(access_log=lambda: log)  # type: ignore[assignment]
+    monkeypatch.setattr(images, "cached_layer_sizes", lambda name, tag, opt=None: [10_000_000])
+    bench._check_layer_store_used("stargz", "py", "esgz")
+    log.append(AccessLogEntry("GET", layer, 200, 10_000_000))  # podman pulled the layer itself
+    with pytest.raises(BenchError, match="did not serve"):
+        bench._check_layer_store_used("stargz", "py", "esgz")

@@ -3,8 +3,8 @@
 //
 // Why our own main: Debian ships the package sources (golang-github-containerd-stargz-snapshotter-dev)
 // but not the stargz-store command, and the Makefile builds everything offline in GOPATH mode.
-// Only what a loopback, credential-free registry needs is wired: a TOML config (fs/config plus
-// resolver mirrors), the in-memory metadata store and the mount. It exits cleanly (unmounting) on
+// Only what a loopback, credential-free registry needs is wired: a TOML config (fs/config plus the
+// plain-HTTP registries), the in-memory metadata store and the mount. It exits cleanly (unmounting) on
 // SIGINT or SIGTERM.
 //
 //	stargz-store -root DIR [-config FILE] [-log-level LEVEL] MOUNTPOINT
@@ -46,14 +46,15 @@ func registryHosts(plainHTTP []string, timeout time.Duration) source.RegistryHos
 	for _, h := range plainHTTP {
 		plain[h] = true
 	}
+	// One keep-alive pool for every layer. The fetcher uses Client.Transport directly: never nil.
+	transport := http.DefaultTransport.(*http.Transport).Clone()
 	return func(ref reference.Spec) ([]docker.RegistryHost, error) {
 		host := ref.Hostname()
 		scheme := "https"
 		if local, _ := docker.MatchLocalhost(host); local || plain[host] {
 			scheme = "http"
 		}
-		// The fetcher uses Client.Transport directly: it must not be nil.
-		client := &http.Client{Timeout: timeout, Transport: http.DefaultTransport.(*http.Transport).Clone()}
+		client := &http.Client{Timeout: timeout, Transport: transport}
 		return []docker.RegistryHost{{
 			Client:       client,
 			Host:         host,
