@@ -138,3 +138,76 @@ def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field:
         if (name is not None and parts[0] == name) or (uid is not None and parts[2] == str(uid)):
             return int(parts[field]) if parts[field].isdigit() else None
     return None
+
+
+def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
+                      manifest_digest: str | None = None) -> Path | None:
+    """The lazy tree (an overlay lower dir) of one layer of `image_ref`, built now if needed;
+    None when the layer has no verifiable index (containerd must unpack it itself).
+
+    For callers that know a layer only by name (a containerd snapshotter sees the image
+    reference and the layer digest as labels): the layer's descriptor, and so its TOC
+    digest, comes from the registry's digest-checked manifest (pinned to `manifest_digest`
+    when given), never from the caller's hints.  Raises LazyshimError when the registry
+    cannot be reached or the layer is not in that manifest."""
+    from .pull import ensure_layer, layer_format
+    from .registry.reference import parse_reference
+    from .sources import new_client
+    from .store.layout import digest_dirname
+
+    digest_dirname(layer_digest)  # a digest, not a path
+    ref = parse_reference(image_ref)
+    final = store.layer_dir(layer_digest)
+    if (final / "meta.cbor").exists():
+        return final / "tree"
+    store.ensure()
+    with new_client(ref.registry) as client:
+        manifest = client.get_manifest(ref.repository, manifest_digest or ref.digest or ref.tag or "latest")
+        desc = next((d for d in manifest.layers if d.digest == layer_digest), None)
+        if desc is None:
+            raise LazyshimError(f"{image_ref}: manifest {manifest.digest[:19]} has no layer {layer_digest[:19]}")
+        if layer_format(desc) == "legacy":
+            return None
+        with store.lock("gc", shared=True):
+            ensure_layer(store, client, ref, desc)
+    return final / "tree"
+
+
+def layer_lowerdir(store: Store, layer_digest: str) -> Path:
+    """Where a built layer's tree is (an overlay lower dir); LazyshimError if it is not built."""
+    tree = store.layer_dir(layer_digest) / "tree"
+    if not (tree.parent / "meta.cbor").exists():
+        raise LazyshimError(f"layer {layer_digest[:19]} is not in the store {store.root}")
+    return tree
+
+
+def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
+    """Every file of these layers is filled (reads of their trees need no supervisor)."""
+    from .lazyroot import layers_complete
+
+    return layers_complete(store, layer_digests)
+
+
+def release_layers(store: Store, layer_digests: list[str]) -> list[str]:
+    """Delete these layers from the store unless an image record lists them or a mount uses
+    them; returns the digests deleted.  For owners outside the image records (a containerd
+    snapshotter) that hold layers only while their own snapshots need them."""
+    import shutil
+
+    from .store.gc import mounted_layers, referenced_layers
+    from .store.layout import digest_dirname
+
+    removed: list[str] = []
+    with store.lock("gc"):
+        keep = referenced_layers(store) | mounted_layers(store)
+        for digest in layer_digests:
+            name = digest_dirname(digest)
+            d = store.layers / name
+            if name in keep or not d.is_dir():
+                continue
+            with store.lock(name):
+                trash = store.tmp / f"gc-{name}.{os.getpid()}"
+                os.rename(d, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(digest)
+    return removed
