@@ -101,9 +101,17 @@ class Node:
             raise AssertionError(f"ctr {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-1500:]}")
         return p
 
-    def snapshot_keys(self) -> set[str]:
-        out = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()
-        return {line.split()[0] for line in out[1:] if line.strip()}
+    def snapshot_keys(self, timeout: float = 60) -> set[str]:
+        """Keys containerd lists.  Right after a snapshotter restart containerd's connection
+        is in its reconnect back-off and answers Unavailable: ask again until it is back."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False)
+            if p.returncode == 0:
+                return {line.split()[0] for line in p.stdout.splitlines()[1:] if line.strip()}
+            if "unavailable" not in p.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"ctr snapshots ls failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+            time.sleep(0.2)
 
     def state(self) -> dict:
         return json.loads((self.snap_root / "state.json").read_text())
@@ -191,6 +199,43 @@ def test_restart_keeps_snapshots(node: Node, pulled: dict) -> None:
     p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
                  pulled["ref"], "lazy-run-2", "/usr/bin/python3", "-c", "print('again')")
     assert p.stdout == "again\n"
+
+
+def _layer_digests(ref: str) -> list[dict]:
+    host, _, name_tag = ref.partition("/")
+    name, _, tag = name_tag.rpartition(":")
+    return fetch_manifest(host, name, tag)["layers"]
+
+
+def test_rpull_of_zstd_chunked_is_lazy_and_runs(node: Node, pulled: dict, images: dict[str, str],
+                                                registry: Registry) -> None:
+    ref = images["python:zstdchunked"]
+    registry.clear_access_log()
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    for layer in _layer_digests(ref):
+        reqs = registry.blob_requests(layer["digest"])
+        assert reqs and all(r.status == 206 for r in reqs), f"layer {layer['digest'][:19]}: {reqs}"
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 ref, "lazy-zstd", "/usr/bin/python3", "-c", SCRIPT, FILES[1])
+    assert p.stdout.splitlines()[1] == f"{FILES[1]} {_sha256(FILES[1])}"
+    node.ctr("image", "rm", "--sync", ref)
+
+
+def test_a_layer_without_index_is_unpacked_by_containerd(node: Node, pulled: dict, images: dict[str, str],
+                                                         registry: Registry) -> None:
+    """Without rpull's labels (a plain `ctr image pull`) and without an index, containerd
+    downloads and unpacks into our snapshot dirs, as with its overlayfs snapshotter."""
+    ref = images["busybox:legacy"]
+    registry.clear_access_log()
+    node.ctr("image", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    for layer in _layer_digests(ref):
+        assert any(r.status == 200 for r in registry.blob_requests(layer["digest"])), "no full GET"
+        assert not (node.store / "layers" / layer["digest"].replace(":", "-")).exists()
+    assert {s["layer"] for s in node.state()["snapshots"].values() if s["layer"]} == set(pulled["layers"])
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 ref, "legacy-run", "/bin/busybox", "cat", "/etc/passwd")
+    assert p.stdout.startswith("root:")
+    node.ctr("image", "rm", "--sync", ref)
 
 
 def test_image_removal_frees_snapshots_and_layers(node: Node, pulled: dict) -> None:
