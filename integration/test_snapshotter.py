@@ -57,10 +57,11 @@ class Node:
 
     def start_snapshotter(self) -> None:
         log = self.dir / "snapshotter.log"
-        env = dict(os.environ, LAZYSHIM_ROOT=str(self.store))
+        env = dict(os.environ, LAZYSHIM_ROOT=str(self.dir / "not-this-store"))  # --store wins
         with open(log, "ab") as f:
             self.snapshotter = subprocess.Popen(
-                [str(LAZYSHIM_BIN), "snapshotter", "--address", str(self.snap_sock), "--root", str(self.snap_root)],
+                [str(LAZYSHIM_BIN), "snapshotter", "--address", str(self.snap_sock), "--root", str(self.snap_root),
+                 "--store", str(self.store)],
                 env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
         _wait_for_socket(self.snap_sock, self.snapshotter, log, "lazyshim snapshotter")
 

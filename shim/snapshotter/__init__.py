@@ -10,11 +10,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("snapshotter", help="serve a containerd proxy snapshotter that makes layers lazy",
                        description="Serve containerd's snapshots API on a unix socket.  containerd config: "
                        '[proxy_plugins.lazyshim] type = "snapshot" address = "SOCK".  Lazy layers live in '
-                       "the lazyshim store ($LAZYSHIM_ROOT or --store).")
+                       "a lazyshim store of its own, ROOT/store unless --store names another.")
     p.add_argument("--address", required=True, metavar="SOCK", help="unix socket to listen on")
     p.add_argument("--root", default=DEFAULT_ROOT, metavar="DIR",
                    help=f"snapshot state and dirs (default {DEFAULT_ROOT})")
-    p.add_argument("--store", default=None, metavar="DIR", help="the lazyshim store (default: $LAZYSHIM_ROOT)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="the lazyshim store for lazy layers (default ROOT/store; sharing the store of "
+                   "`lazyshim pull` lets `lazyshim rmi` collect layers of unmounted snapshots)")
     p.set_defaults(func=cmd_snapshotter)
 
 
@@ -23,5 +25,6 @@ def cmd_snapshotter(args) -> int:
 
     from .server import serve
 
-    serve(Path(args.address), Path(args.root), Path(args.store) if args.store else None)
+    root = Path(args.root)
+    serve(Path(args.address), root, Path(args.store) if args.store else root / "store")
     return 0

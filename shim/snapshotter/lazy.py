@@ -48,7 +48,7 @@ def layer_source(labels: dict[str, str]) -> LayerSource | None:
 class StoreLayers:
     """The lazyshim store, as the snapshotter needs it: build, find, fill and free layers."""
 
-    def __init__(self, store_root: Path | None = None) -> None:
+    def __init__(self, store_root: Path) -> None:
         from .. import api
 
         self.store = api.open_store(store_root)

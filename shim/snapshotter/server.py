@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import LazyshimError
 
 
-def serve(address: Path, root: Path, store_root: Path | None = None) -> None:
+def serve(address: Path, root: Path, store_root: Path) -> None:
     from .lazy import StoreLayers
     from .service import SnapshotService, make_server
     from .snapshots import Snapshots
