@@ -157,9 +157,8 @@ def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
 
     digest_dirname(layer_digest)  # a digest, not a path
     ref = parse_reference(image_ref)
-    final = store.layer_dir(layer_digest)
-    if (final / "meta.cbor").exists():
-        return final / "tree"
+    if _layer_built(store, layer_digest):
+        return store.layer_dir(layer_digest) / "tree"
     store.ensure()
     with new_client(ref.registry) as client:
         manifest = client.get_manifest(ref.repository, manifest_digest or ref.digest or ref.tag or "latest")
@@ -170,15 +169,19 @@ def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
             return None
         with store.lock("gc", shared=True):
             ensure_layer(store, client, ref, desc)
-    return final / "tree"
+    return store.layer_dir(layer_digest) / "tree"
 
 
 def layer_lowerdir(store: Store, layer_digest: str) -> Path:
     """Where a built layer's tree is (an overlay lower dir); LazyshimError if it is not built."""
-    tree = store.layer_dir(layer_digest) / "tree"
-    if not (tree.parent / "meta.cbor").exists():
+    if not _layer_built(store, layer_digest):
         raise LazyshimError(f"layer {layer_digest[:19]} is not in the store {store.root}")
-    return tree
+    return store.layer_dir(layer_digest) / "tree"
+
+
+def _layer_built(store: Store, layer_digest: str) -> bool:
+    """A layer is built once its metadata is in place (it is renamed in last)."""
+    return (store.layer_dir(layer_digest) / "meta.cbor").exists()
 
 
 def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:

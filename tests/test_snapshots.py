@@ -284,3 +284,31 @@ def test_cleanup_releases_lazy_layers_no_snapshot_uses(client: Client, layers: F
     client.call("Remove", key="chain1")
     client.call("Cleanup")
     assert layers.released == [LAYER]
+
+
+def test_wire_format_matches_containerds_field_numbers() -> None:
+    info = proto.Info(name="n", parent="p", kind=proto.COMMITTED, labels={"k": "v"})
+    info.created_at.seconds = 1
+    assert info.SerializeToString() == b"\n\x01n\x12\x01p\x18\x03\"\x02\x08\x01\x32\x06\n\x01k\x12\x01v"
+    req = proto.MESSAGES["UpdateSnapshotRequest"](snapshotter="s", info=proto.Info(name="n"),
+                                                  update_mask={"paths": ["labels.a"]})
+    assert req.SerializeToString() == b"\n\x01s\x12\x03\n\x01n\x1a\x0a\n\x08labels.a"
+    mount = proto.Mount(type="overlay", source="overlay", options=["ro"])
+    resp = proto.MESSAGES["MountsResponse"](mounts=[mount]).SerializeToString()
+    assert resp == b"\n\x16\n\x07overlay\x12\x07overlay\x22\x02ro"
+    usage = proto.MESSAGES["UsageResponse"].FromString(b"\x08\x80\x01\x10\x05")
+    assert (usage.size, usage.inodes) == (128, 5)
+
+
+def test_an_unreachable_registry_or_a_hostile_label_means_containerd_unpacks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from shim.snapshotter.lazy import LayerSource, StoreLayers
+
+    monkeypatch.setenv("LAZYSHIM_REGISTRY_RETRIES", "0")
+    layers = StoreLayers(tmp_path / "store")
+    assert layers.ensure(LayerSource("t", "127.0.0.1:1/img:tag", LAYER, None)) is None
+    assert layers.ensure(LayerSource("t", "127.0.0.1:1/img:tag", "../../etc", None)) is None
+    assert layers.ensure(LayerSource("t", "not a reference", LAYER, None)) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("lazyshim: snapshotter: layer ") for line in err)
+    assert list((tmp_path / "store" / "layers").iterdir()) == []

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LazyshimError
+from ..formats.toc import FormatError
+from ..registry.errors import RegistryError
+
+# What a registry or an image can make go wrong: a pull must survive it (one line, then unpack).
+EXPECTED = (LazyshimError, RegistryError, FormatError, ValueError, OSError)
 
 TARGET_REF = "containerd.io/snapshot.ref"
 STARGZ_REF = "containerd.io/snapshot/remote/stargz.reference"
@@ -60,7 +65,7 @@ class StoreLayers:
 
         try:
             tree = api.ensure_lazy_layer(self.store, src.image_ref, src.layer_digest, src.manifest_digest)
-        except LazyshimError as e:
+        except EXPECTED as e:
             print(f"lazyshim: snapshotter: layer {src.layer_digest[:19]} of {src.image_ref}: {e}; "
                   "containerd unpacks it", file=sys.stderr)
             return None

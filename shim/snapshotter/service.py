@@ -18,7 +18,7 @@ import grpc
 
 from ..errors import LazyshimError
 from . import proto
-from .lazy import LayerSource, layer_source
+from .lazy import EXPECTED, LayerSource, layer_source
 from .snapshots import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotError, Snapshots
 
 _CODES = {
@@ -135,7 +135,7 @@ def _unary(fn: Callable):
             return fn(req)
         except SnapshotError as e:
             context.abort(_CODES[e.code], str(e))
-        except (LazyshimError, OSError) as e:
+        except EXPECTED as e:
             print(f"lazyshim: snapshotter: {fn.__name__}: {e}", file=sys.stderr)
             context.abort(grpc.StatusCode.INTERNAL, str(e))
     return handler
@@ -145,7 +145,7 @@ def _stream(fn: Callable):
     def handler(req, context):
         try:
             yield from fn(req)
-        except (LazyshimError, OSError) as e:
+        except EXPECTED as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
     return handler
 

@@ -223,6 +223,8 @@ class Snapshots:
                 raise SnapshotError("already_exists", f"snapshot {name!r} already exists")
             if parent and parent not in self._snaps:
                 raise SnapshotError("not_found", f"parent snapshot {parent!r} does not exist")
+            if parent and self._snaps[parent].kind != COMMITTED:
+                raise SnapshotError("invalid_argument", f"parent {parent!r} is not a committed snapshot")
             now = time.time()
             self._snaps[name] = Snapshot(id=str(self._next), kind=COMMITTED, parent=parent, labels=dict(labels),
                                          created=now, updated=now, layer=layer)
