@@ -202,6 +202,26 @@ def test_restart_keeps_snapshots(node: Node, pulled: dict) -> None:
     assert p.stdout == "again\n"
 
 
+def test_a_view_of_lazy_layers_has_complete_verified_files(node: Node, pulled: dict, tmp_path: Path) -> None:
+    """No supervisor watches a view's readers: its layers are filled before it is answered."""
+    top = next(k for k, s in node.state()["snapshots"].items() if s["layer"] == pulled["layers"][-1])
+    node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "view", "lazy-view", top)
+    try:
+        from shim import api
+
+        assert api.layers_complete_in(api.open_store(node.store), pulled["layers"]), "a view of unfilled files"
+        target = tmp_path / "view"
+        target.mkdir()
+        cmd = node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "mounts", str(target), "lazy-view").stdout
+        subprocess.run(cmd, shell=True, check=True)
+        try:
+            assert _sha256(str(target / FILES[1].lstrip("/"))) == _sha256(FILES[1])
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "lazy-view")
+
+
 def _layer_digests(ref: str) -> list[dict]:
     host, _, name_tag = ref.partition("/")
     name, _, tag = name_tag.rpartition(":")
