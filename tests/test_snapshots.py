@@ -312,3 +312,13 @@ def test_an_unreachable_registry_or_a_hostile_label_means_containerd_unpacks(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("lazyshim: snapshotter: layer ") for line in err)
     assert list((tmp_path / "store" / "layers").iterdir()) == []
+
+
+def test_serve_refuses_an_address_that_is_not_a_socket_and_leaves_it(tmp_path: Path) -> None:
+    from shim.snapshotter.server import serve
+
+    victim = tmp_path / "important"
+    victim.write_text("keep me")
+    with pytest.raises(LazyshimError, match="not a socket"):
+        serve(victim, tmp_path / "root", tmp_path / "store")
+    assert victim.read_text() == "keep me"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -30,16 +31,16 @@ def serve(address: Path, root: Path, store_root: Path) -> None:
             server.start()
         finally:
             os.umask(old_umask)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        print(f"lazyshim: snapshotter serving {address} (root {root}, store {layers.store.root})",
-              file=sys.stderr, flush=True)
-        stop.wait()
-        server.stop(grace=5).wait()
+        try:
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            print(f"lazyshim: snapshotter serving {address} (root {root}, store {layers.store.root})",
+                  file=sys.stderr, flush=True)
+            stop.wait()
+            server.stop(grace=5).wait()
+        finally:
+            with contextlib.suppress(OSError):
+                address.unlink()
     finally:
         snaps.close()
-        try:
-            address.unlink()
-        except OSError:
-            pass
