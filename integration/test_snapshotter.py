@@ -202,6 +202,52 @@ def test_restart_keeps_snapshots(node: Node, pulled: dict) -> None:
     assert p.stdout == "again\n"
 
 
+# Handshake through two FIFOs in a bind mount: "ready" once running, then wait for "go".
+SURVIVOR = (
+    "import os, select, hashlib, sys\n"
+    "g = os.open('/x/go', os.O_RDONLY | os.O_NONBLOCK)\n"
+    "r = os.open('/x/ready', os.O_WRONLY)\n"
+    "os.write(r, b'r'); os.close(r)\n"
+    "select.select([g], [], [])\n"
+    "print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())\n"
+)
+
+
+def test_a_running_container_survives_a_snapshotter_restart(node: Node, pulled: dict, tmp_path: Path) -> None:
+    import select
+
+    shared = tmp_path / "x"
+    shared.mkdir()
+    os.mkfifo(shared / "go")
+    os.mkfifo(shared / "ready")
+    ready = os.open(shared / "ready", os.O_RDONLY | os.O_NONBLOCK)
+    unread = "/usr/lib/python3.11/json/encoder.py"
+    proc = subprocess.Popen(
+        ["ctr-remote", "--address", str(node.sock), "--namespace", NAMESPACE, "run", "--rm",
+         "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+         "--mount", f"type=bind,src={shared},dst=/x,options=rbind:rw",
+         pulled["ref"], "survivor", "/usr/bin/python3", "-c", SURVIVOR, unread],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        readable, _, _ = select.select([ready], [], [], 120)
+        assert readable and os.read(ready, 1) == b"r", "the container never said it was running"
+        before = _filled(node.store)
+        node.stop_snapshotter()
+        node.start_snapshotter()
+        go = os.open(shared / "go", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(go, b"g")
+        os.close(go)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == _sha256(unread)
+        assert _filled(node.store) > before, "the file was filled before the restart"
+    finally:
+        os.close(ready)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_view_of_lazy_layers_has_complete_verified_files(node: Node, pulled: dict, tmp_path: Path) -> None:
     """No supervisor watches a view's readers: its layers are filled before it is answered."""
     top = next(k for k, s in node.state()["snapshots"].items() if s["layer"] == pulled["layers"][-1])
