@@ -191,26 +191,28 @@ def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
     return layers_complete(store, layer_digests)
 
 
-def release_layers(store: Store, layer_digests: list[str]) -> list[str]:
-    """Delete these layers from the store unless an image record lists them or a mount uses
-    them; returns the digests deleted.  For owners outside the image records (a containerd
-    snapshotter) that hold layers only while their own snapshots need them."""
+def release_unused_layers(store: Store, keep: set[str]) -> list[str]:
+    """Delete every layer of the store that is not in `keep` (digests), not listed by an image
+    record and not a lower dir of a mounted overlay; returns the digests deleted.  For owners
+    outside the image records (a containerd snapshotter) that need layers only while their own
+    snapshots do: a layer left by a crash between building and recording it goes too."""
     import shutil
 
     from .store.gc import mounted_layers, referenced_layers
     from .store.layout import digest_dirname
 
     removed: list[str] = []
+    if not store.layers.is_dir():
+        return removed
     with store.lock("gc"):
-        keep = referenced_layers(store) | mounted_layers(store)
-        for digest in layer_digests:
-            name = digest_dirname(digest)
-            d = store.layers / name
-            if name in keep or not d.is_dir():
+        spared = referenced_layers(store) | mounted_layers(store) | {digest_dirname(d) for d in keep}
+        for d in sorted(store.layers.iterdir()):
+            if d.name in spared or not d.is_dir():
                 continue
-            with store.lock(name):
-                trash = store.tmp / f"gc-{name}.{os.getpid()}"
+            with store.lock(d.name):
+                trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
                 os.rename(d, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-                removed.append(digest)
+                alg, _, hexpart = d.name.partition("-")
+                removed.append(f"{alg}:{hexpart}")
     return removed

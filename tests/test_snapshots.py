@@ -26,12 +26,14 @@ class FakeLayers:
         self.ensured: list[str] = []
         self.filled: list[list[str]] = []
         self.released: list[str] = []
+        self.layers: set[str] = set()
 
     def ensure(self, src):
         self.ensured.append(src.layer_digest)
         if not self.lazy:
             return None
         self.lowerdir(src.layer_digest).mkdir(parents=True, exist_ok=True)
+        self.layers.add(src.layer_digest)
         return src.layer_digest
 
     def lowerdir(self, digest: str) -> Path:
@@ -40,9 +42,11 @@ class FakeLayers:
     def fill(self, digests: list[str]) -> None:
         self.filled.append(list(digests))
 
-    def release(self, digests: list[str]) -> list[str]:
-        self.released += digests
-        return digests
+    def release_unused(self, keep: set[str]) -> list[str]:
+        gone = sorted(self.layers - keep)
+        self.layers -= set(gone)
+        self.released += gone
+        return gone
 
 
 @pytest.fixture
@@ -158,10 +162,9 @@ def test_remove_and_cleanup_leave_only_what_is_recorded(snaps: Snapshots, tmp_pa
     snaps.add_lazy("l", "", {}, LAYER)
     snaps.add_lazy("l2", "", {}, LAYER)
     snaps.remove("l")
-    assert snaps.take_orphan_layers() == []  # l2 still uses it
+    assert snaps.layers_in_use() == {LAYER}  # l2 still uses it
     snaps.remove("l2")
-    assert snaps.take_orphan_layers() == [LAYER]
-    assert snaps.take_orphan_layers() == []
+    assert snaps.layers_in_use() == set()
 
 
 def test_labels_update_as_containerd_does(snaps: Snapshots) -> None:

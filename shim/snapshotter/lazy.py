@@ -83,7 +83,8 @@ class StoreLayers:
         if digests and not api.layers_complete_in(self.store, digests):
             api.fill_image(self.store, digests)
 
-    def release(self, digests: list[str]) -> list[str]:
+    def release_unused(self, keep: set[str]) -> list[str]:
+        """Free the store's layers that no snapshot (`keep`), image or mount uses."""
         from .. import api
 
-        return api.release_layers(self.store, digests)
+        return api.release_unused_layers(self.store, keep)

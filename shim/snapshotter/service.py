@@ -8,7 +8,9 @@ stargz-snapshotter does: containerd then finds the committed snapshot and downlo
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -37,13 +39,48 @@ class Layers(Protocol):
     def ensure(self, src: LayerSource) -> str | None: ...
     def lowerdir(self, digest: str) -> Path: ...
     def fill(self, digests: list[str]) -> None: ...
-    def release(self, digests: list[str]) -> list[str]: ...
+    def release_unused(self, keep: set[str]) -> list[str]: ...
+
+
+class _Gate:
+    """Many Prepares at once, or one Cleanup: a layer built for a Prepare but not yet recorded
+    must not look unused to a Cleanup running beside it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class SnapshotService:
     def __init__(self, snaps: Snapshots, layers: Layers) -> None:
         self.snaps = snaps
         self.layers = layers
+        self._gate = _Gate()
 
     # Each handler takes a request message and returns a reply message (List: an iterator).
 
@@ -53,13 +90,15 @@ class SnapshotService:
         if src is not None and not self.snaps.exists(req.key):
             if self.snaps.exists(src.target):
                 raise SnapshotError("already_exists", f"target snapshot {src.target!r} already exists")
-            digest = self.layers.ensure(src)
+            with self._gate.shared():
+                digest = self.layers.ensure(src)
+                if digest is not None:
+                    try:
+                        self.snaps.add_lazy(src.target, req.parent, labels, digest)
+                    except SnapshotError as e:
+                        if e.code != "already_exists":
+                            raise
             if digest is not None:
-                try:
-                    self.snaps.add_lazy(src.target, req.parent, labels, digest)
-                except SnapshotError as e:
-                    if e.code != "already_exists":
-                        raise
                 raise SnapshotError("already_exists", f"target snapshot {src.target!r} already exists")
         mounts = self.snaps.create(ACTIVE, req.key, req.parent, labels)
         return proto.MESSAGES["PrepareSnapshotResponse"](mounts=_mounts(mounts))
@@ -112,9 +151,8 @@ class SnapshotService:
 
     def Cleanup(self, req):  # noqa: N802
         self.snaps.cleanup()
-        orphans = self.snaps.take_orphan_layers()
-        if orphans:
-            self.layers.release(orphans)
+        with self._gate.exclusive():
+            self.layers.release_unused(self.snaps.layers_in_use())
         return proto.MESSAGES["Empty"]()
 
 

@@ -78,7 +78,7 @@ class Snapshots:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise LazyshimError(f"snapshotter root {self.root} is in use by another process") from None
-        self._next, self._snaps, self._orphans = self._load()
+        self._next, self._snaps = self._load()
 
     def close(self) -> None:
         os.close(self._lock_fd)
@@ -89,22 +89,21 @@ class Snapshots:
     def _state_file(self) -> Path:
         return self.root / "state.json"
 
-    def _load(self) -> tuple[int, dict[str, Snapshot], set[str]]:
+    def _load(self) -> tuple[int, dict[str, Snapshot]]:
         try:
             doc = json.loads(self._state_file.read_bytes())
         except FileNotFoundError:
-            return 1, {}, set()
+            return 1, {}
         except (OSError, ValueError) as e:
             raise LazyshimError(f"snapshotter state {self._state_file} is unreadable: {e}") from e
         try:
             snaps = {k: Snapshot(**v) for k, v in doc["snapshots"].items()}
-            return int(doc["next"]), snaps, {str(d) for d in doc.get("orphans", [])}
+            return int(doc["next"]), snaps
         except (KeyError, TypeError, ValueError) as e:
             raise LazyshimError(f"snapshotter state {self._state_file} is damaged: {e}") from e
 
     def _save(self) -> None:
-        doc = {"next": self._next, "snapshots": {k: asdict(s) for k, s in self._snaps.items()},
-               "orphans": sorted(self._orphans)}
+        doc = {"next": self._next, "snapshots": {k: asdict(s) for k, s in self._snaps.items()}}
         tmp = self._state_file.with_name(f".state.json.{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(json.dumps(doc, sort_keys=True).encode())
@@ -258,19 +257,9 @@ class Snapshots:
             if child is not None:
                 raise SnapshotError("failed_precondition", f"snapshot {key!r} has a child {child!r}")
             del self._snaps[key]
-            if snap.layer and snap.layer not in self.layers_in_use():
-                self._orphans.add(snap.layer)
             self._save()
         if not snap.layer:
             _remove_tree(self._dir(snap))
-
-    def take_orphan_layers(self) -> list[str]:
-        """Store layers that lazy snapshots used and none uses now (forgotten once taken)."""
-        with self._mu:
-            out = sorted(self._orphans - self.layers_in_use())
-            self._orphans.clear()
-            self._save()
-        return out
 
     def update_labels(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
         """Update labels as containerd does: no paths replaces them all; `labels` too;
