@@ -274,16 +274,18 @@ def _layer_digests(ref: str) -> list[dict]:
     return fetch_manifest(host, name, tag)["layers"]
 
 
+@pytest.mark.parametrize("variant", ["zstdchunked", "podman-zstdchunked"])
 def test_rpull_of_zstd_chunked_is_lazy_and_runs(node: Node, pulled: dict, images: dict[str, str],
-                                                registry: Registry) -> None:
-    ref = images["python:zstdchunked"]
+                                                registry: Registry, variant: str) -> None:
+    """Both generations of zstd:chunked: ctr-remote's and podman 4.3's annotations."""
+    ref = images[f"python:{variant}"]
     registry.clear_access_log()
     node.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
     for layer in _layer_digests(ref):
         reqs = registry.blob_requests(layer["digest"])
         assert reqs and all(r.status == 206 for r in reqs), f"layer {layer['digest'][:19]}: {reqs}"
     p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
-                 ref, "lazy-zstd", "/usr/bin/python3", "-c", SCRIPT, FILES[1])
+                 ref, f"lazy-{variant}", "/usr/bin/python3", "-c", SCRIPT, FILES[1])
     assert p.stdout.splitlines()[1] == f"{FILES[1]} {_sha256(FILES[1])}"
     node.ctr("image", "rm", "--sync", ref)
 
