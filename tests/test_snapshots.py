@@ -145,9 +145,10 @@ def test_one_root_has_one_server(tmp_path: Path, snaps: Snapshots, layers: FakeL
         Snapshots(tmp_path / "snap", layers.lowerdir)
 
 
-def test_a_damaged_state_file_is_a_one_line_error(tmp_path: Path, layers: FakeLayers) -> None:
+@pytest.mark.parametrize("record", [{"bogus": 1}, {"id": "../../victim", "kind": "active"}, {"id": 3}])
+def test_a_damaged_state_file_is_a_one_line_error(tmp_path: Path, layers: FakeLayers, record: dict) -> None:
     (tmp_path / "snap").mkdir()
-    (tmp_path / "snap" / "state.json").write_text(json.dumps({"next": 1, "snapshots": {"a": {"bogus": 1}}}))
+    (tmp_path / "snap" / "state.json").write_text(json.dumps({"next": 1, "snapshots": {"a": record}}))
     with pytest.raises(LazyshimError, match="damaged"):
         Snapshots(tmp_path / "snap", layers.lowerdir)
 
@@ -235,6 +236,10 @@ def test_a_labelled_prepare_commits_the_target_and_says_already_exists(client: C
     mounts = client.call("Prepare", key="ctr", parent="chain1").mounts
     assert mounts[0].type == "overlay" and f"lowerdir={layers.lowerdir(LAYER)}" in mounts[0].options
     assert client.call("Mounts", key="ctr").mounts == mounts
+    assert layers.filled == []  # an active snapshot's reader is the container, under its supervisor
+    assert client.call("Mounts", key="chain1").mounts[0].type == "bind"
+    assert layers.filled == [[LAYER]]
+    layers.filled.clear()
     view = client.call("View", key="v", parent="chain1").mounts
     assert view[0].type == "bind" and "ro" in view[0].options
     assert layers.filled == [[LAYER]]  # a view gets complete files

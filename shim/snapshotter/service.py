@@ -115,7 +115,7 @@ class SnapshotService:
 
     def Mounts(self, req):  # noqa: N802
         snap = self.snaps.get(req.key)
-        if snap.kind == VIEW:
+        if snap.kind != ACTIVE:  # read-only mounts have no supervisor: complete files only
             self.layers.fill(self.snaps.lazy_layers_below(req.key))
         return proto.MESSAGES["MountsResponse"](mounts=_mounts(self.snaps.mounts(req.key)))
 

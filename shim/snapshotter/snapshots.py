@@ -78,7 +78,11 @@ class Snapshots:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise LazyshimError(f"snapshotter root {self.root} is in use by another process") from None
-        self._next, self._snaps = self._load()
+        try:
+            self._next, self._snaps = self._load()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def close(self) -> None:
         os.close(self._lock_fd)
@@ -98,6 +102,9 @@ class Snapshots:
             raise LazyshimError(f"snapshotter state {self._state_file} is unreadable: {e}") from e
         try:
             snaps = {k: Snapshot(**v) for k, v in doc["snapshots"].items()}
+            bad = next((s.id for s in snaps.values() if not (isinstance(s.id, str) and s.id.isdigit())), None)
+            if bad is not None:  # ids name dirs that are deleted: never a path
+                raise ValueError(f"snapshot id {str(bad)[:40]!r}")
             return int(doc["next"]), snaps
         except (KeyError, TypeError, ValueError) as e:
             raise LazyshimError(f"snapshotter state {self._state_file} is damaged: {e}") from e
