@@ -37,9 +37,10 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import mount, record, run, stats
+    from . import mount, record, run, stale, stats
 
     run.add_parser(sub)
+    stale.add_parser(sub)
     record.add_parser(sub)
     stats.add_parser(sub)
     mount.add_parsers(sub)
@@ -60,6 +61,10 @@ def image_main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         print(f"lazyshim: {e}", file=sys.stderr)
         return 1
+    if args.verb != "gc":  # gc sweeps itself, and reports it
+        from .stale import sweep_before
+
+        sweep_before(args.verb)
     return _guarded(args.func, args)
 
 

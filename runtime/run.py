@@ -10,81 +10,93 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
 
-from . import attach, overlay, spec
+from . import attach, containers, overlay, sigproxy, spec
 from .delegate import find_delegate
 
 
 def run(args) -> int:
+    """Run the container; whatever ends the run (its exit, a signal, an error of ours), the
+    teardown leaves nothing running or mounted, and with --rm nothing at all."""
+    guard = sigproxy.Guard()
+    try:
+        return _run(args, guard)
+    except sigproxy.Interrupted as e:
+        return e.exit_code
+    finally:
+        guard.restore()
+
+
+def _run(args, guard: sigproxy.Guard) -> int:
     store = api.open_store()
     image = api.ensure_image(store, args.image, pull=not args.no_pull)
     cid = args.name or secrets.token_hex(8)
-    cdir = store.containers / cid
-    if cdir.exists():
-        raise LazyshimError(f"container {cid!r} already exists")
-    for sub in ("upper", "work", "rootfs", "bundle"):
-        (cdir / sub).mkdir(parents=True, mode=0o755)
-    mounted = False
+    delegate = find_delegate()
+    record = containers.Record(
+        id=cid, name=args.name or "", image=args.image, image_id=image.id, command=list(args.command),
+        created=time.time(), rm=args.rm, delegate=delegate, delegate_root=str(attach.runtime_dir() / "delegate"),
+        state_dir=str(attach.state_dir(cid)), network=args.network)
+    owned = containers.create(store.containers, record)
+    cdir = owned.cdir
+    rc: int | None = None
     try:
+        containers.claim_state_dir(owned)
         from shim.userns import in_user_namespace
 
         overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace())
-        mounted = True
-        cfg = image.config
-        args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
-        if not args_:
-            raise LazyshimError(f"{args.image}: no command given and the image has none")
-        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
-                                    (cfg.get("config") or {}).get("User") or "")
-        config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, list(args.env)),
-            cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
-            uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
-        )
-        if args.network == "bridge":
-            from shim.userns import in_user_namespace
-
-            if in_user_namespace():
-                raise LazyshimError("--network bridge needs root; rootless containers use none or host")
-            from . import network
-
-            config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
-        profile = _seccomp_profile(args.security_opt)
-        if profile is not None:
-            config["linux"]["seccomp"] = profile
-        from shim.lazyroot import layers_complete
-
-        if not layers_complete(store, image.layers):  # a fully filled image runs natively
-            attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                          background="none" if args.no_background_fetch else None,
-                          record=Path(args.record) if args.record else None)
+        config = _container_config(args, store, image, cid, cdir)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
-        delegate = find_delegate()
-        cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",
-               str(cdir / "bundle"), cid]
+        cmd = [delegate, "--root", record.delegate_root, "run", "--bundle", str(cdir / "bundle"), cid]
         sys.stdout.flush()
-        rc = subprocess.call(cmd, stdin=None if args.interactive or args.tty else subprocess.DEVNULL)
+        rc = sigproxy.run_forwarding(cmd, lambda: containers.delegate(record, "kill", cid, "KILL") == 0,
+                                     stdin_null=not (args.interactive or args.tty))
         return rc
     finally:
-        attach.stop_supervisor(cid)
-        if args.network == "bridge":
-            from . import network
+        guard.hold()
+        try:
+            containers.teardown(cdir, record, rc, remove=args.rm)
+        finally:
+            owned.release()
 
-            network.release(cid)
-        if args.rm:
-            if mounted:
-                overlay.unmount(cdir / "rootfs")
-            shutil.rmtree(cdir, ignore_errors=True)
-        elif mounted:
-            overlay.unmount(cdir / "rootfs")
+
+def _container_config(args, store, image, cid: str, cdir: Path) -> dict:
+    """The OCI config of the container: image config + flags, seccomp, supervisor."""
+    cfg = image.config
+    args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
+    if not args_:
+        raise LazyshimError(f"{args.image}: no command given and the image has none")
+    uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
+                                (cfg.get("config") or {}).get("User") or "")
+    config = spec.build_spec(
+        rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, list(args.env)),
+        cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
+        uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
+    )
+    if args.network == "bridge":
+        from shim.userns import in_user_namespace
+
+        if in_user_namespace():
+            raise LazyshimError("--network bridge needs root; rootless containers use none or host")
+        from . import network
+
+        config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
+    profile = _seccomp_profile(args.security_opt)
+    if profile is not None:
+        config["linux"]["seccomp"] = profile
+    from shim.lazyroot import layers_complete
+
+    if not layers_complete(store, image.layers):  # a fully filled image runs natively
+        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
+                      background="none" if args.no_background_fetch else None,
+                      record=Path(args.record) if args.record else None)
+    return config
 
 
 DEFAULT_SECCOMP = Path("/usr/share/containers/seccomp.json")
