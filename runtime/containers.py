@@ -3,6 +3,7 @@
     STORE/containers/<id>/
         container.json   what was run (image, command, name, --rm, delegate root, state dir)
         exit             the exit code, once the run has ended
+        ctr.log          the container's stdout and stderr (detached runs)
         upper/ work/ rootfs/ bundle/   the overlay and the bundle handed to the delegate
     RUNTIME_DIR/<id>/owner             the container dir that owns this state dir
 
@@ -23,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from . import paths
 
 RECORD = "container.json"
 EXIT = "exit"
+LOG = "ctr.log"
 OWNER = "owner"
 CLAIM_PREFIX = "~new."  # "~" is never part of a container id
 SUBDIRS = ("upper", "work", "rootfs", "bundle")
@@ -211,6 +212,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.write_bytes(data)
     os.rename(tmp, path)
 
-
-def now() -> float:
-    return time.time()

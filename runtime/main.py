@@ -37,9 +37,10 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import mount, record, run, stale, stats
+    from . import ctl, mount, record, run, stale, stats
 
     run.add_parser(sub)
+    ctl.add_parsers(sub)
     stale.add_parser(sub)
     record.add_parser(sub)
     stats.add_parser(sub)
@@ -74,14 +75,15 @@ def _guarded(func, args) -> int:
     from shim.formats.toc import FormatError
     from shim.registry.client import RegistryError
 
+    code = getattr(args, "error_code", 1)
     try:
         return func(args) or 0
     except (LazyshimError, FormatError, RegistryError, ValueError) as e:
         print(f"lazyshim: {e}", file=sys.stderr)
-        return 1
+        return code
     except OSError as e:
         print(f"lazyshim: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
-        return 1
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `lazyshim inspect | head`: the reader left, nothing to report

@@ -20,14 +20,16 @@ def open_store(root: Path | None = None) -> Store:
     return store
 
 
-def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
+def ensure_image(store: Store, name: str, pull: bool = True, always: bool = False) -> ImageRecord:
+    """The image from the store, pulled if missing (`pull`) or in any case (`always`)."""
     from .store.refs import resolve_image
 
-    try:
-        return resolve_image(store, name)
-    except LazyshimError:
-        if not pull:
-            raise
+    if not always:
+        try:
+            return resolve_image(store, name)
+        except LazyshimError:
+            if not pull:
+                raise
     from .pull import pull as do_pull
 
     return do_pull(name, store)
