@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from integration.lazyenv import Env, poll
+from integration.lazyenv import LAZYSHIM, Env, poll
 from integration.registry import Registry
 
 HELLO = "hello from the app layer"
@@ -142,3 +143,22 @@ def test_unknown_container_is_one_line(env: Env) -> None:
         if verb != ["exec"]:  # exec of an unknown id is runc's (one line, its own words)
             assert "no container" in p.stderr, p.stderr
 
+
+
+def test_config_file_and_info(env: Env, bb: str, tmp_path: Path) -> None:
+    """The user's config file names the store; the environment still wins; info says which."""
+    xdg = tmp_path / "xdg"
+    (xdg / "lazyshim").mkdir(parents=True)
+    (xdg / "lazyshim" / "lazyshim.toml").write_text(f'root = "{env.store}"\nregistry_retries = 2\n')
+    cfg_env = {k: v for k, v in env.env.items() if k != "LAZYSHIM_ROOT"} | {"XDG_CONFIG_HOME": str(xdg)}
+    p = subprocess.run(LAZYSHIM + ["images"], env=cfg_env, capture_output=True, text=True, timeout=60)
+    assert bb.split("/", 1)[1].split(":")[0] in p.stdout, p.stderr
+    p = subprocess.run(LAZYSHIM + ["info", "--format", "json"], env=cfg_env | {"LAZYSHIM_REGISTRY_RETRIES": "7"},
+                       capture_output=True, text=True, timeout=60)
+    doc = json.loads(p.stdout)
+    assert doc["settings"]["root"] == {"value": str(env.store), "source": str(xdg / "lazyshim" / "lazyshim.toml")}
+    assert doc["settings"]["registry_retries"] == {"value": "7", "source": "LAZYSHIM_REGISTRY_RETRIES"}
+    assert doc["kernel"]["seccomp_user_notif"] is True and doc["delegate"]["path"]
+    (xdg / "lazyshim" / "lazyshim.toml").write_text("bogus = 1\n")
+    p = subprocess.run(LAZYSHIM + ["images"], env=cfg_env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "unknown key 'bogus'" in p.stderr and "Traceback" not in p.stderr

@@ -37,11 +37,12 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import ctl, mount, record, run, stale, stats
+    from . import ctl, info, mount, record, run, stale, stats
 
     run.add_parser(sub)
     ctl.add_parsers(sub)
     stale.add_parser(sub)
+    info.add_parser(sub)
     record.add_parser(sub)
     stats.add_parser(sub)
     mount.add_parsers(sub)
@@ -62,11 +63,17 @@ def image_main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         print(f"lazyshim: {e}", file=sys.stderr)
         return 1
-    if args.verb != "gc":  # gc sweeps itself, and reports it
+    return _guarded(_swept, args)
+
+
+def _swept(args) -> int:
+    """Every verb that uses the store first sweeps what killed lazyshims left (gc does it
+    itself, and reports it)."""
+    if args.verb != "gc":
         from .stale import sweep_before
 
         sweep_before(args.verb)
-    return _guarded(args.func, args)
+    return args.func(args)
 
 
 def _guarded(func, args) -> int:

@@ -35,6 +35,11 @@ def ensure_image(store: Store, name: str, pull: bool = True, always: bool = Fals
     return do_pull(name, store)
 
 
+def store_layout(store: Store) -> str:
+    """Which on-disk layout the store uses (a store that knows better says so itself)."""
+    return str(getattr(store, "layout_version", "v1 (placeholder trees)"))
+
+
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
     """The image's placeholder trees, bottom layer first."""
     return [store.layer_dir(d) / "tree" for d in image.layers]
