@@ -162,3 +162,19 @@ def test_config_file_and_info(env: Env, bb: str, tmp_path: Path) -> None:
     (xdg / "lazyshim" / "lazyshim.toml").write_text("bogus = 1\n")
     p = subprocess.run(LAZYSHIM + ["images"], env=cfg_env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "unknown key 'bogus'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_listings_as_json_and_templates(env: Env, bb: str) -> None:
+    imgs = json.loads(env("images", "--format", "json").stdout)
+    assert [i["Repository"] for i in imgs] == [bb] and imgs[0]["Id"].startswith("sha256:") and imgs[0]["Size"] > 0
+    assert env("images", "--format", "{{.ID}} {{.Layers}}").stdout == f"{imgs[0]['Id'][7:19]} {imgs[0]['Layers']}\n"
+    assert env("images", "-q").stdout == imgs[0]["Id"][7:19] + "\n"
+    df = {r["Type"]: r for r in json.loads(env("df", "--format", "json").stdout)}
+    assert df["Images"]["Total"] == 1 and df["Layers"]["Total"] == imgs[0]["Layers"]
+    assert 0 <= df["Fetched"]["Size"] < df["Layers"]["Size"] * 10
+    name = f"fmt-{os.getpid()}"
+    env("run", "--name", name, bb, "true")
+    assert env("ps", "-a", "--format", "{{.Names}} {{.Status}}").stdout == f"{name} Exited (0)\n"
+    assert json.loads(env("inspect", "--format", "json", bb).stdout)["name"] == bb
+    bad = env("images", "--format", "{{.Nope}}", check=False)
+    assert bad.returncode == 1 and "no field 'Nope'" in bad.stderr

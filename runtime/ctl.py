@@ -8,7 +8,6 @@ process holds its lock, exited once the exit code is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
+from shim.output import emit
 
 from . import containers
 
@@ -64,22 +64,17 @@ def cmd_ps(args) -> int:
         rows.append({"Id": rec.id, "Names": [rec.name or rec.id], "Image": rec.image, "ImageID": rec.image_id,
                      "Command": rec.command, "Created": int(rec.created), "State": state, "ExitCode": code,
                      "AutoRemove": rec.rm})
-    if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-        return 0
     if args.quiet:
         for r in rows:
             print(r["Id"])
         return 0
-    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
-    for r in rows:
-        st = "Up" if r["State"] == "running" else (f"Exited ({r['ExitCode']})" if r["ExitCode"] is not None
-                                                   else r["State"])
-        table.append((r["Id"][:12], r["Image"], " ".join(r["Command"])[:30], _ago(r["Created"]), st, r["Names"][0]))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if args.format != "json":  # the table's and templates' derived fields, as podman names them
+        for r in rows:
+            r.update(ID=r["Id"][:12], Names=r["Names"][0], Command=" ".join(r["Command"])[:30],
+                     CreatedAgo=_ago(r["Created"]), Status="Up" if r["State"] == "running" else (
+                         f"Exited ({r['ExitCode']})" if r["ExitCode"] is not None else r["State"]))
+    emit(rows, args.format, [("CONTAINER ID", "ID"), ("IMAGE", "Image"), ("COMMAND", "Command"),
+                             ("CREATED", "CreatedAgo"), ("STATUS", "Status"), ("NAMES", "Names")])
     return 0
 
 
@@ -183,7 +178,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("ps", help="list containers of `lazyshim run`")
     p.add_argument("-a", "--all", action="store_true", help="also stopped ones")
     p.add_argument("-q", "--quiet", action="store_true", help="ids only")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", help="json, or a template such as '{{.ID}} {{.Status}}'")
     p.set_defaults(func=cmd_ps)
     p = sub.add_parser("logs", help="show a detached container's output")
     p.add_argument("-f", "--follow", action="store_true")

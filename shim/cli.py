@@ -15,10 +15,16 @@ def add_parsers(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("images", help="list pulled images")
+    p.add_argument("--format", help="json, or a template such as '{{.Repository}} {{.ID}}'")
+    p.add_argument("-q", "--quiet", action="store_true", help="image ids only")
     p.set_defaults(func=cmd_images)
     p = sub.add_parser("inspect", help="show a pulled image's record and layers")
+    p.add_argument("--format", choices=("json",), default="json", help="always JSON (accepted for podman users)")
     p.add_argument("image")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("df", help="show how much the store holds: images, layers, fetched bytes")
+    p.add_argument("--format", help="json, or a template such as '{{.Type}} {{.Size}}'")
+    p.set_defaults(func=cmd_df)
     p = sub.add_parser("rmi", help="forget a pulled image; delete layers nothing uses any more")
     p.add_argument("image", nargs="+")
     p.set_defaults(func=cmd_rmi)
@@ -55,6 +61,7 @@ def cmd_pull(args) -> int:
 
 def cmd_images(args) -> int:
     from .api import open_store
+    from .output import emit
     from .store.metadata import load_image, load_layer
     from .store.refs import load_refs
 
@@ -62,22 +69,28 @@ def cmd_images(args) -> int:
     rows = []
     for name, image_id in sorted(load_refs(store).items()):
         layers = size = 0
+        damaged = False
         try:
             rec = load_image(store.image_file(image_id).read_bytes())
             layers = len(rec.layers)
             for d in rec.layers:
                 size += load_layer((store.layer_dir(d) / "meta.cbor").read_bytes()).blob_size
-            shown = _human(size)
         except (OSError, LazyshimError):
-            shown = "(damaged)"
-        rows.append((name, image_id.removeprefix("sha256:")[:12], str(layers), shown))
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_IMAGES_HEADER)]
-    for row in [_IMAGES_HEADER, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            damaged = True
+        rows.append({"Repository": name, "Id": image_id, "ID": image_id.removeprefix("sha256:")[:12],
+                     "Layers": layers, "Size": size, "Damaged": damaged,
+                     "size": "(damaged)" if damaged else _human(size)})
+    if args.quiet:
+        for r in rows:
+            print(r["ID"])
+        return 0
+    if args.format == "json":
+        rows = [{k: v for k, v in r.items() if k not in ("ID", "size")} for r in rows]
+    emit(rows, args.format, _IMAGES_COLUMNS)
     return 0
 
 
-_IMAGES_HEADER = ("IMAGE", "ID", "LAYERS", "SIZE")
+_IMAGES_COLUMNS = [("IMAGE", "Repository"), ("ID", "ID"), ("LAYERS", "Layers"), ("SIZE", "size")]
 
 
 def _human(n: int) -> str:
@@ -86,6 +99,45 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def cmd_df(args) -> int:
+    """Sizes from the metadata (no tree walk): blob bytes, and the bytes of filled files."""
+    from .api import open_store
+    from .output import emit
+    from .store.metadata import load_layer
+    from .store.refs import load_refs
+
+    store = open_store()
+    images = set(load_refs(store).values())
+    layers = blob = fetched = files = filled = 0
+    for d in sorted(store.layers.iterdir()) if store.layers.is_dir() else []:
+        try:
+            meta = load_layer((d / "meta.cbor").read_bytes())
+            fmap = (d / "filled").read_bytes()
+        except (OSError, LazyshimError):
+            continue
+        layers += 1
+        blob += meta.blob_size
+        for i, e in enumerate(meta.toc.entries):
+            if e.type == "reg" and e.size:
+                files += 1
+                if i < len(fmap) and fmap[i]:
+                    filled += 1
+                    fetched += e.size
+    containers = sum(1 for p in store.containers.iterdir() if p.is_dir() and p.name != "oci") \
+        if store.containers.is_dir() else 0
+    rows = [
+        {"Type": "Images", "Total": len(images), "Size": blob, "Files": files, "Filled": filled},
+        {"Type": "Layers", "Total": layers, "Size": blob, "Files": files, "Filled": filled},
+        {"Type": "Fetched", "Total": filled, "Size": fetched, "Files": files, "Filled": filled},
+        {"Type": "Containers", "Total": containers, "Size": 0, "Files": 0, "Filled": 0},
+    ]
+    if args.format != "json":
+        for r in rows:
+            r["size"] = _human(r["Size"]) if r["Type"] != "Containers" else "-"
+    emit(rows, args.format, [("TYPE", "Type"), ("TOTAL", "Total"), ("SIZE", "size")])
+    return 0
 
 
 def cmd_inspect(args) -> int:
