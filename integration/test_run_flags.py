@@ -178,3 +178,46 @@ def test_listings_as_json_and_templates(env: Env, bb: str) -> None:
     assert json.loads(env("inspect", "--format", "json", bb).stdout)["name"] == bb
     bad = env("images", "--format", "{{.Nope}}", check=False)
     assert bad.returncode == 1 and "no field 'Nope'" in bad.stderr
+
+
+def test_pull_and_fetch_progress(new_env, images: dict[str, str]) -> None:
+    """Not a terminal: one line per layer on stderr, the image id alone on stdout.  Under a
+    pty: the fetch's line for a layer is rewritten in place as its files arrive."""
+    import pty
+
+    env = new_env()
+    ref = images["python:esgz"]
+    p = env("pull", ref)
+    image_id = p.stdout.strip()
+    assert image_id.startswith("sha256:") and "\n" not in image_id
+    layers = [line for line in p.stderr.splitlines() if line.startswith("layer ")]
+    assert len(layers) >= 2 and all("files" in line for line in layers), p.stderr
+    assert "lower" not in p.stdout and "lower " in env("pull", "--verbose", ref).stdout
+    assert env("pull", "-q", ref).stdout == image_id + "\n" and env("pull", "-q", ref).stderr == ""
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(LAZYSHIM + ["fetch", ref], env=env.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the pty
+                break
+            if not chunk:
+                break
+            out += chunk
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0 and b"filled" in stdout
+    shown = [seg.decode() for seg in out.split(b"\r\x1b[K") if seg.startswith(b"layer ")]
+    per_layer: dict[str, set[str]] = {}
+    for line in shown:
+        per_layer.setdefault(line.split("  ")[0], set()).add(line.strip())
+    assert len(per_layer) == len(layers), shown
+    full = "[" + "=" * 24 + "]"
+    for lines in per_layer.values():  # each layer's line starts unfilled and is rewritten until full
+        assert any(full in v for v in lines) and any(full not in v for v in lines), per_layer

@@ -57,7 +57,7 @@ def _run_detached(args) -> int:
 
 def _image(store, args):
     policy = "never" if args.no_pull else args.pull
-    return api.ensure_image(store, args.image, pull=policy != "never", always=policy == "always")
+    return api.ensure_image(store, args.image, pull=policy != "never", always=policy == "always", progress=True)
 
 
 def _run(args, guard: sigproxy.Guard, monitor=None) -> int:

@@ -20,8 +20,10 @@ def open_store(root: Path | None = None) -> Store:
     return store
 
 
-def ensure_image(store: Store, name: str, pull: bool = True, always: bool = False) -> ImageRecord:
-    """The image from the store, pulled if missing (`pull`) or in any case (`always`)."""
+def ensure_image(store: Store, name: str, pull: bool = True, always: bool = False,
+                 progress: bool = False) -> ImageRecord:
+    """The image from the store, pulled if missing (`pull`) or in any case (`always`);
+    `progress` reports the pull's layers on stderr."""
     from .store.refs import resolve_image
 
     if not always:
@@ -32,6 +34,10 @@ def ensure_image(store: Store, name: str, pull: bool = True, always: bool = Fals
                 raise
     from .pull import pull as do_pull
 
+    if progress:
+        from .progress import Progress, pull_reporter
+
+        return do_pull(name, store, progress=pull_reporter(Progress()))
     return do_pull(name, store)
 
 

@@ -12,7 +12,8 @@ from .errors import LazyshimError
 def add_parsers(sub) -> None:
     p = sub.add_parser("pull", help="fetch manifest, config and TOCs; build placeholder trees")
     p.add_argument("image")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image id")
+    p.add_argument("--verbose", action="store_true", help="also print the layers' placeholder trees")
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("images", help="list pulled images")
     p.add_argument("--format", help="json, or a template such as '{{.Repository}} {{.ID}}'")
@@ -30,6 +31,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_rmi)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
     p.add_argument("image")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("convert", help="convert an image to eStargz or zstd:chunked and push it",
                        description="SRC is a registry reference or oci:DIR[:TAG]; DST a registry reference.")
@@ -44,18 +46,18 @@ def add_parsers(sub) -> None:
 
 def cmd_pull(args) -> int:
     from .api import layer_trees, open_store
+    from .progress import Progress, pull_reporter
     from .pull import pull
 
     store = open_store()
     t0 = time.monotonic()
-    rec = pull(args.image, store)
-    dt = time.monotonic() - t0
-    if args.quiet:
-        print(rec.id)
-        return 0
-    print(f"image {rec.id}  ({rec.name}, {len(rec.layers)} layers, {dt:.2f}s)")
-    for tree in layer_trees(store, rec):
-        print(f"  lower {tree}")
+    progress = Progress(quiet=args.quiet)
+    rec = pull(args.image, store, progress=pull_reporter(progress))
+    progress.message(f"pulled {rec.name} ({len(rec.layers)} layers) in {time.monotonic() - t0:.2f}s")
+    print(rec.id)
+    if args.verbose:
+        for tree in layer_trees(store, rec):
+            print(f"  lower {tree}")
     return 0
 
 
@@ -201,6 +203,7 @@ def _ref_key(name: str, refs: dict[str, str]) -> str | None:
 def cmd_fetch(args) -> int:
     from .api import open_store
     from .lazyroot import LazyRoot
+    from .progress import Progress, bar
     from .store.refs import resolve_image
 
     store = open_store()
@@ -208,8 +211,21 @@ def cmd_fetch(args) -> int:
     root = LazyRoot(store, rec.layers)
     t0 = time.monotonic()
     errors: list[str] = []
+    progress = Progress(quiet=args.quiet)
+    by_layer: dict[int, tuple] = {}  # one line per layer: its prioritized files and the rest together
     for filler, indices, _ in root.prefetch_plan(everything=True):
-        filler.prefetch(indices, lambda: None, max_request=8 << 20)
+        by_layer.setdefault(id(filler), (filler, []))[1].extend(indices)
+    for n, (filler, indices) in enumerate(by_layer.values(), 1):
+        entries = filler.meta.toc.entries
+        todo = [i for i in indices if not filler.filled[i]]
+        total = sum(entries[i].size for i in todo)
+        label = f"layer {n}/{len(by_layer)} {filler.meta.digest[:19]}"
+
+        def state(filler=filler, todo=todo, total=total, label=label) -> str:
+            done = [i for i in todo if filler.filled[i]]
+            return bar(label, sum(filler.meta.toc.entries[i].size for i in done), total, len(done), len(todo))
+        filler.prefetch(indices, lambda state=state: progress.update(state()), max_request=8 << 20)
+        progress.finish(state())
         errors += filler.errors
     if errors or not root.complete():
         from .errors import LazyshimError
@@ -217,7 +233,8 @@ def cmd_fetch(args) -> int:
         first = errors[0] if errors else "files remain unfilled"
         raise LazyshimError(f"{args.image}: {len(errors)} files could not be fetched; first: {first}")
     st = root.stats()
-    print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
+    if not args.quiet:
+        print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
     return 0
 
 
