@@ -37,12 +37,13 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import ctl, info, mount, record, run, stale, stats
+    from . import completion, ctl, info, mount, record, run, stale, stats
 
     run.add_parser(sub)
     ctl.add_parsers(sub)
     stale.add_parser(sub)
     info.add_parser(sub)
+    completion.add_parser(sub)
     record.add_parser(sub)
     stats.add_parser(sub)
     mount.add_parsers(sub)

@@ -167,7 +167,7 @@ def add_parser(sub) -> None:
 
 def sweep_before(verb: str | None) -> None:
     """The automatic sweep, once per command that uses the store (not for help)."""
-    if verb in (None, "help", "convert"):
+    if verb in (None, "help", "convert", "completion"):
         return
     from shim.store.layout import Store
 

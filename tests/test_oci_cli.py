@@ -98,3 +98,23 @@ def test_verbs_runc_shares_with_podman(argv: list[str], runc: bool, tmp_path: Pa
     assert oci.wants_oci(argv) is runc
     (tmp_path / "containers" / "mine").mkdir(parents=True)
     assert oci.wants_oci(["exec", "mine", "true"]) is False
+
+
+def test_bash_completion_knows_every_verb_and_flag(tmp_path: Path) -> None:
+    import subprocess
+
+    from runtime.completion import bash_script
+    from runtime.main import _parser
+
+    script = tmp_path / "c.bash"
+    script.write_text(bash_script(_parser()))
+
+    def complete(*words: str) -> list[str]:
+        cmd = (f"source {script}; COMP_WORDS=({' '.join(words)}); COMP_CWORD={len(words) - 1}; _lazyshim; "
+               'printf "%s\\n" "${COMPREPLY[@]}"')
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path).stdout.split()
+    assert complete("lazyshim", "ru") == ["run"]
+    assert {"ps", "logs", "stop", "rm", "exec", "gc", "info", "pull"} <= set(complete("lazyshim", "''"))
+    assert "--volume" in complete("lazyshim", "run", "--vo") and "--detach" in complete("lazyshim", "run", "--de")
+    assert complete("lazyshim", "stop", "-") == ["--help", "--time", "-h", "-t"]
