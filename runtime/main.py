@@ -15,7 +15,9 @@ EPILOG = """\
 runc commands (create, start, run -b BUNDLE ID, state, kill, delete, exec, ps, list, pause,
 resume, update, events, features, spec, checkpoint, restore, --version) are handled as runc
 handles them, by runc or crun; bundles whose rootfs is a lazyshim overlay (or that carry the
-annotation run.lazyshim.image=REF) get their files filled on open.
+annotation run.lazyshim.image=REF) get their files filled on open.  `ps` without a container id
+and `exec` on a container of `lazyshim run` are lazyshim's own; with an id (or a runc global flag
+before the verb) they are runc's.
 """
 
 

@@ -146,7 +146,7 @@ def _standalone_container(rest: list[str]) -> bool:
 
     try:
         names = os.listdir(os.path.join(default_root(), "containers"))
-    except OSError:
+    except Exception:  # noqa: BLE001 - no store (or a broken config): runc's exec reports the id
         return False
     return any(n.startswith(rest[pi]) for n in names if n != "oci")  # an id, a name or a prefix
 

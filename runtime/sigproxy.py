@@ -93,20 +93,6 @@ def run_forwarding(argv: list[str], kill: Callable[[], bool], stdin_null: bool) 
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def spawn_wait(argv: list[str]) -> int:
-    """Run a helper with the signal mask we had before blocking (children must not inherit
-    our blocked set) and quiet stdio; its exit code."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    unblocked = mask - set(PROXIED) - {signal.SIGCHLD}
-    actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
-    pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsigmask=unblocked)
-    while True:
-        try:
-            return _exit_code(os.waitpid(pid, 0)[1])
-        except InterruptedError:
-            continue
-
-
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
