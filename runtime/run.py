@@ -82,7 +82,35 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
 
         overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace())
-        config = _container_config(args, store, image, cid, cdir)
+        cfg = image.config
+        args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
+        if not args_:
+            raise LazyshimError(f"{args.image}: no command given and the image has none")
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
+                                    (cfg.get("config") or {}).get("User") or "")
+        config = spec.build_spec(
+            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, _env(args)),
+            cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
+            uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
+        )
+        _apply_run_flags(config, args)
+        if args.network == "bridge":
+            from shim.userns import in_user_namespace
+
+            if in_user_namespace():
+                raise LazyshimError("--network bridge needs root; rootless containers use none or host")
+            from . import network
+
+            config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
+        profile = _seccomp_profile(args.security_opt)
+        if profile is not None:
+            config["linux"]["seccomp"] = profile
+        from shim.lazyroot import layers_complete
+
+        if not layers_complete(store, image.layers):  # a fully filled image runs natively
+            attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
+                          background="none" if args.no_background_fetch else None,
+                          record=Path(args.record) if args.record else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]
@@ -106,40 +134,11 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             owned.release()
 
 
-def _container_config(args, store, image, cid: str, cdir: Path) -> dict:
-    """The OCI config of the container: image config + flags, seccomp, supervisor."""
-    cfg = image.config
-    args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
-    if not args_:
-        raise LazyshimError(f"{args.image}: no command given and the image has none")
-    uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
-                                (cfg.get("config") or {}).get("User") or "")
-    config = spec.build_spec(
-        rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, _env(args)),
-        cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
-        uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
-    )
+def _apply_run_flags(config: dict, args) -> None:
+    """-v, --mount, --memory, --cpus, --read-only into the built config."""
     runflags.apply(config, mounts=[runflags.volume(v) for v in args.volume] + [runflags.mount(m) for m in args.mount],
                    memory_limit=runflags.memory(args.memory) if args.memory else None,
                    cpu=runflags.cpus(args.cpus) if args.cpus else None, read_only=args.read_only)
-    if args.network == "bridge":
-        from shim.userns import in_user_namespace
-
-        if in_user_namespace():
-            raise LazyshimError("--network bridge needs root; rootless containers use none or host")
-        from . import network
-
-        config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
-    profile = _seccomp_profile(args.security_opt)
-    if profile is not None:
-        config["linux"]["seccomp"] = profile
-    from shim.lazyroot import layers_complete
-
-    if not layers_complete(store, image.layers):  # a fully filled image runs natively
-        attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                      background="none" if args.no_background_fetch else None,
-                      record=Path(args.record) if args.record else None)
-    return config
 
 
 def _env(args) -> list[str]:
