@@ -82,6 +82,8 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             )
         finally:
             os.close(ready_w)
+        # Recorded before waiting: a run interrupted here must still find it to stop it.
+        (sdir / "supervisor.pid").write_text(str(proc.pid))
         try:
             ok = os.read(ready_r, 1) == b"1"
         finally:
@@ -89,7 +91,6 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     if not ok:
         proc.wait()
         raise LazyshimError(f"supervisor failed to start: {_last_line(sdir / 'supervisor.log')}")
-    (sdir / "supervisor.pid").write_text(str(proc.pid))
     return proc.pid
 
 
