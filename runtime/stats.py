@@ -40,5 +40,6 @@ def cmd_stats(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stats", help="show a lazy container's fill statistics")
+    p.add_argument("--format", choices=("json",), default="json", help="always JSON (accepted for podman users)")
     p.add_argument("container_id")
     p.set_defaults(func=cmd_stats)
