@@ -72,7 +72,8 @@ def run(args) -> int:
         elif lazy:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
-                          record=Path(args.record) if args.record else None)
+                          record=Path(args.record) if args.record else None,
+                          sources=api.image_sources(store, image))
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         delegate = find_delegate()
         cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",

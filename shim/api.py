@@ -36,6 +36,13 @@ def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
     return do_pull(name, store)
 
 
+def image_sources(store: Store, image: ImageRecord) -> list[str]:
+    """The references a container of `image` fills from (the supervisor's `--sources`)."""
+    from .sources import image_references
+
+    return image_references(store, image)
+
+
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
     """The image's placeholder trees, bottom layer first."""
     return [store.layer_dir(d) / "tree" for d in image.layers]
@@ -65,9 +72,10 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
 
     if isinstance(image_or_layers, ImageRecord):
         label, layers = image_or_layers.name, image_or_layers.layers
+        sources = image_sources(store, image_or_layers)
     else:
-        label, layers = "image", list(image_or_layers)
-    root = LazyRoot(store, layers)
+        label, layers, sources = "image", list(image_or_layers), []
+    root = LazyRoot(store, layers, sources)
     plan = root.prefetch_plan(everything=True)
     total = sum(1 for f, indices, _ in plan for i in indices if not f.filled[i])
     t0 = time.monotonic()
@@ -122,7 +130,7 @@ def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field:
 
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        LazyRoot(store, image.layers).fill_path(root_fd, path)
+        LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
         try:
             fd = openat2(root_fd, path.encode(), os.O_RDONLY, RESOLVE_IN_ROOT)
         except OSError:

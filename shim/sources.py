@@ -1,7 +1,7 @@
-"""Registry clients for lazyshim, and blob sources backed by them (what a fill reads its
-compressed ranges from).
+"""Registry clients for lazyshim, the endpoints (mirrors, then origin) an image is read from,
+and blob sources backed by them (what a fill reads its compressed ranges from).
 
-Every client the shim creates comes from `new_client`, so the environment knobs apply
+Every client the shim creates comes from here, so the environment knobs apply
 everywhere: LAZYSHIM_REGISTRY_RETRIES (retries per request, default 3) and
 LAZYSHIM_REGISTRY_TIMEOUT (seconds per network operation, default 30; it also bounds the
 total time spent retrying one request at four times that).
@@ -9,21 +9,42 @@ total time spent retrying one request at four times that).
 A container blocked in open() waits on the supervisor's requests, so those are bounded
 harder: `LAZYSHIM_FETCH_TIMEOUT` (seconds, default 30) caps one fill's network time
 including retries; after it the open fails with EIO and a later open tries again.
+
+Mirrors (shim.registry.mirrors: registries.conf, hosts.toml; the files are found from
+LAZYSHIM_REGISTRIES_CONF, CONTAINERS_REGISTRIES_CONF, HOME, XDG_CONFIG_HOME and
+LAZYSHIM_HOSTS_DIR) are tried in order before the origin, for manifests, configs, TOCs and
+every fill.  Any registry error of an endpoint (connection refused, 5xx, 404, a wrong
+digest or range) moves on to the next one; an endpoint that did not answer at all is
+tried last for the next MIRROR_COOLDOWN seconds, so a stopped mirror costs one failed
+attempt, not one per file.  Whatever endpoint answers, its bytes are verified exactly as
+the origin's are.
+
+A fill reads from the image the container runs (its references, with their mirrors),
+then from the other images in the store that hold the layer, then from the registry that
+first delivered the layer.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from .errors import LazyshimError
 from .registry.client import RegistryClient
+from .registry.errors import RegistryError, RegistryUnavailable
+from .registry.mirrors import Endpoint, MirrorConfig
+
+T = TypeVar("T")
 
 DEFAULT_FETCH_TIMEOUT = 30.0
+MIRROR_COOLDOWN = 30.0
 RETRIES_ENV = "LAZYSHIM_REGISTRY_RETRIES"
 TIMEOUT_ENV = "LAZYSHIM_REGISTRY_TIMEOUT"
 
-_clients: dict[str, RegistryClient] = {}
+_clients: dict[tuple, RegistryClient] = {}
 _lock = threading.Lock()
 
 
@@ -54,23 +75,346 @@ def client_options() -> dict:
     return {"timeout": timeout, "retries": retries, "retry_time": max(4 * timeout, 1.0)}
 
 
-def new_client(registry: str) -> RegistryClient:
-    """A fresh client for `registry` with the environment's retry/timeout settings."""
-    return RegistryClient(registry, **client_options())
+def mirror_config() -> MirrorConfig:
+    """The node's mirror configuration, from the files the environment points at."""
+    from .registry import mirrors
+
+    return mirrors.load(mirrors.locations(os.environ))
 
 
-def shared_client(registry: str) -> RegistryClient:
-    """One client (one connection pool) per registry for the whole process."""
+def _transport(ep: Endpoint):
+    if not ep.skip_verify:
+        return None
+    import httpx
+
+    return httpx.HTTPTransport(verify=False, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+
+def new_client(registry: str | Endpoint, *, mirror: bool = False) -> RegistryClient:
+    """A fresh client for a registry or endpoint with the environment's retry/timeout settings;
+    a mirror gets one retry, so a failing mirror hands over to the next endpoint soon."""
+    opts = client_options()
+    if mirror:
+        opts["retries"] = min(opts["retries"], 1)
+    if isinstance(registry, str):
+        return RegistryClient(registry, **opts)
+    return RegistryClient(registry.registry, insecure=registry.insecure, transport=_transport(registry), **opts)
+
+
+def shared_client(registry: str | Endpoint, *, mirror: bool = False) -> RegistryClient:
+    """One client (one connection pool) per endpoint for the whole process, bounded for fills:
+    the origin may use the whole fetch timeout, a mirror a third of it."""
+    ep = Endpoint(registry, "") if isinstance(registry, str) else registry
+    key = (ep.key, mirror)
     with _lock:
-        c = _clients.get(registry)
+        c = _clients.get(key)
         if c is None:
             limit = fetch_timeout()
-            c = _clients[registry] = RegistryClient(
-                registry, timeout=max(1.0, limit / 3), retries=3, backoff=0.1, retry_time=limit)
+            if mirror:
+                opts = {"timeout": max(1.0, limit / 6), "retries": 1, "retry_time": max(1.0, limit / 3)}
+            else:
+                opts = {"timeout": max(1.0, limit / 3), "retries": 3, "retry_time": limit}
+            c = _clients[key] = RegistryClient(ep.registry, insecure=ep.insecure, transport=_transport(ep),
+                                               backoff=0.1, **opts)
         return c
 
 
+class _Health:
+    """Endpoints that did not answer at all, remembered for a while by the whole process."""
+
+    def __init__(self) -> None:
+        self._down: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+
+    def order(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        """The endpoints in their order, those down recently moved to the end."""
+        now = time.monotonic()
+        with self._lock:
+            down = {k for k, until in self._down.items() if until > now}
+        return [e for e in endpoints if e.key not in down] + [e for e in endpoints if e.key in down]
+
+    def failed(self, ep: Endpoint, err: RegistryError) -> None:
+        if isinstance(err, RegistryUnavailable):
+            with self._lock:
+                self._down[ep.key] = time.monotonic() + MIRROR_COOLDOWN
+
+    def answered(self, ep: Endpoint) -> None:
+        if self._down:
+            with self._lock:
+                self._down.pop(ep.key, None)
+
+
+_health = _Health()
+
+
+def _all_failed(errors: list[Exception], what: str) -> Exception:
+    """One error for a request every endpoint refused: the last one's type, all their reasons."""
+    if not errors:
+        return LazyshimError(f"{what}: no registry endpoint to read from")
+    last = errors[-1]
+    if len(errors) == 1:
+        return last
+    others = "; ".join(str(e) for e in errors[:-1])
+    cls = type(last) if isinstance(last, RegistryError | LazyshimError) else RegistryError
+    return cls(f"{last} (tried before: {others})")
+
+
+def _first_answer(endpoints: Sequence[Endpoint], call: Callable[[Endpoint], T], errors: list[Exception],
+                  deadline: float | None = None) -> tuple[bool, T | None]:
+    """(True, result) of the first endpoint that answers `call`, or (False, None) with the
+    reasons appended to `errors`.  After `deadline` (monotonic) no further endpoint is asked."""
+    for ep in _health.order(endpoints):
+        if deadline is not None and errors and time.monotonic() > deadline:
+            break
+        try:
+            result = call(ep)
+        except RegistryError as e:
+            _health.failed(ep, e)
+            errors.append(e)
+            continue
+        _health.answered(ep)
+        return True, result
+    return False, None
+
+
+class MirroredClient:
+    """The registry operations a pull uses, tried on each endpoint of one image in order.
+
+    Manifests by tag go only to endpoints trusted to resolve tags; everything else to those
+    that may serve content.  Each endpoint's client verifies what it returns (manifest and
+    blob digests, exact ranges); the TOC and chunk digests are checked by the caller."""
+
+    def __init__(self, endpoints: list[Endpoint], repository: str,
+                 client_factory: Callable[[Endpoint, bool], RegistryClient] | None = None) -> None:
+        self.endpoints = endpoints
+        self.repository = repository
+        self.registry = endpoints[-1].registry
+        self._make = client_factory or (lambda ep, mirror: new_client(ep, mirror=mirror))
+        self._clients: dict[tuple, RegistryClient] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, ep: Endpoint) -> RegistryClient:
+        with self._lock:
+            c = self._clients.get(ep.key)
+            if c is None:
+                c = self._clients[ep.key] = self._make(ep, ep is not self.endpoints[-1])
+            return c
+
+    def _repo(self, ep: Endpoint, repository: str) -> str:
+        return ep.repository if repository == self.repository else repository
+
+    def _try(self, call: Callable[[RegistryClient, str], T], repository: str, what: str, *, tag: bool = False) -> T:
+        eps = [e for e in self.endpoints if (e.resolve if tag else e.pull)]
+        errors: list[Exception] = []
+        ok, result = _first_answer(eps, lambda ep: call(self._client(ep), self._repo(ep, repository)), errors)
+        if not ok:
+            raise _all_failed(errors, what)
+        return result  # type: ignore[return-value]
+
+    def get_manifest(self, repository: str, reference: str, **kw):
+        tag = not reference.startswith(("sha256:", "sha512:"))
+        return self._try(lambda c, repo: c.get_manifest(repo, reference, **kw), repository,
+                         f"manifest {reference[:80]} of {repository}", tag=tag)
+
+    def get_blob(self, repository: str, digest: str, *, max_size: int) -> bytes:
+        return self._try(lambda c, repo: c.get_blob(repo, digest, max_size=max_size), repository, f"blob {digest}")
+
+    def get_range(self, repository: str, digest: str, start: int, end: int) -> bytes:
+        return self._try(lambda c, repo: c.get_range(repo, digest, start, end), repository, f"blob {digest}")
+
+    def get_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]], **kw) -> list[bytes]:
+        return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}")
+
+    def stream_blob(self, repository: str, digest: str, **kw) -> Iterator[bytes]:
+        """The blob in chunks from the first endpoint that starts sending it; a failure after
+        the first chunk is the caller's (it has consumed bytes: nothing to fall back on)."""
+        errors: list[Exception] = []
+
+        def first(ep: Endpoint) -> tuple[Iterator[bytes], bytes | None]:
+            it = self._client(ep).stream_blob(self._repo(ep, repository), digest, **kw)
+            return it, next(it, None)
+
+        def gen() -> Iterator[bytes]:
+            ok, got = _first_answer([e for e in self.endpoints if e.pull], first, errors)
+            if not ok:
+                raise _all_failed(errors, f"blob {digest}")
+            it, chunk = got  # type: ignore[misc]
+            if chunk is not None:
+                yield chunk
+                yield from it
+
+        return gen()
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+
+    def __enter__(self) -> MirroredClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pull_client(registry: str, repository: str, *, digested: bool,
+                config: MirrorConfig | None = None) -> MirroredClient:
+    """The client a pull of registry/repository uses: its mirrors first, then the origin."""
+    config = mirror_config() if config is None else config
+    return MirroredClient(config.resolve(registry, repository, digested=digested), repository)
+
+
+class MirroredBlobSource:
+    """A layer blob's ranges from the first endpoint that serves them: the endpoints of the
+    container's own image first, the fallbacks (computed only when those all failed) next."""
+
+    def __init__(self, digest: str, primary: Callable[[], list[Endpoint]],
+                 fallback: Callable[[], list[Endpoint]],
+                 client_for: Callable[[Endpoint], RegistryClient] | None = None) -> None:
+        self.digest = digest
+        self._groups = (primary, fallback)
+        self._client_for = client_for or (lambda ep: shared_client(ep, mirror=ep.mirror))
+
+    def read_range(self, start: int, end: int) -> bytes:
+        return self._read(lambda c, repo: c.get_range(repo, self.digest, start, end))
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return self._read(lambda c, repo: c.get_ranges(repo, self.digest, ranges))
+
+    def _read(self, call: Callable[[RegistryClient, str], T]) -> T:
+        errors: list[Exception] = []
+        deadline = time.monotonic() + fetch_timeout()
+        tried: set[tuple[str, str]] = set()
+        for group in self._groups:
+            try:
+                eps = [e for e in group() if e.pull and (e.registry, e.repository) not in tried]
+            except LazyshimError as e:  # a mirror configuration we cannot honour
+                errors.append(e)
+                continue
+            tried.update((e.registry, e.repository) for e in eps)
+            ok, result = _first_answer(
+                eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline)
+            if ok:
+                return result  # type: ignore[return-value]
+        raise _all_failed(errors, f"blob {self.digest}")
+
+
+class FillSources:
+    """Where the fills of one container come from.
+
+    `references` are the image(s) the container runs.  Without them (a bundle found by
+    its overlay), the images in the store whose layers are exactly `layers` stand in.
+    Fallbacks, asked only when those fail: the other images in the store that hold the
+    layer, then the registry the layer was first pulled from."""
+
+    def __init__(self, store, references: Sequence[str] = (), layers: Sequence[str] = ()) -> None:
+        self.store = store
+        self.references = list(references)
+        self.layers = list(layers)
+        self._lock = threading.Lock()
+        self._config: MirrorConfig | None = None
+        self._images: list[tuple[str, list[str]]] | None = None
+        self._resolved: dict[str, list[Endpoint]] = {}
+
+    def source(self, digest: str, first_registry: str = "", first_repository: str = "") -> MirroredBlobSource:
+        def primary() -> list[Endpoint]:
+            names = self.references or [n for n, layers in self._store_images() if layers == self.layers]
+            return self._endpoints(names)
+
+        def fallback() -> list[Endpoint]:
+            names = [n for n, layers in self._store_images() if digest in layers]
+            eps = self._endpoints(names)
+            if first_registry and first_repository:
+                eps += self._resolve(f"{first_registry}/{first_repository}", first_registry, first_repository, False)
+            return eps
+
+        return MirroredBlobSource(digest, primary, fallback)
+
+    def _endpoints(self, names: list[str]) -> list[Endpoint]:
+        from .registry.reference import InvalidReference, parse_reference
+
+        out: list[Endpoint] = []
+        errors: list[LazyshimError] = []
+        for name in names:
+            try:
+                ref = parse_reference(name)
+            except InvalidReference:
+                continue
+            try:
+                out += self._resolve(name, ref.registry, ref.repository, ref.digest is not None)
+            except LazyshimError as e:  # e.g. blocked: the other names may still serve
+                errors.append(e)
+        if not out and errors:
+            raise errors[0]
+        return out
+
+    def _resolve(self, key: str, registry: str, repository: str, digested: bool) -> list[Endpoint]:
+        with self._lock:
+            hit = self._resolved.get(key)
+            if hit is None:
+                if self._config is None:
+                    self._config = mirror_config()
+                hit = self._resolved[key] = self._config.resolve(registry, repository, digested=digested)
+            return hit
+
+    def _store_images(self) -> list[tuple[str, list[str]]]:
+        """(name, layers) of every image the store knows by name, read once per process."""
+        with self._lock:
+            if self._images is None:
+                self._images = _named_images(self.store)
+            return self._images
+
+
+def _named_images(store) -> list[tuple[str, list[str]]]:
+    from .store.metadata import load_image
+    from .store.refs import load_refs
+
+    out, records = [], {}
+    try:
+        names = sorted(load_refs(store).items())
+    except LazyshimError:
+        return []
+    for name, image_id in names:
+        if image_id not in records:
+            try:
+                records[image_id] = load_image(store.image_file(image_id).read_bytes()).layers
+            except (LazyshimError, OSError):
+                records[image_id] = None
+        if records[image_id] is not None:
+            out.append((name, records[image_id]))
+    return out
+
+
+def image_references(store, image) -> list[str]:
+    """The names a pulled image is known by, the one it was pulled as first: where its
+    fills may come from."""
+    from .store.refs import load_refs
+
+    names = [image.name]
+    try:
+        names += sorted(n for n, i in load_refs(store).items() if i == image.id and n != image.name)
+    except LazyshimError:
+        pass
+    return names
+
+
+_fill_sources: dict[tuple, FillSources] = {}
+
+
+def fill_sources(store, references: Sequence[str], layers: Sequence[str]) -> FillSources:
+    """One FillSources per container view for the whole process (shares its lookups)."""
+    key = (str(store.root), tuple(references), tuple(layers))
+    with _lock:
+        fs = _fill_sources.get(key)
+        if fs is None:
+            fs = _fill_sources[key] = FillSources(store, references, layers)
+        return fs
+
+
 class RegistryBlobSource:
+    """A layer blob's ranges from one registry, no mirrors (for callers that name it)."""
+
     def __init__(self, registry: str, repository: str, digest: str) -> None:
         self.client = shared_client(registry)
         self.repository = repository
