@@ -182,3 +182,16 @@ def test_a_shared_layer_fills_from_the_registry_of_the_image_run(tmp_path: Path,
         first.stop()
         assert _run_hashes(env, ref_b) == _expected()
         _wait_for("fill ranges in the second registry's log", lambda: len(_ranges(second, layers)) > 0)
+
+
+@pytest.mark.parametrize("conf, message", [
+    ('[[registry]]\nlocation = "127.0.0.1:1"\nblocked = true\n', "registry 127.0.0.1:1 is blocked in "),
+    ('[[registry]]\nlocation = "127.0.0.1:1"\ninsecure = "yes"\n', "insecure must be true or false"),
+    ("[[registry]\n", "not valid TOML"),
+])
+def test_a_blocked_registry_or_a_broken_conf_is_one_line(tmp_path: Path, conf: str, message: str) -> None:
+    env = _env(tmp_path, conf)
+    p = subprocess.run(LAZYSHIM + ["pull", "127.0.0.1:1/app:1"], env=dict(os.environ, **env), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith("lazyshim: ") and message in p.stderr and p.stderr.count("\n") == 1, p.stderr

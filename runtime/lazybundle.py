@@ -154,7 +154,7 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     lowers = api.layer_trees(store, image) + [Path(found.rootfs)]
     overlay.mount_overlay(lowers, scratch / "upper", scratch / "work", Path(found.rootfs))
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
-    return str(store.root), list(image.layers), api.image_sources(store, image)
+    return str(store.root), list(image.layers), api.image_sources(store, image, found.image)
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:

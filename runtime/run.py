@@ -73,7 +73,7 @@ def run(args) -> int:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None,
-                          sources=api.image_sources(store, image))
+                          sources=api.image_sources(store, image, args.image))
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         delegate = find_delegate()
         cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",

@@ -36,11 +36,12 @@ def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
     return do_pull(name, store)
 
 
-def image_sources(store: Store, image: ImageRecord) -> list[str]:
-    """The references a container of `image` fills from (the supervisor's `--sources`)."""
+def image_sources(store: Store, image: ImageRecord, asked: str | None = None) -> list[str]:
+    """The references a container of `image` fills from (the supervisor's `--sources`);
+    `asked`: the name the user gave, tried first."""
     from .sources import image_references
 
-    return image_references(store, image)
+    return image_references(store, image, asked)
 
 
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:

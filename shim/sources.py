@@ -128,6 +128,8 @@ class _Health:
 
     def order(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         """The endpoints in their order, those down recently moved to the end."""
+        if not self._down:
+            return list(endpoints)
         now = time.monotonic()
         with self._lock:
             down = {k for k, until in self._down.items() if until > now}
@@ -275,6 +277,26 @@ class MirroredBlobSource:
         self.digest = digest
         self._groups = (primary, fallback)
         self._client_for = client_for or (lambda ep: shared_client(ep, mirror=ep.mirror))
+        self._lists: list[list[Endpoint] | LazyshimError | None] = [None, None]
+        self._lock = threading.Lock()
+        self._limit = fetch_timeout()
+
+    def _group(self, i: int) -> list[Endpoint]:
+        """Endpoint group i (deduplicated against the earlier ones), worked out once."""
+        with self._lock:
+            got = self._lists[i]
+            if got is None:
+                try:
+                    earlier = {(e.registry, e.repository) for e in self._lists[0]} if i and isinstance(
+                        self._lists[0], list) else set()
+                    got = [e for e in self._groups[i]() if e.pull and (e.registry, e.repository) not in earlier]
+                    got = list({(e.registry, e.repository): e for e in got}.values())
+                except LazyshimError as e:  # a mirror configuration we cannot honour
+                    got = e
+                self._lists[i] = got
+        if isinstance(got, LazyshimError):
+            raise got
+        return got
 
     def read_range(self, start: int, end: int) -> bytes:
         return self._read(lambda c, repo: c.get_range(repo, self.digest, start, end))
@@ -284,15 +306,13 @@ class MirroredBlobSource:
 
     def _read(self, call: Callable[[RegistryClient, str], T]) -> T:
         errors: list[Exception] = []
-        deadline = time.monotonic() + fetch_timeout()
-        tried: set[tuple[str, str]] = set()
-        for group in self._groups:
+        deadline = time.monotonic() + self._limit
+        for i in range(len(self._groups)):
             try:
-                eps = [e for e in group() if e.pull and (e.registry, e.repository) not in tried]
-            except LazyshimError as e:  # a mirror configuration we cannot honour
+                eps = self._group(i)
+            except LazyshimError as e:
                 errors.append(e)
                 continue
-            tried.update((e.registry, e.repository) for e in eps)
             ok, result = _first_answer(
                 eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline)
             if ok:
@@ -386,17 +406,27 @@ def _named_images(store) -> list[tuple[str, list[str]]]:
     return out
 
 
-def image_references(store, image) -> list[str]:
-    """The names a pulled image is known by, the one it was pulled as first: where its
-    fills may come from."""
+def image_references(store, image, asked: str | None = None) -> list[str]:
+    """The names a pulled image is known by, where its fills may come from: the name the
+    user asked for first (one manifest may have been pulled from several registries), then
+    the one it was last pulled as, then the others."""
+    from .registry.reference import InvalidReference, parse_reference
     from .store.refs import load_refs
 
-    names = [image.name]
     try:
-        names += sorted(n for n, i in load_refs(store).items() if i == image.id and n != image.name)
+        known = sorted(n for n, i in load_refs(store).items() if i == image.id)
     except LazyshimError:
-        pass
-    return names
+        known = []
+    first = []
+    if asked:
+        try:
+            name = str(parse_reference(asked))
+        except InvalidReference:
+            name = ""
+        if name in known:
+            first.append(name)
+    names = first + [image.name] + known
+    return list(dict.fromkeys(names))
 
 
 _fill_sources: dict[tuple, FillSources] = {}

@@ -190,3 +190,5 @@ def test_image_references_lists_every_name_of_the_image(store: Store) -> None:
                       layers=[L1, L2], config={}, config_digest="sha256:" + "0" * 64)
     refs.set_ref(store, "z.example/py:copy", rec.id)
     assert sources.image_references(store, rec) == ["a.example/py:1", "z.example/py:copy"]
+    assert sources.image_references(store, rec, "z.example/py:copy") == ["z.example/py:copy", "a.example/py:1"]
+    assert sources.image_references(store, rec, "sha256:111111") == ["a.example/py:1", "z.example/py:copy"]
