@@ -136,12 +136,26 @@ def _warm(mirror: Registry, repo: str, digests: list[str]) -> None:
         _wait_for(f"blob {d[:19]} in the cache", lambda d=d: stored(d), timeout=60)
 
 
-def test_pull_and_fills_go_through_a_pull_through_cache(tmp_path: Path, origin, mirror: Registry) -> None:
+def _hosts_env(tmp_path: Path, origin: Registry, mirror: Registry) -> dict[str, str]:
+    """The same mirror as containerd's hosts.toml names it."""
+    d = tmp_path / "certs.d" / (origin.host.replace(":", "_") + "_")
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(f'server = "http://{origin.host}"\n\n[host."http://{mirror.host}"]\n'
+                                  '  capabilities = ["pull", "resolve"]\n')
+    return dict(_env(tmp_path, ""), LAZYSHIM_HOSTS_DIR=str(tmp_path / "certs.d"))
+
+
+@pytest.mark.parametrize("config", ["registries.conf", "hosts.toml"])
+def test_pull_and_fills_go_through_a_pull_through_cache(tmp_path: Path, origin, mirror: Registry,
+                                                         config: str) -> None:
     reg, ref, layers = origin
     _warm(mirror, "py", layers)
     reg.clear_access_log()
     mirror.clear_access_log()
-    env = _env(tmp_path, _mirror_conf(reg, mirror))
+    if config == "hosts.toml":
+        env = _hosts_env(tmp_path, reg, mirror)
+    else:
+        env = _env(tmp_path, _mirror_conf(reg, mirror))
     _lazyshim(env, "pull", ref)
     pulled = len(_ranges(mirror, layers))
     assert pulled > 0, "the TOCs came through the mirror"
