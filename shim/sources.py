@@ -14,9 +14,10 @@ Mirrors (shim.registry.mirrors: registries.conf, hosts.toml; the files are found
 LAZYSHIM_REGISTRIES_CONF, CONTAINERS_REGISTRIES_CONF, HOME, XDG_CONFIG_HOME and
 LAZYSHIM_HOSTS_DIR) are tried in order before the origin, for manifests, configs, TOCs and
 every fill.  Any registry error of an endpoint (connection refused, 5xx, 404, a wrong
-digest or range) moves on to the next one; an endpoint that did not answer at all is
-tried last for the next MIRROR_COOLDOWN seconds, so a stopped mirror costs one failed
-attempt, not one per file.  Whatever endpoint answers, its bytes are verified exactly as
+digest or range) moves on to the next one; for the next MIRROR_COOLDOWN seconds an
+endpoint that did not answer at all is tried last, and one that failed a blob is tried
+last for that blob, so a stopped mirror (or a cache that does not hold a blob yet) costs
+one failed attempt, not one per file.  Whatever endpoint answers, its bytes are verified exactly as
 the origin's are.
 
 A fill reads from the image the container runs (its references, with their mirrors),
@@ -120,30 +121,34 @@ def shared_client(registry: str | Endpoint, *, mirror: bool = False) -> Registry
 
 
 class _Health:
-    """Endpoints that did not answer at all, remembered for a while by the whole process."""
+    """Endpoints that did not answer at all, and endpoints that failed one blob (a cache that
+    does not hold it yet, a 404, a wrong range), remembered for a while by the whole process."""
 
     def __init__(self) -> None:
         self._down: dict[tuple, float] = {}
         self._lock = threading.Lock()
 
-    def order(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
-        """The endpoints in their order, those down recently moved to the end."""
+    def order(self, endpoints: Sequence[Endpoint], blob: str | None = None) -> list[Endpoint]:
+        """The endpoints in their order, those that failed recently (for `blob`) moved to the end."""
         if not self._down:
             return list(endpoints)
         now = time.monotonic()
         with self._lock:
             down = {k for k, until in self._down.items() if until > now}
-        return [e for e in endpoints if e.key not in down] + [e for e in endpoints if e.key in down]
+        aside = [e for e in endpoints if e.key in down or (e.key, blob) in down]
+        return [e for e in endpoints if e not in aside] + aside
 
-    def failed(self, ep: Endpoint, err: RegistryError) -> None:
-        if isinstance(err, RegistryUnavailable):
+    def failed(self, ep: Endpoint, err: RegistryError, blob: str | None = None) -> None:
+        key = ep.key if isinstance(err, RegistryUnavailable) else (ep.key, blob) if blob else None
+        if key is not None:
             with self._lock:
-                self._down[ep.key] = time.monotonic() + MIRROR_COOLDOWN
+                self._down[key] = time.monotonic() + MIRROR_COOLDOWN
 
-    def answered(self, ep: Endpoint) -> None:
+    def answered(self, ep: Endpoint, blob: str | None = None) -> None:
         if self._down:
             with self._lock:
                 self._down.pop(ep.key, None)
+                self._down.pop((ep.key, blob), None)
 
 
 _health = _Health()
@@ -162,19 +167,20 @@ def _all_failed(errors: list[Exception], what: str) -> Exception:
 
 
 def _first_answer(endpoints: Sequence[Endpoint], call: Callable[[Endpoint], T], errors: list[Exception],
-                  deadline: float | None = None) -> tuple[bool, T | None]:
-    """(True, result) of the first endpoint that answers `call`, or (False, None) with the
-    reasons appended to `errors`.  After `deadline` (monotonic) no further endpoint is asked."""
-    for ep in _health.order(endpoints):
+                  deadline: float | None = None, blob: str | None = None) -> tuple[bool, T | None]:
+    """(True, result) of the first endpoint that answers `call` (about `blob`), or (False, None)
+    with the reasons appended to `errors`.  After `deadline` (monotonic) no further endpoint
+    is asked."""
+    for ep in _health.order(endpoints, blob):
         if deadline is not None and errors and time.monotonic() > deadline:
             break
         try:
             result = call(ep)
         except RegistryError as e:
-            _health.failed(ep, e)
+            _health.failed(ep, e, blob)
             errors.append(e)
             continue
-        _health.answered(ep)
+        _health.answered(ep, blob)
         return True, result
     return False, None
 
@@ -205,10 +211,12 @@ class MirroredClient:
     def _repo(self, ep: Endpoint, repository: str) -> str:
         return ep.repository if repository == self.repository else repository
 
-    def _try(self, call: Callable[[RegistryClient, str], T], repository: str, what: str, *, tag: bool = False) -> T:
+    def _try(self, call: Callable[[RegistryClient, str], T], repository: str, what: str, *, tag: bool = False,
+             blob: str | None = None) -> T:
         eps = [e for e in self.endpoints if (e.resolve if tag else e.pull)]
         errors: list[Exception] = []
-        ok, result = _first_answer(eps, lambda ep: call(self._client(ep), self._repo(ep, repository)), errors)
+        ok, result = _first_answer(eps, lambda ep: call(self._client(ep), self._repo(ep, repository)), errors,
+                                   blob=blob)
         if not ok:
             raise _all_failed(errors, what)
         return result  # type: ignore[return-value]
@@ -219,13 +227,16 @@ class MirroredClient:
                          f"manifest {reference[:80]} of {repository}", tag=tag)
 
     def get_blob(self, repository: str, digest: str, *, max_size: int) -> bytes:
-        return self._try(lambda c, repo: c.get_blob(repo, digest, max_size=max_size), repository, f"blob {digest}")
+        return self._try(lambda c, repo: c.get_blob(repo, digest, max_size=max_size), repository, f"blob {digest}",
+                         blob=digest)
 
     def get_range(self, repository: str, digest: str, start: int, end: int) -> bytes:
-        return self._try(lambda c, repo: c.get_range(repo, digest, start, end), repository, f"blob {digest}")
+        return self._try(lambda c, repo: c.get_range(repo, digest, start, end), repository, f"blob {digest}",
+                         blob=digest)
 
     def get_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]], **kw) -> list[bytes]:
-        return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}")
+        return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}",
+                         blob=digest)
 
     def stream_blob(self, repository: str, digest: str, **kw) -> Iterator[bytes]:
         """The blob in chunks from the first endpoint that starts sending it; a failure after
@@ -237,7 +248,7 @@ class MirroredClient:
             return it, next(it, None)
 
         def gen() -> Iterator[bytes]:
-            ok, got = _first_answer([e for e in self.endpoints if e.pull], first, errors)
+            ok, got = _first_answer([e for e in self.endpoints if e.pull], first, errors, blob=digest)
             if not ok:
                 raise _all_failed(errors, f"blob {digest}")
             it, chunk = got  # type: ignore[misc]
@@ -314,7 +325,7 @@ class MirroredBlobSource:
                 errors.append(e)
                 continue
             ok, result = _first_answer(
-                eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline)
+                eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline, self.digest)
             if ok:
                 return result  # type: ignore[return-value]
         raise _all_failed(errors, f"blob {self.digest}")

@@ -103,11 +103,14 @@ def test_a_mirror_that_did_not_answer_is_asked_last_for_a_while() -> None:
     assert len(fleet.seen["m.example"]) == asked  # not one failed attempt per request
 
 
-def test_a_404_does_not_put_a_mirror_aside() -> None:
+def test_a_404_puts_a_mirror_aside_for_that_blob_only() -> None:
     fleet = Fleet({"m.example": status(404), "o.example": serves()})
+    other = "sha256:" + "e" * 64
     with _client(fleet, "m.example", "o.example") as c:
         c.get_range("app", DIGEST, 0, 10)
         c.get_range("app", DIGEST, 0, 10)
+        assert len(fleet.seen["m.example"]) == 1
+        c.get_range("app", other, 0, 10)  # another blob: the mirror is asked first again
     assert len(fleet.seen["m.example"]) == 2
 
 
