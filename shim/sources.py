@@ -238,23 +238,46 @@ class MirroredClient:
         return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}",
                          blob=digest)
 
-    def stream_blob(self, repository: str, digest: str, **kw) -> Iterator[bytes]:
-        """The blob in chunks from the first endpoint that starts sending it; a failure after
-        the first chunk is the caller's (it has consumed bytes: nothing to fall back on)."""
-        errors: list[Exception] = []
+    def stream_blob(self, repository: str, digest: str, *, chunk_size: int = 1 << 20,
+                    max_size: int | None = None) -> Iterator[bytes]:
+        """The blob in chunks from the first endpoint that sends it.  If that endpoint fails
+        mid-blob (after its own retries), the rest comes from the next endpoints as ranges,
+        and the digest of the whole is checked here; a wrong digest at the end is final (the
+        caller has consumed the bytes and discards what it built from them)."""
+        from .registry.errors import BlobTooLarge, DigestMismatch
+        from .registry.manifest import check_hash, hasher
 
-        def first(ep: Endpoint) -> tuple[Iterator[bytes], bytes | None]:
-            it = self._client(ep).stream_blob(self._repo(ep, repository), digest, **kw)
-            return it, next(it, None)
+        h = hasher(digest)
 
         def gen() -> Iterator[bytes]:
-            ok, got = _first_answer([e for e in self.endpoints if e.pull], first, errors, blob=digest)
-            if not ok:
-                raise _all_failed(errors, f"blob {digest}")
-            it, chunk = got  # type: ignore[misc]
-            if chunk is not None:
-                yield chunk
-                yield from it
+            errors: list[Exception] = []
+            received = 0
+            for ep in _health.order([e for e in self.endpoints if e.pull], digest):
+                client, repo = self._client(ep), self._repo(ep, repository)
+                try:
+                    if received == 0:
+                        for chunk in client.stream_blob(repo, digest, chunk_size=chunk_size, max_size=max_size):
+                            h.update(chunk)
+                            received += len(chunk)
+                            yield chunk
+                        return  # the endpoint's client checked the digest
+                    size = client.blob_size(repo, digest)
+                    if max_size is not None and size > max_size:
+                        raise BlobTooLarge(f"registry {ep.registry}: blob {digest}: larger than {max_size} bytes")
+                    while received < size:
+                        data = client.get_range(repo, digest, received, min(size, received + chunk_size))
+                        h.update(data)
+                        received += len(data)
+                        yield data
+                    check_hash(h, digest, f"registry {ep.registry}: blob {digest} (resumed)")
+                    _health.answered(ep, digest)
+                    return
+                except (DigestMismatch, BlobTooLarge):
+                    raise
+                except RegistryError as e:
+                    _health.failed(ep, e, digest)
+                    errors.append(e)
+            raise _all_failed(errors, f"blob {digest}")
 
         return gen()
 

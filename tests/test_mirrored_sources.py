@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shim import sources
-from shim.registry import RegistryClient, RegistryError, RegistryUnavailable
+from shim.registry import DigestMismatch, RegistryClient, RegistryError, RegistryUnavailable
 from shim.registry.mirrors import Endpoint
 from shim.store import refs
 from shim.store.layout import Store
@@ -126,6 +126,42 @@ def test_stream_falls_through_before_the_first_chunk() -> None:
     fleet = Fleet({"m.example": status(500), "o.example": serves()})
     with _client(fleet, "m.example", "o.example") as c:
         assert b"".join(c.stream_blob("app", DIGEST, chunk_size=1000)) == BLOB
+
+
+def test_a_stream_cut_mid_blob_resumes_from_the_next_endpoint() -> None:
+    def cut(request: httpx.Request) -> httpx.Response:
+        if "range" in request.headers:
+            return httpx.Response(503)
+
+        def body():
+            yield BLOB[:5000]
+            raise httpx.ReadError("connection reset")
+        return httpx.Response(200, content=body())
+
+    asked: list[str] = []
+
+    def origin(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.method} {request.headers.get('range', '')}".strip())
+        return serves()(request)
+
+    fleet = Fleet({"m.example": cut, "o.example": origin})
+    with _client(fleet, "m.example", "o.example") as c:
+        assert b"".join(c.stream_blob("app", DIGEST, chunk_size=4096)) == BLOB
+    assert asked[:3] == ["HEAD", "GET bytes=4096-8191", "GET bytes=8192-12287"]  # the size, then the rest
+
+
+def test_a_resumed_stream_with_wrong_bytes_fails_its_digest() -> None:
+    def cut(request: httpx.Request) -> httpx.Response:
+        def body():
+            yield BLOB[:5000]
+            raise httpx.ReadError("connection reset")
+        return httpx.Response(200, content=body()) if "range" not in request.headers else httpx.Response(503)
+
+    liar = bytearray(BLOB)
+    liar[9000] ^= 1
+    fleet = Fleet({"m.example": cut, "o.example": serves(bytes(liar))})
+    with _client(fleet, "m.example", "o.example") as c, pytest.raises(DigestMismatch):
+        b"".join(c.stream_blob("app", DIGEST))
 
 
 def test_blob_source_asks_fallbacks_only_when_the_image_own_endpoints_fail() -> None:
