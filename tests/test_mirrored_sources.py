@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shim import sources
+from shim import endpoints, sources
 from shim.registry import DigestMismatch, RegistryClient, RegistryError, RegistryUnavailable
 from shim.registry.mirrors import Endpoint
 from shim.store import refs
@@ -25,7 +25,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 @pytest.fixture(autouse=True)
 def fresh_health(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_health", sources._Health())
+    monkeypatch.setattr(endpoints, "_health", endpoints._Health())
 
 
 def serves(blob: bytes = BLOB) -> Handler:
@@ -61,10 +61,10 @@ class Fleet:
                               auth_files=[])
 
 
-def _client(fleet: Fleet, *hosts: str) -> sources.MirroredClient:
+def _client(fleet: Fleet, *hosts: str) -> endpoints.MirroredClient:
     eps = [Endpoint(h, "app" if i == len(hosts) - 1 else "cache/app", mirror=i < len(hosts) - 1)
            for i, h in enumerate(hosts)]
-    return sources.MirroredClient(eps, "app", client_factory=fleet.client)
+    return endpoints.MirroredClient(eps, "app", client_factory=fleet.client)
 
 
 @pytest.mark.parametrize("mirror", [status(503), status(404), refused, serves(b"x" * 10)])
@@ -117,7 +117,7 @@ def test_a_404_puts_a_mirror_aside_for_that_blob_only() -> None:
 def test_tags_resolve_only_on_trusted_endpoints() -> None:
     fleet = Fleet({"m.example": serves(), "o.example": status(404)})
     eps = [Endpoint("m.example", "app", mirror=True, resolve=False), Endpoint("o.example", "app")]
-    with sources.MirroredClient(eps, "app", client_factory=fleet.client) as c, pytest.raises(RegistryError):
+    with endpoints.MirroredClient(eps, "app", client_factory=fleet.client) as c, pytest.raises(RegistryError):
         c.get_manifest("app", "latest")
     assert fleet.seen["m.example"] == []
 
@@ -172,10 +172,10 @@ def test_blob_source_asks_fallbacks_only_when_the_image_own_endpoints_fail() -> 
         calls.append(1)
         return [Endpoint("b.example", "other")]
 
-    src = sources.MirroredBlobSource(DIGEST, lambda: [Endpoint("a.example", "app")], fallback, fleet.client)
+    src = endpoints.MirroredBlobSource(DIGEST, lambda: [Endpoint("a.example", "app")], fallback, fleet.client, 30)
     assert src.read_range(5, 50) == BLOB[5:50]
     assert calls == [1] and fleet.seen["b.example"] == [f"/v2/other/blobs/{DIGEST}"]
-    ok = sources.MirroredBlobSource(DIGEST, lambda: [Endpoint("b.example", "app")], fallback, fleet.client)
+    ok = endpoints.MirroredBlobSource(DIGEST, lambda: [Endpoint("b.example", "app")], fallback, fleet.client, 30)
     assert ok.read_ranges([(0, 4), (8, 12)]) == [BLOB[0:4], BLOB[8:12]]
     assert calls == [1]
 
@@ -207,7 +207,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     return s
 
 
-def _groups(src: sources.MirroredBlobSource) -> list[list[tuple[str, str]]]:
+def _groups(src: endpoints.MirroredBlobSource) -> list[list[tuple[str, str]]]:
     return [[(e.registry, e.repository) for e in g()] for g in src._groups]
 
 
