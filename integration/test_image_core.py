@@ -33,11 +33,13 @@ import pytest
 
 from integration.images import PrivateEnv, skopeo_copy
 from integration.registry import Registry
+from integration.storeview import has_data, image_mount, layout_name, overlay_options
 from integration.treecmp import diff, snapshot
 from shim.formats import estargz
 from shim.formats.estargz_writer import build_estargz, tar_header, tar_padding
 from shim.registry.client import RegistryClient
-from shim.store.metadata import load_layer
+from shim.store.layout import Store
+from shim.store.layouts import MountSpec, load_meta
 
 LAZYSHIM = [sys.executable, "-m", "runtime.main"]
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -75,23 +77,21 @@ def layer_dirs(store: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def overlay(lowers_bottom_first: list[Path], target: Path) -> Iterator[Path]:
-    """A read-only overlay of trees (no upper dir), as the runtime stacks them."""
+def overlay(spec: MountSpec, target: Path) -> Iterator[Path]:
+    """A read-only overlay of an image's trees (no upper dir), as the runtime stacks them."""
     target.mkdir(parents=True, exist_ok=True)
-    if len(lowers_bottom_first) == 1:  # overlayfs wants two lowers without an upper
-        lowers_bottom_first = [*lowers_bottom_first, target.parent / "empty-lower"]
-        lowers_bottom_first[-1].mkdir(exist_ok=True)
-    opts = "lowerdir=" + ":".join(str(p) for p in reversed(lowers_bottom_first))
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(target)], check=True)
+    if len(spec.lowers) == 1 and not spec.data_lowers:  # overlayfs wants two lowers without an upper
+        (target.parent / "empty-lower").mkdir(exist_ok=True)
+        spec = MountSpec([*spec.lowers, target.parent / "empty-lower"])
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", overlay_options(spec), str(target)], check=True)
     try:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=True)
 
 
-def image_trees(store: Path, ref: str) -> list[Path]:
-    info = json.loads(lazyshim(store, "inspect", ref).stdout)
-    return [Path(layer["tree"]) for layer in info["layers"]]
+def image_trees(store: Path, ref: str) -> MountSpec:
+    return image_mount(store, ref)
 
 
 # ------------------------------------------------------------------ hand-made images
@@ -273,7 +273,7 @@ def test_pulled_placeholders_have_the_final_metadata_before_fetch(rich: dict, re
 
 def _entry(store: Path, name: str):
     for d in layer_dirs(store):
-        meta = load_layer((d / "meta.cbor").read_bytes())
+        meta = load_meta(Store(store), d.name.replace("-", ":", 1))
         for i, e in enumerate(meta.toc.entries):
             if e.name == name and e.type == "reg":
                 return d, meta, i, e
@@ -301,11 +301,13 @@ def test_corrupt_blob_fails_fetch_and_fills_nothing_unverified(chunk: int, image
     assert_one_line_failure(p, "digest", "corrupt", "crc")
     assert "random.bin" in p.stderr
     assert (layer_dir / "filled").read_bytes()[idx] == 0
-    st = os.stat(layer_dir / "tree" / e.name)
-    assert st.st_blocks == 0 and st.st_size == e.size
+    assert not has_data(store, meta.digest, idx)
+    if layout_name(store) == "v1":
+        st = os.stat(layer_dir / "tree" / e.name)
+        assert st.st_blocks == 0 and st.st_size == e.size
     # The registry serves good bytes again: the same store now fills it correctly.
     lazyshim(store, "fetch", ref)
-    assert (layer_dir / "filled").read_bytes()[idx] == 1
+    assert (layer_dir / "filled").read_bytes()[idx] == 1 and has_data(store, meta.digest, idx)
 
 
 # ------------------------------------------------------------------ hostile layers

@@ -16,6 +16,7 @@ import pytest
 
 from integration.images import RANDOM_FILE_SIZE, build_and_push, fetch_manifest
 from integration.registry import Registry
+from integration.storeview import layer_trees
 from integration.test_lazy_run import LAZYSHIM, lazyshim
 
 RANDOM_SHA = hashlib.sha256(random.Random(20240601).randbytes(RANDOM_FILE_SIZE)).hexdigest()
@@ -74,7 +75,7 @@ def test_hostile_container_cannot_reach_host_files(store: Path, images: dict[str
     assert (after.st_mtime_ns, after.st_size, canary.read_bytes()) == (before.st_mtime_ns, before.st_size,
                                                                        b"host secret\n")
     # The store's own trees are untouched by what the container did in its upper dir.
-    for tree in (store / "layers").glob("*/tree"):
+    for tree in layer_trees(store):
         assert not (tree / "app/evil").exists()
         if (tree / "app").is_dir():
             assert (tree / "app/hello.txt").exists()

@@ -35,8 +35,9 @@ def run(args) -> int:
     try:
         from shim.userns import in_user_namespace
 
-        overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
-                              userxattr=in_user_namespace())
+        lower = api.layer_mount(store, image)
+        overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
+                              userxattr=in_user_namespace(), data_lowers=lower.data_lowers, options=lower.options)
         mounted = True
         cfg = image.config
         args_ = spec.process_args(cfg, list(args.command), args.entrypoint)

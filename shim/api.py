@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import LazyshimError
 from .store.layout import Store
+from .store.layouts import MountSpec
 from .store.metadata import ImageRecord
 
 
@@ -33,9 +34,17 @@ def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
     return do_pull(name, store)
 
 
+def layer_mount(store: Store, image: ImageRecord) -> MountSpec:
+    """What an overlay of the image needs (lower dirs bottom first, data-only lower dirs, mount
+    options), whatever the store's layout; trees lost with a reboot are rebuilt first."""
+    from .store.layouts import layout_of
+
+    return layout_of(store).mount_spec(image.layers)
+
+
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
-    """The image's placeholder trees, bottom layer first."""
-    return [store.layer_dir(d) / "tree" for d in image.layers]
+    """The image's layer trees (overlay lower dirs), bottom layer first."""
+    return layer_mount(store, image).lowers
 
 
 def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str) -> tuple[int, int]:

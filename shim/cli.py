@@ -55,7 +55,8 @@ def cmd_pull(args) -> int:
 
 def cmd_images(args) -> int:
     from .api import open_store
-    from .store.metadata import load_image, load_layer
+    from .store.layouts import load_meta
+    from .store.metadata import load_image
     from .store.refs import load_refs
 
     store = open_store()
@@ -66,7 +67,7 @@ def cmd_images(args) -> int:
             rec = load_image(store.image_file(image_id).read_bytes())
             layers = len(rec.layers)
             for d in rec.layers:
-                size += load_layer((store.layer_dir(d) / "meta.cbor").read_bytes()).blob_size
+                size += load_meta(store, d).blob_size
             shown = _human(size)
         except (OSError, LazyshimError):
             shown = "(damaged)"
@@ -90,24 +91,29 @@ def _human(n: int) -> str:
 
 def cmd_inspect(args) -> int:
     from .api import open_store
-    from .store.metadata import load_layer
+    from .store.layouts import layout_of, load_meta
     from .store.refs import resolve_image
 
     store = open_store()
     rec = resolve_image(store, args.image)
+    layout = layout_of(store)
     layers = []
     for d in rec.layers:
-        meta = load_layer((store.layer_dir(d) / "meta.cbor").read_bytes())
-        filled = (store.layer_dir(d) / "filled").read_bytes()
+        meta = load_meta(store, d)
         regs = [i for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size]
+        filler = layout.filler(d, meta, _no_source)
         layers.append({
             "digest": d, "format": meta.format, "size": meta.blob_size, "entries": len(meta.toc.entries),
-            "files": len(regs), "filled": sum(1 for i in regs if filled[i]),
-            "prioritized": meta.toc.prioritized, "tree": str(store.layer_dir(d) / "tree"),
+            "files": len(regs), "filled": sum(1 for i in regs if filler.is_filled(i)),
+            "prioritized": meta.toc.prioritized, "tree": str(layout.lower_dir(d)), "layout": layout.name,
         })
     json.dump({"id": rec.id, "name": rec.name, "config": rec.config, "layers": layers}, sys.stdout, indent=2)
     print()
     return 0
+
+
+def _no_source():
+    raise LazyshimError("inspect fetches nothing")
 
 
 def cmd_rmi(args) -> int:

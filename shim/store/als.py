@@ -3,8 +3,10 @@
 With `additionallayerstores = ["STORE/als:ref"]` in storage.conf, podman's pull looks for
 `STORE/als/<base64(image ref)>/<layer digest>/{diff,info,blob}` and, when it finds them,
 uses `diff` as the layer's lower dir instead of downloading the blob.  We point `diff` at
-our placeholder tree, so `podman pull` becomes manifest + config only and `podman run
---runtime lazyshim` gets a rootfs whose lower dirs are ours.
+the layer's tree (v1: the placeholder tree; v2: a read-only overlay of its metadata tree over
+the data objects, so an unfilled file fails to open instead of reading as zeros), so `podman
+pull` becomes manifest + config only and `podman run --runtime lazyshim` gets a rootfs whose
+lower dirs are ours.
 
 `info` is the containers/storage Layer record (digests and sizes); `blob` must exist but is
 never read for running containers, so it stays empty.
@@ -35,6 +37,10 @@ def ref_dir(store: Store, ref: str) -> Path:
 def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[str]) -> None:
     """Write the ALS entries of an image under every name podman may look it up by."""
     diff_ids = list((rec.config.get("rootfs") or {}).get("diff_ids") or [])
+    from .layouts import layout_of
+
+    layout = layout_of(store)
+    diffs = [layout.als_diff(meta.digest) for meta in metas]  # (re)mounts v2's read-only views
     for ref in dict.fromkeys(refs):
         base = ref_dir(store, ref)
         for i, meta in enumerate(metas):
@@ -43,7 +49,7 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
                 continue
             tmp = base / f".{meta.digest}.{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
-            os.symlink(store.layer_dir(meta.digest) / "tree", tmp / "diff")
+            os.symlink(diffs[i], tmp / "diff")
             (tmp / "blob").touch()
             info = {
                 "compressed-diff-digest": meta.digest,

@@ -13,7 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .layout import Store
+from .layout import Store, digest_dirname
+from .layouts import layout_of
 from .metadata import load_image
 from .mounts import overlay_mounts
 
@@ -33,7 +34,12 @@ def referenced_layers(store: Store) -> set[str]:
 
 
 def mounted_layers(store: Store) -> set[str]:
-    """Layer dir names whose tree is a lowerdir of an overlay mount (all visible namespaces)."""
+    """Layer dir names whose tree is a lowerdir of an overlay mount (all visible namespaces).
+
+    The store's own read-only views (v2's podman `diff` dirs) do not count: they are mounted
+    for as long as the layer exists; podman's overlays above them do."""
+    from .layouts import layer_of_lowerdir, view_root
+
     seen_ns: set[str] = set()
     texts: list[str] = []
     for pid in ["self", *(p for p in os.listdir("/proc") if p.isdigit())]:
@@ -45,11 +51,17 @@ def mounted_layers(store: Store) -> set[str]:
             seen_ns.add(ns)
         except OSError:
             continue
-    prefix = os.path.realpath(store.layers) + "/"
+    root = os.path.realpath(store.root)
+    views = os.path.realpath(view_root(store)) + "/"
     out: set[str] = set()
     for text in texts:
-        for _, lowers in overlay_mounts(text):
-            out.update(low[len(prefix):].split("/", 1)[0] for low in lowers if low.startswith(prefix))
+        for target, lowers in overlay_mounts(text):
+            if target.startswith(views):
+                continue
+            for low in lowers:
+                hit = layer_of_lowerdir(low)
+                if hit is not None and os.path.realpath(hit[0]) == root:
+                    out.add(digest_dirname(hit[1]))
     return out
 
 
@@ -64,6 +76,7 @@ def collect(store: Store) -> list[str]:
             if d.name in keep or not d.is_dir():
                 continue
             with store.lock(d.name):
+                layout_of(store).forget(d.name.replace("-", ":", 1))
                 # Move it out of layers/ first: a crash mid-delete leaves no half layer behind.
                 trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
                 os.rename(d, trash)
