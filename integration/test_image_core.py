@@ -33,7 +33,7 @@ import pytest
 
 from integration.images import PrivateEnv, skopeo_copy
 from integration.registry import Registry
-from integration.storeview import has_data, image_mount, layout_name, overlay_options
+from integration.storeview import file_filled, has_data, image_mount, layout_name, overlay_options
 from integration.treecmp import diff, snapshot
 from shim.formats import estargz
 from shim.formats.estargz_writer import build_estargz, tar_header, tar_padding
@@ -262,8 +262,10 @@ def test_pulled_placeholders_have_the_final_metadata_before_fetch(rich: dict, re
     lazyshim(store, "pull", dst)
     with overlay(image_trees(store, dst), tmp_path / "mnt") as root:
         st = os.stat(root / "data/big.bin")
-        assert st.st_blocks == 0 and st.st_size == 300_004
-        got = {k: v[:4] for k, v in snapshot(root).items() if k != "#links"}
+        assert st.st_size == 300_004 and not file_filled(store, "/data/big.bin")
+        if layout_name(store) == "v1":
+            assert st.st_blocks == 0  # v2 reports the blocks the file will take
+        got = {k: v[:4] for k, v in snapshot(root, contents=False).items() if k != "#links"}
     want = {k: v[:4] for k, v in rich["snapshot"].items() if k != "#links"}
     assert got == want  # type, mode, owner: all final before a byte of content arrives
 

@@ -16,8 +16,12 @@ from .store.metadata import ImageRecord
 
 
 def open_store(root: Path | None = None) -> Store:
+    """The store, created if new, with its layout decided (a bad LAZYSHIM_STORE_LAYOUT fails here)."""
+    from .store.layouts import layout_of
+
     store = Store(root)
     store.ensure()
+    layout_of(store)
     return store
 
 

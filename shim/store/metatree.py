@@ -60,7 +60,11 @@ class MetaLayout(LayerLayout):
         self.data_root = store.root / _DATA
 
     def populate(self, meta: LayerMeta, staging: Path, opts) -> None:
-        meta.inodes = []  # nothing on disk but the metadata: the tree lives in memory
+        """Build the tree in memory now (the caller holds the layer's lock), so a TOC the tree
+        refuses fails the pull before the layer dir exists; on disk only the metadata."""
+        meta.inodes = []
+        self._ensure_tmpfs()
+        self._build_unlocked(meta)
 
     def _is_disk_tree(self, digest: str) -> bool:
         return (self.store.layer_dir(digest) / _TREE).is_dir()  # legacy: unpacked in full
@@ -78,21 +82,23 @@ class MetaLayout(LayerLayout):
             return
         self._ensure_tmpfs()
         with self.store.lock(name):
-            final = self.meta_root / name
-            if final.is_dir():
-                return
-            if meta is None:
-                meta = load_meta(self.store, digest)
-            for stale in self.meta_root.glob(f".{name}.*"):  # a build that died half-way
-                shutil.rmtree(stale, ignore_errors=True)
-            staging = self.meta_root / f".{name}.{os.getpid()}"
-            (staging / _TREE).mkdir(parents=True)
-            try:
-                self._build(meta, staging)
-                os.rename(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            self._build_unlocked(meta or load_meta(self.store, digest))
+
+    def _build_unlocked(self, meta: LayerMeta) -> None:
+        name = digest_dirname(meta.digest)
+        final = self.meta_root / name
+        if final.is_dir():
+            return
+        for stale in self.meta_root.glob(f".{name}.*"):  # a build that died half-way
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = self.meta_root / f".{name}.{os.getpid()}"
+        (staging / _TREE).mkdir(parents=True)
+        try:
+            self._build(meta, staging)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _build(self, meta: LayerMeta, staging: Path) -> None:
         from .placeholders import TreeOptions, build_tree
