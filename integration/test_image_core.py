@@ -71,6 +71,13 @@ def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture(params=["v1", "v2"])
+def store_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with a store of each layout (fidelity and hostile input must hold for both)."""
+    monkeypatch.setenv("LAZYSHIM_STORE_LAYOUT", request.param)
+    return request.param
+
+
 def layer_dirs(store: Path) -> list[Path]:
     d = store / "layers"
     return sorted(d.iterdir()) if d.is_dir() else []
@@ -237,15 +244,15 @@ def fetched_snapshot(store: Path, ref: str, mnt: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("variant", ["esgz", "zstdchunked", "podman-zstdchunked"])
-def test_fetched_python_equals_umoci_unpack(variant: str, images: dict[str, str], store: Path,
+def test_fetched_python_equals_umoci_unpack(store_layout: str, variant: str, images: dict[str, str], store: Path,
                                             tmp_path: Path, python_reference: dict[str, tuple]) -> None:
     got = fetched_snapshot(store, images[f"python:{variant}"], tmp_path / "mnt")
     assert diff(python_reference, got) == []
 
 
 @pytest.mark.parametrize("fmt", ["estargz", "zstd:chunked"])
-def test_converted_rich_image_equals_umoci_unpack(fmt: str, rich: dict, registry: Registry, store: Path,
-                                                  tmp_path: Path) -> None:
+def test_converted_rich_image_equals_umoci_unpack(store_layout: str, fmt: str, rich: dict, registry: Registry,
+                                                  store: Path, tmp_path: Path) -> None:
     """Owners, xattrs, devices, fifos, hardlinks, duplicates and whiteouts survive our converter
     and our pull/fetch exactly as umoci reproduces them from the original."""
     dst = f"{registry.host}/rich:conv-{fmt.replace(':', '-')}"
@@ -255,7 +262,7 @@ def test_converted_rich_image_equals_umoci_unpack(fmt: str, rich: dict, registry
     assert diff(rich["snapshot"], got) == []
 
 
-def test_pulled_placeholders_have_the_final_metadata_before_fetch(rich: dict, registry: Registry,
+def test_pulled_placeholders_have_the_final_metadata_before_fetch(store_layout: str, rich: dict, registry: Registry,
                                                                    store: Path, tmp_path: Path) -> None:
     dst = f"{registry.host}/rich:conv-meta"
     lazyshim(store, "convert", rich["ref"], dst)
@@ -388,8 +395,8 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_layer_is_refused_and_leaves_nothing(case: str, registry: Registry, images: dict[str, str],
-                                                    store: Path) -> None:
+def test_hostile_layer_is_refused_and_leaves_nothing(store_layout: str, case: str, registry: Registry,
+                                                    images: dict[str, str], store: Path) -> None:
     make, words = HOSTILE[case]
     blob, ann = make()
     ref = push_image(registry.host, "hostile", case, [(blob, MT_GZIP, ann, _sha(b"unused"))])
