@@ -3,6 +3,7 @@ image through the additional layer store, and containerd's `ctr run --runc-binar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -14,9 +15,11 @@ import pytest
 
 from integration.images import Containerd, fetch_manifest
 from integration.registry import Registry
+from integration.storeview import layout_name
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
 from integration.test_lazy_run import lazyshim
-from integration.test_runtime_cli import LAZYSHIM, RUN_FLAGS, sh
+from integration.test_runtime_cli import LAZYSHIM, RANDOM_SHA, RUN_FLAGS, sh
+from integration.test_store_layouts import image_digests, read_all
 
 HELLO = "hello from a lazy engine"
 
@@ -80,6 +83,39 @@ def test_podman_pulls_through_the_layer_store_and_runs_lazily(
     served = sum(registry.bytes_served(la["digest"]) for la in layers)
     total = sum(la["size"] for la in layers)
     assert 0 < served < total * 0.8, f"fetched {served} of {total} bytes"
+
+
+def test_podman_readers_of_a_running_lazy_container_get_bytes_or_errors(
+        store: Path, podman_als, images: dict[str, str], tmp_path: Path) -> None:
+    """`podman cp` and podman's merged dir, outside the supervised container and before any
+    fill: each read is the image's exact bytes or an error, never zeros (store layout v2)."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    assert layout_name(store) == "v2"
+    podman, env = podman_als
+    assert sh(*podman, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+    p = sh(*podman, "run", "-d", "--name", "lazy1", "--network", "none", "--ulimit", "nofile=20000:20000",
+           "--ulimit", "nproc=32768:32768", "--annotation", "run.lazyshim.background-fetch=none", ref,
+           "sleep", "1000", env=env)
+    assert p.returncode == 0, p.stderr
+    try:
+        cp = sh(*podman, "cp", "lazy1:/app/random.bin", str(tmp_path / "random.bin"), env=env)
+        if cp.returncode == 0:
+            assert hashlib.sha256((tmp_path / "random.bin").read_bytes()).hexdigest() == RANDOM_SHA
+        else:
+            assert not (tmp_path / "random.bin").exists() or (tmp_path / "random.bin").stat().st_size == 0
+        merged = sh(*podman, "mount", "lazy1", env=env)
+        assert merged.returncode == 0, merged.stderr
+        exact, failed, wrong = read_all(Path(merged.stdout.strip()), image_digests(store))
+        assert wrong == 0 and failed > 0, (exact, failed, wrong)
+        # The container itself gets the bytes (the supervisor fills), then so does podman cp.
+        p = sh(*podman, "exec", "lazy1", "sha256sum", "/app/random.bin", env=env)
+        assert p.stdout.split()[0] == RANDOM_SHA, p.stderr
+        cp = sh(*podman, "cp", "lazy1:/app/random.bin", str(tmp_path / "random2.bin"), env=env)
+        assert cp.returncode == 0, cp.stderr
+        assert hashlib.sha256((tmp_path / "random2.bin").read_bytes()).hexdigest() == RANDOM_SHA
+    finally:
+        sh(*podman, "rm", "-f", "-t", "0", "lazy1", env=env)
 
 
 def test_podman_non_lazy_image_runs_unchanged_through_lazyshim(store: Path, podman_als, images: dict[str, str]) -> None:
