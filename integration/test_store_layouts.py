@@ -124,6 +124,16 @@ def test_two_images_sharing_a_file_fetch_its_object_once(tmp_path: Path, registr
     assert served_a > len(shared) and served_b < 10_000, (served_a, served_b)
     objects = [p for p in (store / "data").rglob("*") if p.is_file()]
     assert sum(1 for p in objects if p.read_bytes() == shared) == 1
+    df = run(store, "v2", "df").stdout
+    assert "4 of 4 filled" in df and "more that identical files share" in df, df
+
+    # Removing one image keeps the object the other still names; removing both frees it.
+    run(store, "v2", "rmi", refs[0])
+    left = sorted(p.read_bytes() for p in (store / "data").rglob("*") if p.is_file())
+    assert left == sorted([b"only in b\n", shared])
+    run(store, "v2", "rmi", refs[1])
+    assert not [p for p in (store / "data").rglob("*") if p.is_file()]
+    assert "0 data file(s)" in run(store, "v2", "gc").stdout
 
 
 def test_bad_or_conflicting_layout_is_a_one_line_error(tmp_path: Path, images: dict[str, str]) -> None:

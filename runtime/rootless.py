@@ -17,7 +17,7 @@ import sys
 from shim.errors import LazyshimError
 
 ENV_MARK = "LAZYSHIM_USERNS"
-NEEDS_USERNS = frozenset({"pull", "run", "fetch", "rmi", "mount", "umount", "record"})
+NEEDS_USERNS = frozenset({"pull", "run", "fetch", "rmi", "mount", "umount", "record", "gc"})
 
 
 def _has_subids(path: str) -> bool:

@@ -22,6 +22,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("rmi", help="forget a pulled image; delete layers nothing uses any more")
     p.add_argument("image", nargs="+")
     p.set_defaults(func=cmd_rmi)
+    p = sub.add_parser("df", help="show what the store's metadata and file data take")
+    p.set_defaults(func=cmd_df)
+    p = sub.add_parser("gc", help="delete layers and file data no image or mounted rootfs uses")
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
     p.add_argument("image")
     p.set_defaults(func=cmd_fetch)
@@ -118,7 +122,7 @@ def _no_source():
 
 def cmd_rmi(args) -> int:
     from .api import open_store
-    from .store.gc import collect
+    from .store.gc import collect, collect_data
     from .store.refs import load_refs, remove_ref, resolve_image
 
     store = open_store()
@@ -135,8 +139,37 @@ def cmd_rmi(args) -> int:
                 store.image_file(rec.id).unlink(missing_ok=True)
         print(rec.id)
     removed = collect(store)
-    if removed:
-        print(f"deleted {len(removed)} unused layer(s)", file=sys.stderr)
+    files, size = collect_data(store)
+    if removed or files:
+        print(f"deleted {len(removed)} unused layer(s), {files} data file(s) ({_human(size)})", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .api import open_store
+    from .store.gc import collect, collect_data
+
+    store = open_store()
+    removed = collect(store)
+    files, size = collect_data(store)
+    print(f"deleted {len(removed)} unused layer(s), {files} data file(s) ({_human(size)})")
+    return 0
+
+
+def cmd_df(args) -> int:
+    from .api import open_store
+    from .store.layouts import layout_of
+
+    store = open_store()
+    layout = layout_of(store)
+    u = layout.usage()
+    print(f"layout      {layout.name}")
+    print(f"files       {u['filled']} of {u['files']} filled")
+    print(f"data        {_human(u['data_bytes'])} on disk" + (
+        f" (+{_human(u['shared_bytes'])} more that identical files share)" if u["shared_bytes"] else ""))
+    if "meta_inodes" in u:
+        print(f"metadata    {u['meta_inodes']} inodes in memory (about {_human(u['meta_inodes'] * 1024)}), "
+              f"{_human(u['meta_bytes'])} of file contents")
     return 0
 
 

@@ -65,6 +65,14 @@ def mounted_layers(store: Store) -> set[str]:
     return out
 
 
+def collect_data(store: Store) -> tuple[int, int]:
+    """Delete file data (v2's objects) that no layer left in the store names: (files, bytes)."""
+    if not store.layers.is_dir():
+        return 0, 0
+    with store.lock("gc"):
+        return layout_of(store).collect_data()
+
+
 def collect(store: Store) -> list[str]:
     """Delete unreferenced, unmounted layer dirs; return the names deleted."""
     removed: list[str] = []

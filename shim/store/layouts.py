@@ -92,9 +92,28 @@ class LayerLayout:
     def filler(self, digest: str, meta: LayerMeta, source_factory: Callable[[], BlobSource]) -> LayerFiller:
         return LayerFiller(self.store.layer_dir(digest), meta, source_factory)
 
-    # -- collecting --
+    # -- collecting and accounting --
     def forget(self, digest: str) -> None:
         """Drop what the layout keeps of a layer outside its layer dir (before it is deleted)."""
+
+    def collect_data(self) -> tuple[int, int]:
+        """Delete file data no layer of the store names (caller holds the gc lock exclusively);
+        returns (files, bytes) deleted."""
+        return 0, 0
+
+    def usage(self) -> dict[str, int]:
+        """Figures for `lazyshim df`: what the layers' file data takes, and what is shared."""
+        files = filled = filled_bytes = 0
+        for d in sorted(self.store.layers.iterdir()) if self.store.layers.is_dir() else []:
+            meta = load_layer(meta_path(d).read_bytes())
+            marks = (d / "filled").read_bytes()
+            for i, e in enumerate(meta.toc.entries):
+                if e.type == "reg" and e.size and not meta.complete:
+                    files += 1
+                    if marks[i]:
+                        filled += 1
+                        filled_bytes += e.size
+        return {"files": files, "filled": filled, "data_bytes": filled_bytes, "shared_bytes": 0}
 
 
 class PlaceholderLayout(LayerLayout):

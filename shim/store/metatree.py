@@ -169,6 +169,42 @@ class MetaLayout(LayerLayout):
         self.data_root.mkdir(mode=0o700, exist_ok=True)
         return ObjectFiller(self.store.layer_dir(digest), meta, source_factory, self.data_root, self.store.tmp)
 
+    def collect_data(self) -> tuple[int, int]:
+        from .objects import collect_unnamed
+
+        names = set()
+        for d in sorted(self.store.layers.iterdir()):
+            meta = load_meta(self.store, d.name.replace("-", ":", 1))
+            for i, e in enumerate(meta.toc.entries):
+                name = object_name(meta.digest, i, e)
+                if name is not None:
+                    names.add(name)
+        return collect_unnamed(self.data_root, self.store.tmp, names)
+
+    def usage(self) -> dict[str, int]:
+        import collections
+
+        sizes: dict[str, int] = {}
+        users: collections.Counter[str] = collections.Counter()
+        files = 0
+        for d in sorted(self.store.layers.iterdir()):
+            meta = load_meta(self.store, d.name.replace("-", ":", 1))
+            for i, e in enumerate(meta.toc.entries):
+                name = object_name(meta.digest, i, e)
+                if name is not None and not meta.complete:
+                    files += 1
+                    users[name] += 1
+                    sizes[name] = e.size
+        present = {n for n in sizes if (self.data_root / n).is_file()}
+        out = {"files": files, "filled": sum(users[n] for n in present),
+               "data_bytes": sum(sizes[n] for n in present),
+               "shared_bytes": sum(sizes[n] * (users[n] - 1) for n in present)}
+        if os.path.ismount(self.meta_root):
+            st = os.statvfs(self.meta_root)
+            out["meta_inodes"] = st.f_files - st.f_ffree
+            out["meta_bytes"] = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return out
+
     def forget(self, digest: str) -> None:
         d = self.meta_root / digest_dirname(digest)
         detach(d / _VIEW)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,18 @@ from .metadata import LayerMeta
 
 _HEX = frozenset("0123456789abcdef")
 _TMP_SEQ = itertools.count(1)  # temporary names unique in this process (next() is atomic)
+_OBJECT_LOCKS: dict[Path, threading.Lock] = {}
+_OBJECT_LOCKS_GUARD = threading.Lock()
+
+
+def _object_lock(path: Path) -> threading.Lock:
+    """One lock per object in this process: two entries (of any layers) with the same content,
+    opened at once, make one fetch; the second finds the object the first renamed in."""
+    with _OBJECT_LOCKS_GUARD:
+        lock = _OBJECT_LOCKS.get(path)
+        if lock is None:
+            lock = _OBJECT_LOCKS[path] = threading.Lock()
+        return lock
 
 
 def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
@@ -39,6 +52,35 @@ def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
     if alg == "sha256" and len(hexpart) == 64 and _HEX.issuperset(hexpart):
         return f"objects/{hexpart[:2]}/{hexpart}"
     return f"entries/{digest_dirname(layer_digest)}/{idx}"
+
+
+def collect_unnamed(data_dir: Path, tmp_dir: Path, names: set[str]) -> tuple[int, int]:
+    """Delete objects no name in `names` refers to, and temporaries of processes that are gone.
+
+    Directories stay (a fill may be renaming into one).  The caller holds the store's gc lock
+    exclusively, so no pull adds a layer meanwhile; fills only make objects of layers that
+    exist, whose names are in `names`."""
+    files = size = 0
+    for top in ("objects", "entries"):
+        base = data_dir / top
+        if not base.is_dir():
+            continue
+        for sub in base.iterdir():
+            for f in sub.iterdir() if sub.is_dir() else ():
+                if f"{top}/{sub.name}/{f.name}" in names:
+                    continue
+                try:
+                    n = f.lstat().st_size
+                    f.unlink()
+                except OSError:
+                    continue
+                files += 1
+                size += n
+    for f in tmp_dir.glob(".object.*"):
+        pid = f.name.split(".")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            f.unlink(missing_ok=True)
+    return files, size
 
 
 class ObjectFiller(LayerFiller):
@@ -93,10 +135,18 @@ class ObjectFiller(LayerFiller):
                     self.filled[i] = 0
 
     def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
-        e = self.meta.toc.entries[idx]
         final = self.object_path(idx)
         if final is None or self.is_filled(idx):
             return False
+        if not durable:  # a run: its bytes are fetched already, published after one sync
+            return self._write_object(idx, fetched, durable)
+        with _object_lock(final):
+            if self.is_filled(idx):
+                return False  # an entry with the same content was filled meanwhile
+            return self._write_object(idx, fetched, durable)
+
+    def _write_object(self, idx: int, fetched: tuple[int, bytes] | None, durable: bool) -> bool:
+        e = self.meta.toc.entries[idx]
         tmp = self.tmp_dir / f".object.{os.getpid()}.{next(_TMP_SEQ)}"
         try:
             tmp.unlink(missing_ok=True)  # left by a crashed process that had our pid
