@@ -3,10 +3,13 @@ image through the additional layer store, and containerd's `ctr run --runc-binar
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +119,39 @@ def test_podman_readers_of_a_running_lazy_container_get_bytes_or_errors(
         assert hashlib.sha256((tmp_path / "random2.bin").read_bytes()).hexdigest() == RANDOM_SHA
     finally:
         sh(*podman, "rm", "-f", "-t", "0", "lazy1", env=env)
+
+
+def test_podman_save_of_a_lazy_image_fails_cleanly_then_has_the_registrys_bytes(
+        store: Path, podman_als, images: dict[str, str], tmp_path: Path) -> None:
+    """The layer store's `blob` is absent until `lazyshim fetch --blobs`: podman save fails
+    (no corrupt tarball, no digest mismatch); afterwards it saves the registry's exact layers
+    (podman checks every blob's digest while it copies)."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    podman, env = podman_als
+    assert sh(*podman, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+    out = tmp_path / "image.tar"
+    p = sh(*podman, "save", "--format", "oci-archive", "-o", str(out), ref, env=env)
+    assert p.returncode != 0 and "Digest did not match" not in p.stderr, p.stderr
+    lazyshim(store, "fetch", "--blobs", ref)
+    out.unlink(missing_ok=True)
+    p = sh(*podman, "save", "--format", "oci-archive", "-o", str(out), ref, env=env)
+    assert p.returncode == 0, p.stderr
+    # Every layer in the archive is what its name says, and they unpack to the image's diff_ids.
+    with tarfile.open(out) as t:
+        blobs = {m.name.rsplit("/", 1)[1]: t.extractfile(m).read() for m in t.getmembers()
+                 if m.isfile() and m.name.startswith("blobs/sha256/")}
+        index = json.loads(t.extractfile("index.json").read())
+    assert all(hashlib.sha256(data).hexdigest() == name for name, data in blobs.items())
+    manifest = json.loads(blobs[index["manifests"][0]["digest"].split(":")[1]])
+    want = json.loads(lazyshim(store, "inspect", ref).stdout)["config"]["rootfs"]["diff_ids"]
+    got = []
+    for layer in manifest["layers"]:
+        data = blobs[layer["digest"].split(":")[1]]
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        got.append("sha256:" + hashlib.sha256(data).hexdigest())
+    assert got == want
 
 
 def test_podman_non_lazy_image_runs_unchanged_through_lazyshim(store: Path, podman_als, images: dict[str, str]) -> None:

@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("gc", help="delete layers and file data no image or mounted rootfs uses")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
+    p.add_argument("--blobs", action="store_true",
+                   help="also keep each layer's whole compressed blob (for podman save, push, build FROM)")
     p.add_argument("image")
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("convert", help="convert an image to eStargz or zstd:chunked and push it",
@@ -205,7 +207,18 @@ def cmd_fetch(args) -> int:
         raise LazyshimError(f"{args.image}: {len(errors)} files could not be fetched; first: {first}")
     st = root.stats()
     print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
+    if getattr(args, "blobs", False):
+        _fetch_blobs(store, rec)
     return 0
+
+
+def _fetch_blobs(store, rec) -> None:
+    from .sources import new_client
+    from .store.blobs import fetch_blob
+
+    with new_client(rec.registry) as client:
+        n = sum(fetch_blob(store, client, rec.repository, d) for d in rec.layers)
+    print(f"stored {len(rec.layers)} layer blobs, {n} bytes downloaded")
 
 
 def cmd_convert(args) -> int:

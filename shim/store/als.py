@@ -8,8 +8,9 @@ the data objects, so an unfilled file fails to open instead of reading as zeros)
 pull` becomes manifest + config only and `podman run --runtime lazyshim` gets a rootfs whose
 lower dirs are ours.
 
-`info` is the containers/storage Layer record (digests and sizes); `blob` must exist but is
-never read for running containers, so it stays empty.
+`info` is the containers/storage Layer record (digests and sizes); `blob` is read only by
+podman's save/push/build: it links to the whole blob, which `lazyshim fetch --blobs` stores
+(`shim.store.blobs`); until then podman's read of it fails (an error, never corrupt bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from .blobs import reserve_blob
 from .layout import Store
 from .metadata import ImageRecord, LayerMeta
 
@@ -50,7 +52,7 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
             tmp = base / f".{meta.digest}.{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
             os.symlink(diffs[i], tmp / "diff")
-            (tmp / "blob").touch()
+            os.symlink(reserve_blob(store, meta.digest), tmp / "blob")  # a stand-in until `fetch --blobs`
             info = {
                 "compressed-diff-digest": meta.digest,
                 "compressed-size": meta.blob_size,

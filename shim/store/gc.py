@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .blobs import forget_blob
 from .layout import Store, digest_dirname
 from .layouts import layout_of
 from .metadata import load_image
@@ -85,6 +86,7 @@ def collect(store: Store) -> list[str]:
                 continue
             with store.lock(d.name):
                 layout_of(store).forget(d.name.replace("-", ":", 1))
+                forget_blob(store, d.name.replace("-", ":", 1))
                 # Move it out of layers/ first: a crash mid-delete leaves no half layer behind.
                 trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
                 os.rename(d, trash)
