@@ -6,8 +6,6 @@ one-line reason, because a silently skipped integration suite looks exactly like
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 from collections.abc import Iterator
 
@@ -15,6 +13,7 @@ import pytest
 
 from integration.images import BuildStats, ImageBuildError, build_and_push, check_tools
 from integration.registry import Registry, RegistryError
+from integration.storeview import store_mounts
 
 
 @pytest.fixture(scope="session")
@@ -46,21 +45,11 @@ def images(registry: Registry, image_build_stats: BuildStats) -> dict[str, str]:
         pytest.fail(f"test images: {exc}", pytrace=False)
 
 
-_STORE_MOUNT = re.compile(r"^(?P<store>/.+)/meta(/[^/]+/view)?$")
-
-
-def _mount_points() -> set[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return {line.split(" ")[4] for line in f if line.count(" ") > 4}
-
-
 @pytest.fixture(autouse=True)
 def release_store_mounts() -> Iterator[None]:
     """Detach the metadata tmpfs (and the read-only views on it) of every store a test made:
     a mount left under a deleted temp dir would hold memory and confuse later tests."""
-    before = _mount_points()
+    before = store_mounts()
     yield
-    for mp in sorted(_mount_points() - before, key=len):
-        m = _STORE_MOUNT.match(mp)
-        if m and os.path.exists(os.path.join(m["store"], "layout")):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
+    for mp in sorted(store_mounts() - before):
+        subprocess.run(["umount", "-R", "-l", mp], capture_output=True)

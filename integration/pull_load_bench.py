@@ -56,7 +56,9 @@ def timed_pull(ref: str, layout: str, base: Path) -> tuple[float, str]:
             mem = f"{(st.f_blocks - st.f_bfree) * st.f_frsize / 1e6:.1f} MB data, {st.f_files - st.f_ffree} inodes"
         return dt, mem
     finally:
-        subprocess.run(["umount", "-l", str(root / "meta")], capture_output=True)
+        from shim import api
+
+        api.release_store(root)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -3,6 +3,8 @@ metadata trees over data objects): the store itself owns those names."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 from shim.store.layout import Store
@@ -62,3 +64,26 @@ def file_filled(store: Path, path: str) -> bool:
                 found = (digest, i)
     assert found is not None, f"{path} is in no layer"
     return has_data(store, *found)
+
+
+_STORE_MOUNT = re.compile(r"^/.+/meta$")
+
+
+def store_mounts() -> set[str]:
+    """Mount points of stores' metadata tmpfs (v2) in this mount namespace."""
+    out = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split(" ")
+            if len(parts) > 9 and "-" in parts:
+                fstype = parts[parts.index("-") + 1]
+                if fstype == "tmpfs" and _STORE_MOUNT.match(parts[4]):
+                    out.add(parts[4])
+    return out
+
+
+def release_store_mounts_below(root: Path) -> None:
+    """Detach the metadata tmpfs (and the views on it) of every store below `root`."""
+    for mp in store_mounts():
+        if mp.startswith(f"{root}/"):
+            subprocess.run(["umount", "-R", "-l", mp], capture_output=True)

@@ -18,7 +18,7 @@ import pytest
 
 from integration.images import Containerd, fetch_manifest
 from integration.registry import Registry
-from integration.storeview import layout_name
+from integration.storeview import layout_name, release_store_mounts_below
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
 from integration.test_lazy_run import lazyshim
 from integration.test_runtime_cli import LAZYSHIM, RANDOM_SHA, RUN_FLAGS, sh
@@ -42,6 +42,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         return
     d = Path(tempfile.mkdtemp(prefix="lazyshim-test-", dir="/dev/shm"))
     yield d / "store"
+    release_store_mounts_below(d)
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -25,6 +25,13 @@ def open_store(root: Path | None = None) -> Store:
     return store
 
 
+def release_store(root: Path) -> None:
+    """Detach what a store has mounted (before deleting a scratch store)."""
+    from .store.layouts import release
+
+    release(Store(root))
+
+
 def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
     from .store.refs import resolve_image
 

@@ -189,6 +189,14 @@ def load_meta(store: Store, digest: str) -> LayerMeta:
         raise LazyshimError(f"layer {digest[:19]} is not in the store {store.root}") from e
 
 
+def release(store: Store) -> None:
+    """Detach every mount the store made (v2's metadata tmpfs and the views on it), before a
+    throw-away store is deleted; running containers keep what they use."""
+    from .sysmount import detach
+
+    detach(store.root / META_DIR)
+
+
 def view_root(store: Store) -> Path:
     """Where the store mounts its own overlays (v2's read-only podman views): not a user's."""
     return store.root / META_DIR
