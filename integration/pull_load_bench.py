@@ -1,5 +1,5 @@
-"""`lazyshim pull` of a many-entry image, store layout v1 vs v2, on an idle disk and while a
-`dd` of 2 GB (O_DIRECT) writes beside it on the same disk.
+"""`lazyshim pull` of a many-entry image, store layout v1 vs v2 (and `podman pull` of the same
+image), on an idle disk and while a `dd` of 2 GB (O_DIRECT) writes beside it on the same disk.
 
     .venv/bin/python -m integration.pull_load_bench [--entries 10000] [--runs 3]
 
@@ -40,7 +40,30 @@ def synthetic_image(registry, entries: int) -> str:
     return push_image(registry.host, "pullbench", f"e{entries}", [(lay.blob, MT_GZIP, ann, lay.diff_id)])
 
 
+def timed_podman_pull(ref: str, base: Path) -> tuple[float, str]:
+    """podman's own pull (download + unpack) into a fresh private storage on the same disk."""
+    d = Path(tempfile.mkdtemp(prefix="p", dir=base))
+    conf = d / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{d}/root"\nrunroot = "{d}/rr"\n')
+    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+    try:
+        subprocess.run(["sync"], check=True)
+        t0 = time.monotonic()
+        p = subprocess.run(["podman", "--events-backend", "none", "pull", "-q", "--tls-verify=false", ref], env=env,
+                           capture_output=True, text=True)
+        dt = time.monotonic() - t0
+        if p.returncode:
+            raise SystemExit(f"podman pull failed: {p.stderr.strip()[-300:]}")
+        return dt, ""
+    finally:
+        subprocess.run(["podman", "--events-backend", "none", "rmi", "-a", "-f"], env=env, capture_output=True)
+        subprocess.run(["umount", "-R", "-l", f"{d}/root/overlay"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def timed_pull(ref: str, layout: str, base: Path) -> tuple[float, str]:
+    if layout == "podman":
+        return timed_podman_pull(ref, base)
     root = Path(tempfile.mkdtemp(prefix="pull-", dir=base))
     env = dict(os.environ, LAZYSHIM_ROOT=str(root), LAZYSHIM_STORE_LAYOUT=layout)
     try:
@@ -101,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# lazyshim pull of {a.entries} entries (median of {a.runs}, min-max)")
             print("| layout | disk | pull | v2 metadata tmpfs |\n|---|---|---|---|")
             for load in (False, True):
-                for layout in ("v1", "v2"):
+                for layout in ("v1", "v2", "podman"):
                     times, mem = [], ""
                     for _ in range(a.runs):
                         if load:
@@ -112,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             dt, mem = timed_pull(ref, layout, base)
                         times.append(dt)
-                    print(f"| {layout} | {'dd 2 GB beside' if load else 'idle'} | {statistics.median(times):.2f} s "
+                    name = layout if layout == "podman" else f"lazyshim {layout}"
+                    print(f"| {name} | {'dd 2 GB beside' if load else 'idle'} | {statistics.median(times):.2f} s "
                           f"({min(times):.2f}-{max(times):.2f}) | {mem} |", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
