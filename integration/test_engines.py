@@ -3,6 +3,7 @@ image through the additional layer store, and containerd's `ctr run --runc-binar
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -112,6 +113,19 @@ def test_podman_readers_of_a_running_lazy_container_get_bytes_or_errors(
         assert merged.returncode == 0, merged.stderr
         exact, failed, wrong = read_all(Path(merged.stdout.strip()), image_digests(store))
         assert wrong == 0 and failed > 0, (exact, failed, wrong)
+        export = sh(*podman, "export", "-o", str(tmp_path / "export.tar"), "lazy1", env=env)
+        # podman 4.3 ends the archive at the first file it cannot read and still exits 0 (README,
+        # Known limits): whatever it did write must be the image's bytes.
+        want, checked = image_digests(store), 0
+        with contextlib.suppress(tarfile.ReadError), tarfile.open(tmp_path / "export.tar") as t:
+            for m in t:
+                if m.isfile() and m.size and m.name in want:
+                    f = t.extractfile(m)
+                    data = f.read() if f is not None else b""
+                    if len(data) == m.size:
+                        assert "sha256:" + hashlib.sha256(data).hexdigest() == want[m.name], m.name
+                        checked += 1
+        assert export.returncode != 0 or checked < len(want), "nothing was fetched: export cannot be complete"
         # The container itself gets the bytes (the supervisor fills), then so does podman cp.
         p = sh(*podman, "exec", "lazy1", "sha256sum", "/app/random.bin", env=env)
         assert p.stdout.split()[0] == RANDOM_SHA, p.stderr
