@@ -38,7 +38,7 @@ RUN_BOOL = CREATE_BOOL | {"detach", "d", "keep", "no-subreaper"}
 STANDALONE_RUN = frozenset({"rm", "i", "interactive", "t", "tty", "name", "e", "env", "u", "user",
                             "w", "workdir", "entrypoint", "network", "no-pull"})
 IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record",
-                         "df", "gc"})
+                         "df", "gc", "snapshotter"})
 TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 
 

@@ -7,6 +7,9 @@ a wire format.  Keep this the only door between the two.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LazyshimError
@@ -58,6 +61,54 @@ def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
     return layer_mount(store, image).lowers
 
 
+@dataclass(frozen=True)
+class FillResult:
+    """What a full fill did: files written now (not those already filled) and bytes moved."""
+
+    files_filled: int
+    bytes_fetched: int
+    seconds: float
+
+
+# progress(files done, files to do, bytes fetched so far), called before every range request
+# and once at the end.
+FillProgress = Callable[[int, int, int], None]
+
+
+def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
+               progress: FillProgress | None = None) -> FillResult:
+    """Fill every file of an image (or of these layer digests) now, verified, in coalesced
+    range requests; the one door for `lazyshim fetch` and for containers that must start
+    complete.  Raises LazyshimError naming the first file that could not be filled (files
+    that failed stay without data: an open or a later fill retries them)."""
+    from .lazyroot import LazyRoot
+
+    if isinstance(image_or_layers, ImageRecord):
+        label, layers = image_or_layers.name, image_or_layers.layers
+    else:
+        label, layers = "image", list(image_or_layers)
+    root = LazyRoot(store, layers)
+    plan = root.prefetch_plan(everything=True)
+    total = sum(1 for f, indices, _ in plan for i in indices if not f.is_filled(i))
+    t0 = time.monotonic()
+    errors: list[str] = []
+
+    def report() -> None:
+        if progress is not None:
+            st = root.stats()
+            progress(st["files_filled"], total, st["bytes_fetched"])
+
+    for filler, indices, _ in plan:
+        filler.prefetch(indices, report, max_request=8 << 20)
+        errors += filler.errors
+    report()
+    if errors or not root.complete():
+        first = errors[0] if errors else "files remain unfilled"
+        raise LazyshimError(f"{label}: {len(errors)} files could not be fetched; first: {first}")
+    st = root.stats()
+    return FillResult(st["files_filled"], st["bytes_fetched"], time.monotonic() - t0)
+
+
 def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str) -> tuple[int, int]:
     """uid/gid for an image `User` string; names are looked up in the image's own files."""
     if not user:
@@ -107,3 +158,72 @@ def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field:
         if (name is not None and parts[0] == name) or (uid is not None and parts[2] == str(uid)):
             return int(parts[field]) if parts[field].isdigit() else None
     return None
+
+
+def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
+                      manifest_digest: str | None = None) -> Path | None:
+    """The lazy tree (an overlay lower dir) of one layer of `image_ref`, built now if needed;
+    None when the layer has no verifiable index (containerd must unpack it itself).
+
+    For callers that know a layer only by name (a containerd snapshotter sees the image
+    reference and the layer digest as labels): the layer's descriptor, and so its TOC
+    digest, comes from the registry's digest-checked manifest (pinned to `manifest_digest`
+    when given), never from the caller's hints.  Raises LazyshimError when the registry
+    cannot be reached or the layer is not in that manifest."""
+    from .pull import ensure_layer, layer_format
+    from .registry.reference import parse_reference
+    from .sources import new_client
+    from .store.layout import digest_dirname
+
+    digest_dirname(layer_digest)  # a digest, not a path
+    ref = parse_reference(image_ref)
+    if _layer_built(store, layer_digest):
+        return layer_lowerdir(store, layer_digest)
+    store.ensure()
+    with new_client(ref.registry) as client:
+        manifest = client.get_manifest(ref.repository, manifest_digest or ref.digest or ref.tag or "latest")
+        desc = next((d for d in manifest.layers if d.digest == layer_digest), None)
+        if desc is None:
+            raise LazyshimError(f"{image_ref}: manifest {manifest.digest[:19]} has no layer {layer_digest[:19]}")
+        if layer_format(desc) == "legacy":
+            return None
+        with store.lock("gc", shared=True):
+            ensure_layer(store, client, ref, desc)
+    return layer_lowerdir(store, layer_digest)
+
+
+def layer_lowerdir(store: Store, layer_digest: str) -> Path:
+    """One directory that is a built layer's whole tree (an overlay lower dir of its own; in
+    store layout v2 a read-only overlay of its metadata over the data objects, mounted now if
+    it is not); LazyshimError if the layer is not built."""
+    from .store.layouts import layout_of
+
+    if not _layer_built(store, layer_digest):
+        raise LazyshimError(f"layer {layer_digest[:19]} is not in the store {store.root}")
+    return layout_of(store).layer_view(layer_digest)
+
+
+def _layer_built(store: Store, layer_digest: str) -> bool:
+    """A layer is built once its metadata is in place (it is renamed in last)."""
+    from .store.layouts import has_meta
+
+    return has_meta(store.layer_dir(layer_digest))
+
+
+def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
+    """Every file of these layers is filled (reads of their trees need no supervisor)."""
+    from .lazyroot import layers_complete
+
+    return layers_complete(store, layer_digests)
+
+
+def release_unused_layers(store: Store, keep: set[str]) -> list[str]:
+    """Delete every layer of the store that is not in `keep` (digests), not listed by an image
+    record and not a lower dir of a mounted overlay; returns the digests deleted.  For owners
+    outside the image records (a containerd snapshotter) that need layers only while their own
+    snapshots do: a layer left by a crash between building and recording it goes too."""
+    from .store.gc import collect, collect_data
+
+    removed = [name.replace("-", ":", 1) for name in collect(store, keep)]
+    collect_data(store)
+    return removed

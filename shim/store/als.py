@@ -42,7 +42,7 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
     from .layouts import layout_of
 
     layout = layout_of(store)
-    diffs = [layout.als_diff(meta.digest) for meta in metas]  # (re)mounts v2's read-only views
+    diffs = [layout.layer_view(meta.digest) for meta in metas]  # (re)mounts v2's read-only views
     for ref in dict.fromkeys(refs):
         base = ref_dir(store, ref)
         for i, meta in enumerate(metas):

@@ -74,13 +74,14 @@ def collect_data(store: Store) -> tuple[int, int]:
         return layout_of(store).collect_data()
 
 
-def collect(store: Store) -> list[str]:
-    """Delete unreferenced, unmounted layer dirs; return the names deleted."""
+def collect(store: Store, keep_digests: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Delete layer dirs no image lists, no overlay mounts and `keep_digests` (an owner outside
+    the image records, e.g. containerd's snapshotter) does not name; return the names deleted."""
     removed: list[str] = []
     if not store.layers.is_dir():
         return removed
     with store.lock("gc"):
-        keep = referenced_layers(store) | mounted_layers(store)
+        keep = referenced_layers(store) | mounted_layers(store) | {digest_dirname(d) for d in keep_digests}
         for d in sorted(store.layers.iterdir()):
             if d.name in keep or not d.is_dir():
                 continue

@@ -80,8 +80,10 @@ class LayerLayout:
             self.activate(d)
         return MountSpec([self.lower_dir(d) for d in digests])
 
-    def als_diff(self, digest: str) -> Path:
-        """The directory podman's additional layer store uses as this layer's `diff`."""
+    def layer_view(self, digest: str) -> Path:
+        """One directory that is this layer's whole tree, for engines that stack their own
+        overlay from one dir per layer (podman's layer store `diff`, containerd's snapshotter).
+        v2: a read-only overlay of the metadata tree over the data objects (fail closed)."""
         return self.lower_dir(digest)
 
     # -- filling --

@@ -136,9 +136,10 @@ class MetaLayout(LayerLayout):
         self.data_root.mkdir(mode=0o700, exist_ok=True)
         return MountSpec([self.lower_dir(d) for d in digests], [self.data_root], OVERLAY_OPTIONS)
 
-    def als_diff(self, digest: str) -> Path:
-        """A read-only overlay of the layer's tree over the data layer: podman stacks its own
-        overlay on `diff` dirs, and this one serves an unfilled file as an error, not zeros."""
+    def layer_view(self, digest: str) -> Path:
+        """A read-only overlay of the layer's tree over the data layer: podman and containerd
+        stack their own overlay on such dirs, and this one fails to open an unfilled file
+        instead of serving zeros."""
         if self._is_disk_tree(digest):
             return self.lower_dir(digest)
         self.activate(digest)
