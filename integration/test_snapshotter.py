@@ -21,6 +21,7 @@ import pytest
 from integration.images import fetch_manifest
 from integration.procs import stop_group
 from integration.registry import Registry
+from integration.storeview import release_store_mounts_below
 
 REPO = Path(__file__).resolve().parent.parent
 LAZYSHIM_BIN = Path(sys.executable).parent / "lazyshim"
@@ -133,6 +134,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield n
     finally:
         n.stop()
+        release_store_mounts_below(d)  # the store's metadata tmpfs (layout v2), before d goes
 
 
 @pytest.fixture(scope="module")
