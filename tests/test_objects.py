@@ -14,7 +14,7 @@ from shim import convert
 from shim.errors import LazyshimError
 from shim.formats import estargz
 from shim.formats.toc import Entry
-from shim.store.filler import FileBlobSource, create_filled_map
+from shim.store.filler import COMPLETE_MARK, FileBlobSource, create_filled_map, is_complete
 from shim.store.layout import Store
 from shim.store.layouts import configured_layout, layout_of
 from shim.store.metadata import LayerMeta
@@ -103,3 +103,20 @@ def test_a_corrupt_blob_leaves_no_object_and_no_temporary(tmp_path: Path) -> Non
         filler.fill(idx)
     assert not filler.object_path(idx).exists() and not filler.is_filled(idx)
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_a_mark_whose_object_was_lost_is_dropped_not_trusted(tmp_path: Path) -> None:
+    """A crash after the byte-map mark but before the object's rename reached the disk: the
+    next filler refetches instead of marking the layer complete over a missing object."""
+    layer, meta, filler = _object_layer(tmp_path, b"")
+    regs = [i for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size]
+    filler.fill_many(regs)
+    (tmp_path / "layer" / COMPLETE_MARK).unlink(missing_ok=True)
+    lost = filler.object_path(regs[0])
+    lost.unlink()
+    again = ObjectFiller(tmp_path / "layer", meta, lambda: FileBlobSource(tmp_path / "blob"), tmp_path / "data",
+                         tmp_path / "tmp")
+    assert not again.is_filled(regs[0]) and again.unfilled >= 1
+    assert not is_complete(tmp_path / "layer")
+    again.fill(regs[0])
+    assert lost.read_bytes() == contents(ENTRIES)[meta.toc.entries[regs[0]].name]

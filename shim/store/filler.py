@@ -99,9 +99,14 @@ class LayerFiller:
         self.bytes_fetched = 0
         self.files_filled = 0
         self.errors: list[str] = []  # the last prefetch's failures
+        if not is_complete(layer_dir):
+            self._check_marks()
         self.unfilled = self.count_unfilled()
         if not self.unfilled:
             self.mark_complete()
+
+    def _check_marks(self) -> None:
+        """Drop marks whose data a crash may have lost (v1's data is durable before its mark)."""
 
     def count_unfilled(self) -> int:
         """Regular files with data not yet on disk (fills by other processes included)."""

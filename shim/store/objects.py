@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
-from .filler import BlobSource, FillError, LayerFiller, is_complete, sync_dir
+from .filler import BlobSource, FillError, LayerFiller, sync_dir
 from .layout import digest_dirname
 from .metadata import LayerMeta
 
@@ -97,8 +97,6 @@ class ObjectFiller(LayerFiller):
         self._pending: dict[int, Path] = {}
         super().__init__(layer_dir, meta, source_factory)
         self.tree = data_dir  # what _commit_run syncs: the file system of the objects
-        if not is_complete(layer_dir):
-            self._forget_lost_objects()
 
     def object_path(self, idx: int) -> Path | None:
         try:
@@ -126,7 +124,7 @@ class ObjectFiller(LayerFiller):
         sync_dir(self.data_dir)  # the objects' renames are durable before the mark
         super().mark_complete()
 
-    def _forget_lost_objects(self) -> None:
+    def _check_marks(self) -> None:
         """A crash after a mark but before the rename reached the disk: refetch those."""
         for i, e in enumerate(self.meta.toc.entries):
             if self.filled[i] and e.type == "reg" and e.size:
