@@ -82,6 +82,7 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 bench: deps peers $(VENV)/.bench-stamp
 	@mkdir -p docs/bench
 	$(PY) -m integration.bench $(BENCH_ARGS)
+	$(PY) -m integration.pull_load_bench --runs 3 | tee docs/bench/pull-under-load.md
 
 clean:
 	rm -rf $(VENV) .cache

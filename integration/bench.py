@@ -189,6 +189,9 @@ class Bench:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from integration.storeview import release_store_mounts_below
+
+        release_store_mounts_below(self.tmp)  # v2 stores' metadata tmpfs, before their dirs go
         self.stack.close()
 
     def served(self) -> int:
@@ -245,6 +248,9 @@ class Bench:
         try:
             yield dict(os.environ, LAZYSHIM_ROOT=str(root))
         finally:
+            from shim import api
+
+            api.release_store(root)
             subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True)
             shutil.rmtree(root, ignore_errors=True)
 

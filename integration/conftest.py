@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from integration.images import BuildStats, ImageBuildError, build_and_push, check_tools
 from integration.lazyenv import Env
 from integration.registry import Registry, RegistryError
+from integration.storeview import store_mounts
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,3 +72,13 @@ def new_env(tmp_path: Path) -> Iterator[Callable[[], Env]]:
     for e in made:
         e.remove_containers()
         shutil.rmtree(e.rundir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def release_store_mounts() -> Iterator[None]:
+    """Detach the metadata tmpfs (and the read-only views on it) of every store a test made:
+    a mount left under a deleted temp dir would hold memory and confuse later tests."""
+    before = store_mounts()
+    yield
+    for mp in sorted(store_mounts() - before):
+        subprocess.run(["umount", "-R", "-l", mp], capture_output=True)

@@ -3,9 +3,14 @@ image through the additional layer store, and containerd's `ctr run --runc-binar
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +19,11 @@ import pytest
 
 from integration.images import Containerd, fetch_manifest
 from integration.registry import Registry
+from integration.storeview import layout_name, release_store_mounts_below
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
 from integration.test_lazy_run import lazyshim
-from integration.test_runtime_cli import LAZYSHIM, RUN_FLAGS, sh
+from integration.test_runtime_cli import LAZYSHIM, RANDOM_SHA, RUN_FLAGS, sh
+from integration.test_store_layouts import image_digests, read_all
 
 HELLO = "hello from a lazy engine"
 
@@ -36,6 +43,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         return
     d = Path(tempfile.mkdtemp(prefix="lazyshim-test-", dir="/dev/shm"))
     yield d / "store"
+    release_store_mounts_below(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -80,6 +88,85 @@ def test_podman_pulls_through_the_layer_store_and_runs_lazily(
     served = sum(registry.bytes_served(la["digest"]) for la in layers)
     total = sum(la["size"] for la in layers)
     assert 0 < served < total * 0.8, f"fetched {served} of {total} bytes"
+
+
+def test_podman_readers_of_a_running_lazy_container_get_bytes_or_errors(
+        store: Path, podman_als, images: dict[str, str], tmp_path: Path) -> None:
+    """`podman cp` and podman's merged dir, outside the supervised container and before any
+    fill: each read is the image's exact bytes or an error, never zeros (store layout v2)."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    assert layout_name(store) == "v2"
+    podman, env = podman_als
+    assert sh(*podman, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+    p = sh(*podman, "run", "-d", "--name", "lazy1", "--network", "none", "--ulimit", "nofile=20000:20000",
+           "--ulimit", "nproc=32768:32768", "--annotation", "run.lazyshim.background-fetch=none", ref,
+           "sleep", "1000", env=env)
+    assert p.returncode == 0, p.stderr
+    try:
+        cp = sh(*podman, "cp", "lazy1:/app/random.bin", str(tmp_path / "random.bin"), env=env)
+        if cp.returncode == 0:
+            assert hashlib.sha256((tmp_path / "random.bin").read_bytes()).hexdigest() == RANDOM_SHA
+        else:
+            assert not (tmp_path / "random.bin").exists() or (tmp_path / "random.bin").stat().st_size == 0
+        merged = sh(*podman, "mount", "lazy1", env=env)
+        assert merged.returncode == 0, merged.stderr
+        exact, failed, wrong = read_all(Path(merged.stdout.strip()), image_digests(store))
+        assert wrong == 0 and failed > 0, (exact, failed, wrong)
+        export = sh(*podman, "export", "-o", str(tmp_path / "export.tar"), "lazy1", env=env)
+        # podman 4.3 ends the archive at the first file it cannot read and still exits 0 (README,
+        # Known limits): whatever it did write must be the image's bytes.
+        want, checked = image_digests(store), 0
+        with contextlib.suppress(tarfile.ReadError), tarfile.open(tmp_path / "export.tar") as t:
+            for m in t:
+                if m.isfile() and m.size and m.name in want:
+                    f = t.extractfile(m)
+                    data = f.read() if f is not None else b""
+                    if len(data) == m.size:
+                        assert "sha256:" + hashlib.sha256(data).hexdigest() == want[m.name], m.name
+                        checked += 1
+        assert export.returncode != 0 or checked < len(want), "nothing was fetched: export cannot be complete"
+        # The container itself gets the bytes (the supervisor fills), then so does podman cp.
+        p = sh(*podman, "exec", "lazy1", "sha256sum", "/app/random.bin", env=env)
+        assert p.stdout.split()[0] == RANDOM_SHA, p.stderr
+        cp = sh(*podman, "cp", "lazy1:/app/random.bin", str(tmp_path / "random2.bin"), env=env)
+        assert cp.returncode == 0, cp.stderr
+        assert hashlib.sha256((tmp_path / "random2.bin").read_bytes()).hexdigest() == RANDOM_SHA
+    finally:
+        sh(*podman, "rm", "-f", "-t", "0", "lazy1", env=env)
+
+
+def test_podman_save_of_a_lazy_image_fails_cleanly_then_has_the_registrys_bytes(
+        store: Path, podman_als, images: dict[str, str], tmp_path: Path) -> None:
+    """The layer store's `blob` is absent until `lazyshim fetch --blobs`: podman save fails
+    (no corrupt tarball, no digest mismatch); afterwards it saves the registry's exact layers
+    (podman checks every blob's digest while it copies)."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    podman, env = podman_als
+    assert sh(*podman, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+    out = tmp_path / "image.tar"
+    p = sh(*podman, "save", "--format", "oci-archive", "-o", str(out), ref, env=env)
+    assert p.returncode != 0 and "Digest did not match" not in p.stderr, p.stderr
+    lazyshim(store, "fetch", "--blobs", ref)
+    out.unlink(missing_ok=True)
+    p = sh(*podman, "save", "--format", "oci-archive", "-o", str(out), ref, env=env)
+    assert p.returncode == 0, p.stderr
+    # Every layer in the archive is what its name says, and they unpack to the image's diff_ids.
+    with tarfile.open(out) as t:
+        blobs = {m.name.rsplit("/", 1)[1]: t.extractfile(m).read() for m in t.getmembers()
+                 if m.isfile() and m.name.startswith("blobs/sha256/")}
+        index = json.loads(t.extractfile("index.json").read())
+    assert all(hashlib.sha256(data).hexdigest() == name for name, data in blobs.items())
+    manifest = json.loads(blobs[index["manifests"][0]["digest"].split(":")[1]])
+    want = json.loads(lazyshim(store, "inspect", ref).stdout)["config"]["rootfs"]["diff_ids"]
+    got = []
+    for layer in manifest["layers"]:
+        data = blobs[layer["digest"].split(":")[1]]
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        got.append("sha256:" + hashlib.sha256(data).hexdigest())
+    assert got == want
 
 
 def test_podman_non_lazy_image_runs_unchanged_through_lazyshim(store: Path, podman_als, images: dict[str, str]) -> None:

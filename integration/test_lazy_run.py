@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from integration.registry import Registry
+from integration.storeview import layer_trees
 
 LAZYSHIM = [sys.executable, "-m", "runtime.main"]
 
@@ -35,7 +36,7 @@ def store(tmp_path: Path) -> Path:
 
 def test_pull_builds_sparse_placeholders(store: Path, images: dict[str, str]) -> None:
     lazyshim(store, "pull", images["python:esgz"])
-    py = next(p for d in _layer_dirs(store) for p in [d / "tree/usr/bin/python3.11"] if p.exists())
+    py = next(p for t in layer_trees(store) for p in [t / "usr/bin/python3.11"] if p.exists())
     st = py.stat()
     assert st.st_size > 1_000_000
     assert st.st_blocks == 0, "a placeholder must not hold data before it is opened"

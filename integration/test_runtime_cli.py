@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from integration.images import RANDOM_FILE_SIZE
+from integration.storeview import file_filled
 from runtime import overlay, spec
 from runtime.paths import oci_state_dir
 
@@ -69,18 +70,21 @@ class Store:
 
         st = api.open_store(root)
         self.image = api.ensure_image(st, ref, pull=False)
-        self.trees = api.layer_trees(st, self.image)
+        self.spec = api.layer_mount(st, self.image)
+        self.trees = self.spec.lowers
         self.mounts: list[Path] = []
 
     def rootfs(self, base: Path) -> Path:
         for d in ("upper", "work", "merged"):
             (base / d).mkdir(parents=True)
-        overlay.mount_overlay(self.trees, base / "upper", base / "work", base / "merged")
+        overlay.mount_overlay(self.trees, base / "upper", base / "work", base / "merged",
+                              data_lowers=self.spec.data_lowers, options=self.spec.options)
         self.mounts.append(base / "merged")
         return base / "merged"
 
-    def placeholder(self, path: str) -> Path:
-        return next(t / path.lstrip("/") for t in reversed(self.trees) if (t / path.lstrip("/")).exists())
+    def filled(self, path: str) -> bool:
+        """The image file at `path` has its content in the store."""
+        return file_filled(self.root, path)
 
     def close(self) -> None:
         for m in self.mounts:
@@ -151,7 +155,7 @@ def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, r
     script = "cat /app/hello.txt > /result.txt; sha256sum /app/random.bin >> /result.txt"
     b = bundle(tmp_path, rootfs, ["sh", "-c", script])
     before = (b / "config.json").read_bytes()
-    assert busybox.placeholder("/app/random.bin").stat().st_blocks == 0
+    assert not busybox.filled("/app/random.bin")
     pidfile = tmp_path / "pid"
 
     ok(rt("create", "--bundle", str(b), "--pid-file", str(pidfile), "c1"))
@@ -168,7 +172,7 @@ def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, r
     rt.wait_stopped("c1")
     result = (tmp_path / "c" / "upper" / "result.txt").read_text().splitlines()
     assert result == ["hello from the app layer", f"{RANDOM_SHA}  /app/random.bin"]
-    assert busybox.placeholder("/app/random.bin").stat().st_blocks > 0, "filled in place in the store"
+    assert file_filled(busybox.root, "/app/random.bin"), "filled in the store"
 
     ok(rt("delete", "c1"))
     poll(lambda: not alive(sup), what="the supervisor to exit")
@@ -188,9 +192,9 @@ def test_runc_style_run_of_a_lazy_python_bundle(tmp_path: Path, images: dict[str
         p = rt("run", "--bundle", str(b), "py1")
         assert (p.returncode, p.stdout) == (7, '{"lazy": 1}\n'), p.stderr
         assert not Path(oci_state_dir(str(rt.root), "py1")).exists(), "run without --detach cleans up"
-        assert store.placeholder("/usr/bin/python3.11").stat().st_blocks > 0
-        assert store.placeholder("/usr/lib/python3.11/json/decoder.py").stat().st_blocks > 0
-        assert store.placeholder("/usr/lib/python3.11/xml/dom/minidom.py").stat().st_blocks == 0
+        assert store.filled("/usr/bin/python3.11")
+        assert store.filled("/usr/lib/python3.11/json/decoder.py")
+        assert not store.filled("/usr/lib/python3.11/xml/dom/minidom.py")
     finally:
         store.close()
 
@@ -272,13 +276,12 @@ def test_exec_fills_files_kill_and_force_delete(tmp_path: Path, busybox: Store, 
     ok(rt("start", "e1"))
     assert rt.state("e1")["status"] == "running"
     sup = supervisor_pid(rt, "e1")
-    placeholder = busybox.placeholder("/app/random.bin")
-    assert placeholder.stat().st_blocks == 0
+    assert not busybox.filled("/app/random.bin")
 
     # exec CMD...: a new notify fd; the exec'd process's open fills the file.
     p = ok(rt("exec", "e1", "sha256sum", "/app/random.bin"))
     assert p.stdout.split()[0] == RANDOM_SHA
-    assert placeholder.stat().st_blocks > 0
+    assert busybox.filled("/app/random.bin")
     # exec -p process.json, with the container's exit code; then a flag after the id.
     proc = {"args": ["sh", "-c", "cat /app/hello.txt; exit 5"], "cwd": "/", "env": ["PATH=/bin"],
             "user": {"uid": 0, "gid": 0}}
@@ -340,12 +343,11 @@ def test_podman_plain_rootfs(podman: list[str], plain_rootfs: Path) -> None:
 
 def test_podman_lazy_rootfs_fills_on_open(tmp_path: Path, podman: list[str], busybox: Store) -> None:
     rootfs = busybox.rootfs(tmp_path / "c")
-    placeholder = busybox.placeholder("/app/random.bin")
-    assert placeholder.stat().st_blocks == 0
+    assert not busybox.filled("/app/random.bin")
     # podman does not pass LAZYSHIM_ROOT on: the store is found from the overlay's lowerdirs.
     env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}
     p = sh(*podman, *RUN_FLAGS, "--rootfs", str(rootfs), "sh", "-c", "cat /app/hello.txt; sha256sum /app/random.bin",
            env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["hello from the app layer", f"{RANDOM_SHA}  /app/random.bin"]
-    assert placeholder.stat().st_blocks > 0
+    assert busybox.filled("/app/random.bin")

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, LAZYSHIM_ROOT=str(store))
                 rows.append((f"lazyshim pull ({fmt})", ref, timed([*LAZYSHIM, "pull", ref], env)))
                 rows.append((f"lazyshim fetch ({fmt})", ref, timed([*LAZYSHIM, "fetch", ref], env)))
+                from shim import api
+
+                api.release_store(store)
                 shutil.rmtree(store, ignore_errors=True)
                 pdir = work / f"p{len(rows)}"
                 penv_run = dict(penv.env(f"podman-{len(rows)}"))

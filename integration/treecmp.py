@@ -40,7 +40,8 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def snapshot(root: Path, *, mtimes: bool = True, exclude: frozenset[str] = frozenset()) -> dict[str, tuple]:
+def snapshot(root: Path, *, mtimes: bool = True, exclude: frozenset[str] = frozenset(),
+             contents: bool = True) -> dict[str, tuple]:
     """path -> (kind, mode, uid, gid, size/target/digest, mtime, xattrs); `#links` -> groups.
 
     The root directory itself is left out (its attributes belong to the bundle, not the image).
@@ -60,7 +61,7 @@ def snapshot(root: Path, *, mtimes: bool = True, exclude: frozenset[str] = froze
             st = os.lstat(full)
             kind = stat.S_IFMT(st.st_mode)
             if stat.S_ISREG(kind):
-                detail: object = (st.st_size, _digest(full))
+                detail: object = (st.st_size, _digest(full) if contents else None)
                 by_inode.setdefault((st.st_dev, st.st_ino), []).append(rel)
             elif stat.S_ISLNK(kind):
                 detail = os.readlink(full)

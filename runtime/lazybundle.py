@@ -1,9 +1,10 @@
 """Lazy bundles: which bundles get a supervisor, and the private bundle we give the delegate.
 
 A bundle is lazy when
-- its `root.path` is an overlay mount with lowerdirs that are placeholder trees of a
-  lazyshim store (`STORE/layers/<alg>-<hex>/tree`); the store is the one those trees live
-  in, whatever $LAZYSHIM_ROOT says (podman and containerd do not pass our environment on);
+- its `root.path` is an overlay mount with lowerdirs that are layer trees of a lazyshim
+  store, in either store layout (`shim.lazyroot.store_of_rootfs`); the store is the one those
+  trees live in, whatever $LAZYSHIM_ROOT says (podman and containerd do not pass our
+  environment on);
 - or its config carries the annotation `run.lazyshim.image=REF` (podman `--annotation`):
   the image is resolved in (or pulled into) the store of $LAZYSHIM_ROOT, and an overlay of
   its trees is mounted on `root.path`, which must then be an empty directory (podman
@@ -60,9 +61,9 @@ def detect(bundle: str) -> Found | None:
         return None
     rootfs = os.path.normpath(os.path.join(bundle_abs, path))
     found = Found(bundle_abs, config, rootfs)
-    from shim.lazyroot import overlay_lowerdirs
+    from shim.lazyroot import store_of_rootfs
 
-    store_root = _store_of(overlay_lowerdirs(rootfs))
+    store_root = store_of_rootfs(rootfs)
     if store_root is not None:
         from shim.lazyroot import layers_of_rootfs
         from shim.store.layout import Store
@@ -80,24 +81,13 @@ def detect(bundle: str) -> Found | None:
             if reason is not None:
                 agent_policy.complete_for_agent(config, reason, Path(store_root), layers, f"bundle {bundle_abs}")
                 return None
-            found.store_root, found.layers = store_root, layers
+            found.store_root, found.layers = str(store_root), layers
             return found
     annotations = config.get("annotations")
     image = annotations.get(ANNOTATION) if isinstance(annotations, dict) else None
     if isinstance(image, str) and image:
         found.image = image
         return found
-    return None
-
-
-def _store_of(lowers: list[str]) -> str | None:
-    for low in lowers:
-        if os.path.basename(low) != "tree":
-            continue
-        layer = os.path.dirname(low)
-        layers = os.path.dirname(layer)
-        if os.path.basename(layers) == "layers" and os.path.exists(os.path.join(layer, "meta.cbor")):
-            return os.path.dirname(layers)
     return None
 
 
@@ -151,8 +141,9 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     for sub in ("upper", "work"):
         (scratch / sub).mkdir(parents=True, mode=0o755)
     # The directory itself is the top lower layer: podman's scaffold (etc/mtab) stays visible.
-    lowers = api.layer_trees(store, image) + [Path(found.rootfs)]
-    overlay.mount_overlay(lowers, scratch / "upper", scratch / "work", Path(found.rootfs))
+    spec = api.layer_mount(store, image)
+    overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
+                          data_lowers=spec.data_lowers, options=spec.options)
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
     return str(store.root), list(image.layers), api.image_sources(store, image, found.image)
 

@@ -36,8 +36,9 @@ def cmd_mount(args) -> int:
     (scratch / "work").mkdir()
     from shim.userns import in_user_namespace
 
-    overlay.mount_overlay(api.layer_trees(store, image), scratch / "upper", scratch / "work", target,
-                          userxattr=in_user_namespace())
+    spec = api.layer_mount(store, image)
+    overlay.mount_overlay(spec.lowers, scratch / "upper", scratch / "work", target, userxattr=in_user_namespace(),
+                          data_lowers=spec.data_lowers, options=spec.options)
     print(target)
     return 0
 

@@ -41,6 +41,9 @@ def cmd_record(args) -> int:
         print(f"recorded {len(seen)} files", file=sys.stderr)
         return 0
     finally:
+        from shim import api
+
+        api.release_store(scratch / "store")
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -89,8 +89,9 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         containers.claim_state_dir(owned)
         from shim.userns import in_user_namespace
 
-        overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
-                              userxattr=in_user_namespace())
+        lower = api.layer_mount(store, image)
+        overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
+                              userxattr=in_user_namespace(), data_lowers=lower.data_lowers, options=lower.options)
         cfg = image.config
         args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
         if not args_:

@@ -149,10 +149,13 @@ def supervisor_alive(sdir: Path) -> bool:
 def cmd_gc(args) -> int:
     """`lazyshim gc`: the sweep, then layers no image or mount uses; says what went."""
     from shim import api
-    from shim.store.gc import collect
+    from shim.store.gc import collect, collect_data
 
     store = api.open_store()
     removed = sweep(store) + [f"layer {name}" for name in collect(store)]
+    files, size = collect_data(store)
+    if files:
+        removed.append(f"{files} data file(s) no layer names ({size} bytes)")
     for line in removed:
         print(f"removed {line}")
     if not removed:

@@ -14,13 +14,25 @@ from pathlib import Path
 
 from .errors import LazyshimError
 from .store.layout import Store
+from .store.layouts import MountSpec
 from .store.metadata import ImageRecord
 
 
 def open_store(root: Path | None = None) -> Store:
+    """The store, created if new, with its layout decided (a bad LAZYSHIM_STORE_LAYOUT fails here)."""
+    from .store.layouts import layout_of
+
     store = Store(root)
     store.ensure()
+    layout_of(store)
     return store
+
+
+def release_store(root: Path) -> None:
+    """Detach what a store has mounted (before deleting a scratch store)."""
+    from .store.layouts import release
+
+    release(Store(root))
 
 
 def ensure_image(store: Store, name: str, pull: bool = True, always: bool = False,
@@ -46,7 +58,10 @@ def ensure_image(store: Store, name: str, pull: bool = True, always: bool = Fals
 
 def store_layout(store: Store) -> str:
     """Which on-disk layout the store uses (a store that knows better says so itself)."""
-    return str(getattr(store, "layout_version", "v1 (placeholder trees)"))
+    from .store.layouts import layout_of
+
+    name = layout_of(store).name
+    return {"v1": "v1 (placeholder trees)", "v2": "v2 (metadata in memory, data by digest)"}.get(name, name)
 
 
 def image_sources(store: Store, image: ImageRecord, asked: str | None = None) -> list[str]:
@@ -57,9 +72,17 @@ def image_sources(store: Store, image: ImageRecord, asked: str | None = None) ->
     return image_references(store, image, asked)
 
 
+def layer_mount(store: Store, image: ImageRecord) -> MountSpec:
+    """What an overlay of the image needs (lower dirs bottom first, data-only lower dirs, mount
+    options), whatever the store's layout; trees lost with a reboot are rebuilt first."""
+    from .store.layouts import layout_of
+
+    return layout_of(store).mount_spec(image.layers)
+
+
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
-    """The image's placeholder trees, bottom layer first."""
-    return [store.layer_dir(d) / "tree" for d in image.layers]
+    """The image's layer trees (overlay lower dirs), bottom layer first."""
+    return layer_mount(store, image).lowers
 
 
 @dataclass(frozen=True)
@@ -81,7 +104,7 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
     """Fill every file of an image (or of these layer digests) now, verified, in coalesced
     range requests; the one door for `lazyshim fetch` and for containers that must start
     complete.  Raises LazyshimError naming the first file that could not be filled (files
-    that failed stay empty placeholders: an open or a later fill retries them)."""
+    that failed stay without data: an open or a later fill retries them)."""
     from .lazyroot import LazyRoot
 
     if isinstance(image_or_layers, ImageRecord):
@@ -91,7 +114,7 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
         label, layers, sources = "image", list(image_or_layers), []
     root = LazyRoot(store, layers, sources)
     plan = root.prefetch_plan(everything=True)
-    total = sum(1 for f, indices, _ in plan for i in indices if not f.filled[i])
+    total = sum(1 for f, indices, _ in plan for i in indices if not f.is_filled(i))
     t0 = time.monotonic()
     errors: list[str] = []
 
@@ -180,7 +203,7 @@ def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
     digest_dirname(layer_digest)  # a digest, not a path
     ref = parse_reference(image_ref)
     if _layer_built(store, layer_digest):
-        return store.layer_dir(layer_digest) / "tree"
+        return layer_lowerdir(store, layer_digest)
     store.ensure()
     with new_client(ref.registry) as client:
         manifest = client.get_manifest(ref.repository, manifest_digest or ref.digest or ref.tag or "latest")
@@ -191,19 +214,25 @@ def ensure_lazy_layer(store: Store, image_ref: str, layer_digest: str,
             return None
         with store.lock("gc", shared=True):
             ensure_layer(store, client, ref, desc)
-    return store.layer_dir(layer_digest) / "tree"
+    return layer_lowerdir(store, layer_digest)
 
 
 def layer_lowerdir(store: Store, layer_digest: str) -> Path:
-    """Where a built layer's tree is (an overlay lower dir); LazyshimError if it is not built."""
+    """One directory that is a built layer's whole tree (an overlay lower dir of its own; in
+    store layout v2 a read-only overlay of its metadata over the data objects, mounted now if
+    it is not); LazyshimError if the layer is not built."""
+    from .store.layouts import layout_of
+
     if not _layer_built(store, layer_digest):
         raise LazyshimError(f"layer {layer_digest[:19]} is not in the store {store.root}")
-    return store.layer_dir(layer_digest) / "tree"
+    return layout_of(store).layer_view(layer_digest)
 
 
 def _layer_built(store: Store, layer_digest: str) -> bool:
     """A layer is built once its metadata is in place (it is renamed in last)."""
-    return (store.layer_dir(layer_digest) / "meta.cbor").exists()
+    from .store.layouts import has_meta
+
+    return has_meta(store.layer_dir(layer_digest))
 
 
 def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
@@ -218,23 +247,8 @@ def release_unused_layers(store: Store, keep: set[str]) -> list[str]:
     record and not a lower dir of a mounted overlay; returns the digests deleted.  For owners
     outside the image records (a containerd snapshotter) that need layers only while their own
     snapshots do: a layer left by a crash between building and recording it goes too."""
-    import shutil
+    from .store.gc import collect, collect_data
 
-    from .store.gc import mounted_layers, referenced_layers
-    from .store.layout import digest_dirname
-
-    removed: list[str] = []
-    if not store.layers.is_dir():
-        return removed
-    with store.lock("gc"):
-        spared = referenced_layers(store) | mounted_layers(store) | {digest_dirname(d) for d in keep}
-        for d in sorted(store.layers.iterdir()):
-            if d.name in spared or not d.is_dir():
-                continue
-            with store.lock(d.name):
-                trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
-                os.rename(d, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-                alg, _, hexpart = d.name.partition("-")
-                removed.append(f"{alg}:{hexpart}")
+    removed = [name.replace("-", ":", 1) for name in collect(store, keep)]
+    collect_data(store)
     return removed

@@ -30,6 +30,8 @@ def add_parsers(sub) -> None:
     p.add_argument("image", nargs="+")
     p.set_defaults(func=cmd_rmi)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
+    p.add_argument("--blobs", action="store_true",
+                   help="also keep each layer's whole compressed blob (for podman save, push, build FROM)")
     p.add_argument("image")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_fetch)
@@ -67,7 +69,8 @@ def cmd_pull(args) -> int:
 def cmd_images(args) -> int:
     from .api import open_store
     from .output import emit
-    from .store.metadata import load_image, load_layer
+    from .store.layouts import load_meta
+    from .store.metadata import load_image
     from .store.refs import load_refs
 
     store = open_store()
@@ -79,7 +82,7 @@ def cmd_images(args) -> int:
             rec = load_image(store.image_file(image_id).read_bytes())
             layers = len(rec.layers)
             for d in rec.layers:
-                size += load_layer((store.layer_dir(d) / "meta.cbor").read_bytes()).blob_size
+                size += load_meta(store, d).blob_size
         except (OSError, LazyshimError):
             damaged = True
         rows.append({"Repository": name, "Id": image_id, "ID": image_id.removeprefix("sha256:")[:12],
@@ -106,70 +109,36 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def cmd_df(args) -> int:
-    """Sizes from the metadata (no tree walk): blob bytes, and the bytes of filled files."""
-    from .api import open_store
-    from .output import emit
-    from .store.metadata import load_layer
-    from .store.refs import load_refs
-
-    store = open_store()
-    images = set(load_refs(store).values())
-    layers = blob = fetched = files = filled = 0
-    for d in sorted(store.layers.iterdir()) if store.layers.is_dir() else []:
-        try:
-            meta = load_layer((d / "meta.cbor").read_bytes())
-            fmap = (d / "filled").read_bytes()
-        except (OSError, LazyshimError):
-            continue
-        layers += 1
-        blob += meta.blob_size
-        for i, e in enumerate(meta.toc.entries):
-            if e.type == "reg" and e.size:
-                files += 1
-                if i < len(fmap) and fmap[i]:
-                    filled += 1
-                    fetched += e.size
-    containers = sum(1 for p in store.containers.iterdir() if p.is_dir() and p.name != "oci") \
-        if store.containers.is_dir() else 0
-    rows = [
-        {"Type": "Images", "Total": len(images), "Size": blob, "Files": files, "Filled": filled},
-        {"Type": "Layers", "Total": layers, "Size": blob, "Files": files, "Filled": filled},
-        {"Type": "Fetched", "Total": filled, "Size": fetched, "Files": files, "Filled": filled},
-        {"Type": "Containers", "Total": containers, "Size": 0, "Files": 0, "Filled": 0},
-    ]
-    if args.format != "json":
-        for r in rows:
-            r["size"] = _human(r["Size"]) if r["Type"] != "Containers" else "-"
-    emit(rows, args.format, [("TYPE", "Type"), ("TOTAL", "Total"), ("SIZE", "size")])
-    return 0
-
-
 def cmd_inspect(args) -> int:
     from .api import open_store
-    from .store.metadata import load_layer
+    from .store.layouts import layout_of, load_meta
     from .store.refs import resolve_image
 
     store = open_store()
     rec = resolve_image(store, args.image)
+    layout = layout_of(store)
     layers = []
     for d in rec.layers:
-        meta = load_layer((store.layer_dir(d) / "meta.cbor").read_bytes())
-        filled = (store.layer_dir(d) / "filled").read_bytes()
+        meta = load_meta(store, d)
         regs = [i for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size]
+        filler = layout.filler(d, meta, _no_source)
         layers.append({
             "digest": d, "format": meta.format, "size": meta.blob_size, "entries": len(meta.toc.entries),
-            "files": len(regs), "filled": sum(1 for i in regs if filled[i]),
-            "prioritized": meta.toc.prioritized, "tree": str(store.layer_dir(d) / "tree"),
+            "files": len(regs), "filled": sum(1 for i in regs if filler.is_filled(i)),
+            "prioritized": meta.toc.prioritized, "tree": str(layout.lower_dir(d)), "layout": layout.name,
         })
     json.dump({"id": rec.id, "name": rec.name, "config": rec.config, "layers": layers}, sys.stdout, indent=2)
     print()
     return 0
 
 
+def _no_source():
+    raise LazyshimError("inspect fetches nothing")
+
+
 def cmd_rmi(args) -> int:
     from .api import open_store
-    from .store.gc import collect
+    from .store.gc import collect, collect_data
     from .store.refs import load_refs, remove_ref, resolve_image
 
     store = open_store()
@@ -186,8 +155,53 @@ def cmd_rmi(args) -> int:
                 store.image_file(rec.id).unlink(missing_ok=True)
         print(rec.id)
     removed = collect(store)
-    if removed:
-        print(f"deleted {len(removed)} unused layer(s)", file=sys.stderr)
+    files, size = collect_data(store)
+    if removed or files:
+        print(f"deleted {len(removed)} unused layer(s), {files} data file(s) ({_human(size)})", file=sys.stderr)
+    return 0
+
+
+def cmd_df(args) -> int:
+    """What the store holds, from its metadata (no tree walk): images, layers (blob bytes),
+    file data fetched (and what identical files share), metadata in memory, containers."""
+    from .api import open_store
+    from .output import emit
+    from .store.layouts import layout_of, load_meta
+    from .store.refs import load_refs
+
+    store = open_store()
+    layout = layout_of(store)
+    u = layout.usage()
+    layers = [d for d in sorted(store.layers.iterdir()) if d.is_dir()] if store.layers.is_dir() else []
+    blob = 0
+    for d in layers:
+        try:
+            blob += load_meta(store, d.name.replace("-", ":", 1)).blob_size
+        except (OSError, LazyshimError):
+            continue
+    containers = sum(1 for p in store.containers.iterdir() if p.is_dir() and p.name != "oci") \
+        if store.containers.is_dir() else 0
+    rows = [
+        {"Type": "Images", "Total": len(set(load_refs(store).values())), "Size": blob},
+        {"Type": "Layers", "Total": len(layers), "Size": blob},
+        {"Type": "Fetched", "Total": u["filled"], "Size": u["data_bytes"], "Files": u["files"],
+         "Shared": u["shared_bytes"]},
+        {"Type": "Containers", "Total": containers, "Size": 0},
+    ]
+    if "meta_inodes" in u:
+        rows.insert(3, {"Type": "Metadata", "Total": u["meta_inodes"], "Size": u["meta_bytes"]})
+    if args.format:
+        emit(rows, args.format, [("TYPE", "Type"), ("TOTAL", "Total"), ("SIZE", "Size")])
+        return 0
+    print(f"layout      {layout.name}")
+    print(f"images      {rows[0]['Total']}, {len(layers)} layers, {_human(blob)} compressed")
+    print(f"files       {u['filled']} of {u['files']} filled")
+    print(f"data        {_human(u['data_bytes'])} on disk" + (
+        f" (+{_human(u['shared_bytes'])} more that identical files share)" if u["shared_bytes"] else ""))
+    if "meta_inodes" in u:
+        print(f"metadata    {u['meta_inodes']} inodes in memory (about {_human(u['meta_inodes'] * 1024)}), "
+              f"{_human(u['meta_bytes'])} of file contents")
+    print(f"containers  {containers}")
     return 0
 
 
@@ -226,7 +240,18 @@ def cmd_fetch(args) -> int:
         files, fetched = files + res.files_filled, fetched + res.bytes_fetched
     if not args.quiet:
         print(f"filled {files} files, {fetched} bytes in {time.monotonic() - t0:.2f}s")
+    if getattr(args, "blobs", False):
+        _fetch_blobs(store, rec)
     return 0
+
+
+def _fetch_blobs(store, rec) -> None:
+    from .sources import new_client
+    from .store.blobs import fetch_blob
+
+    with new_client(rec.registry) as client:
+        n = sum(fetch_blob(store, client, rec.repository, d) for d in rec.layers)
+    print(f"stored {len(rec.layers)} layer blobs, {n} bytes downloaded")
 
 
 def cmd_convert(args) -> int:

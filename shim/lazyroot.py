@@ -12,10 +12,9 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LazyshimError
 from .store.filler import BlobSource, LayerFiller, is_complete, mark_complete
 from .store.layout import Store
-from .store.metadata import load_layer
+from .store.layouts import layer_of_lowerdir, layout_of, load_meta
 
 
 class LazyRoot:
@@ -24,20 +23,17 @@ class LazyRoot:
         self.fillers: list[LayerFiller] = []
         # inode -> (filler, entry index, size)
         self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
+        layout = layout_of(store)
         for digest in layer_digests:
-            d = store.layer_dir(digest)
-            try:
-                meta = load_layer((d / "meta.cbor").read_bytes())
-            except FileNotFoundError as e:
-                raise LazyshimError(f"layer {digest[:19]} is not in the store {store.root}") from e
+            meta = load_meta(store, digest)
             if meta.complete:  # unpacked in full (legacy layer)
-                mark_complete(d)
+                mark_complete(store.layer_dir(digest))
                 continue
-            filler = LayerFiller(d, meta, _source_factory(store, sources, layer_digests, digest,
-                                                           meta.registry, meta.repository))
+            filler = layout.filler(digest, meta, _source_factory(store, sources, layer_digests, digest,
+                                                                  meta.registry, meta.repository))
             self.fillers.append(filler)
             entries = meta.toc.entries
-            for i, ino in enumerate(meta.inodes):
+            for i, ino in enumerate(layout.inodes(digest, meta)):
                 if ino:
                     self.by_inode[ino] = (filler, i, entries[i].size)
 
@@ -53,7 +49,7 @@ class LazyRoot:
         if hit is None or hit[2] != st.st_size or not stat.S_ISREG(st.st_mode):
             return None
         filler, idx, _ = hit
-        if filler.filled[idx]:
+        if filler.is_filled(idx):
             return None
         return filler, idx
 
@@ -101,7 +97,7 @@ class LazyRoot:
             f.unfilled = f.count_unfilled()
             if f.unfilled:
                 return False
-            mark_complete(f.dir)
+            f.mark_complete()
         return True
 
     def stats(self) -> dict[str, int]:
@@ -147,10 +143,20 @@ def overlay_lowerdirs(rootfs: Path | str) -> list[str]:
 
 def layers_of_rootfs(store: Store, rootfs: Path) -> list[str] | None:
     """The lazy layers an overlay rootfs is made of (from its mount options), or None."""
-    layers_prefix = os.path.realpath(store.layers) + "/"
+    root = os.path.realpath(store.root)
     out = []
     for low in overlay_lowerdirs(rootfs):
-        if low.startswith(layers_prefix) and low.endswith("/tree"):
-            alg, _, hexpart = low[len(layers_prefix):-len("/tree")].partition("-")
-            out.append(f"{alg}:{hexpart}")
+        hit = layer_of_lowerdir(low)
+        if hit is not None and os.path.realpath(hit[0]) == root:
+            out.append(hit[1])
     return out or None
+
+
+def store_of_rootfs(rootfs: Path | str) -> Path | None:
+    """The store whose layers an overlay rootfs is made of, whatever $LAZYSHIM_ROOT says (podman
+    and containerd do not pass our environment on), or None."""
+    for low in overlay_lowerdirs(rootfs):
+        hit = layer_of_lowerdir(low)
+        if hit is not None:
+            return hit[0]
+    return None

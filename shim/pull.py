@@ -23,8 +23,9 @@ from .registry.reference import Reference, parse_reference
 from .store import refs
 from .store.filler import create_filled_map
 from .store.layout import Store
+from .store.layouts import disk_tree, has_meta, layout_of, meta_path
 from .store.metadata import ImageRecord, LayerMeta, dump_image, dump_layer, write_atomic
-from .store.placeholders import TreeOptions, build_tree
+from .store.placeholders import TreeOptions
 
 MAX_CONFIG = 4 << 20
 
@@ -69,6 +70,9 @@ def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
         metas.append(ensure_layer(store, client, ref, layer))
         if progress:
             progress(i, len(manifest.layers), layer, metas[-1])
+    layout = layout_of(store)
+    for meta in metas:
+        layout.activate(meta.digest, meta)
     rec = ImageRecord(
         id=manifest.digest, name=str(ref), registry=ref.registry, repository=ref.repository,
         layers=[d.digest for d in manifest.layers], config=config, config_digest=manifest.config.digest,
@@ -84,28 +88,30 @@ def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
 def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
     """Make the layer's tree and metadata exist in the store (idempotent, crash-safe)."""
     final = store.layer_dir(desc.digest)
-    if (final / "meta.cbor").exists():
+    if has_meta(final):
         return _load(final)
+    layout = layout_of(store)
     with store.lock(final.name):
-        if (final / "meta.cbor").exists():
+        if has_meta(final):
             return _load(final)
         staging = store.tmp / f"{final.name}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / "tree").mkdir(parents=True)
+        staging.mkdir(parents=True)
         try:
             meta = _lazy_meta(client, ref, desc)
             opts = TreeOptions()
             if meta is None:
                 from .legacy import unpack_layer
 
-                meta = unpack_layer(client, ref, desc, staging / "tree", opts)
+                disk_tree(staging).mkdir()
+                meta = unpack_layer(client, ref, desc, disk_tree(staging), opts)
                 create_filled_map(staging, len(meta.toc.entries), all_filled=True)
             else:
-                meta.inodes = build_tree(meta.toc, staging / "tree", opts)
+                layout.populate(meta, staging, opts)
                 create_filled_map(staging, len(meta.toc.entries))
             _warn_skipped(desc, opts)
             meta.registry, meta.repository = ref.registry, ref.repository
-            write_atomic(staging / "meta.cbor", dump_layer(meta))
+            write_atomic(meta_path(staging), dump_layer(meta))
             shutil.rmtree(final, ignore_errors=True)
             os.rename(staging, final)
         except BaseException:
@@ -127,7 +133,7 @@ def _warn_skipped(desc: Descriptor, opts: TreeOptions) -> None:
 def _load(layer_dir: Path) -> LayerMeta:
     from .store.metadata import load_layer
 
-    return load_layer((layer_dir / "meta.cbor").read_bytes())
+    return load_layer(meta_path(layer_dir).read_bytes())
 
 
 def layer_format(desc: Descriptor) -> str:

@@ -3,11 +3,14 @@
 With `additionallayerstores = ["STORE/als:ref"]` in storage.conf, podman's pull looks for
 `STORE/als/<base64(image ref)>/<layer digest>/{diff,info,blob}` and, when it finds them,
 uses `diff` as the layer's lower dir instead of downloading the blob.  We point `diff` at
-our placeholder tree, so `podman pull` becomes manifest + config only and `podman run
---runtime lazyshim` gets a rootfs whose lower dirs are ours.
+the layer's tree (v1: the placeholder tree; v2: a read-only overlay of its metadata tree over
+the data objects, so an unfilled file fails to open instead of reading as zeros), so `podman
+pull` becomes manifest + config only and `podman run --runtime lazyshim` gets a rootfs whose
+lower dirs are ours.
 
-`info` is the containers/storage Layer record (digests and sizes); `blob` must exist but is
-never read for running containers, so it stays empty.
+`info` is the containers/storage Layer record (digests and sizes); `blob` is read only by
+podman's save/push/build: it links to the whole blob, which `lazyshim fetch --blobs` stores
+(`shim.store.blobs`); until then podman's read of it fails (an error, never corrupt bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from .blobs import reserve_blob
 from .layout import Store
 from .metadata import ImageRecord, LayerMeta
 
@@ -35,6 +39,10 @@ def ref_dir(store: Store, ref: str) -> Path:
 def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[str]) -> None:
     """Write the ALS entries of an image under every name podman may look it up by."""
     diff_ids = list((rec.config.get("rootfs") or {}).get("diff_ids") or [])
+    from .layouts import layout_of
+
+    layout = layout_of(store)
+    diffs = [layout.layer_view(meta.digest) for meta in metas]  # (re)mounts v2's read-only views
     for ref in dict.fromkeys(refs):
         base = ref_dir(store, ref)
         for i, meta in enumerate(metas):
@@ -43,8 +51,8 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
                 continue
             tmp = base / f".{meta.digest}.{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
-            os.symlink(store.layer_dir(meta.digest) / "tree", tmp / "diff")
-            (tmp / "blob").touch()
+            os.symlink(diffs[i], tmp / "diff")
+            os.symlink(reserve_blob(store, meta.digest), tmp / "blob")  # a stand-in until `fetch --blobs`
             info = {
                 "compressed-diff-digest": meta.digest,
                 "compressed-size": meta.blob_size,

@@ -99,14 +99,26 @@ class LayerFiller:
         self.bytes_fetched = 0
         self.files_filled = 0
         self.errors: list[str] = []  # the last prefetch's failures
+        if not is_complete(layer_dir):
+            self._check_marks()
         self.unfilled = self.count_unfilled()
         if not self.unfilled:
-            mark_complete(layer_dir)
+            self.mark_complete()
+
+    def _check_marks(self) -> None:
+        """Drop marks whose data a crash may have lost (v1's data is durable before its mark)."""
 
     def count_unfilled(self) -> int:
         """Regular files with data not yet on disk (fills by other processes included)."""
-        filled = self.filled
-        return sum(1 for i, e in enumerate(self.meta.toc.entries) if e.size and e.type == "reg" and not filled[i])
+        return sum(1 for i, e in enumerate(self.meta.toc.entries)
+                   if e.size and e.type == "reg" and not self.is_filled(i))
+
+    def is_filled(self, idx: int) -> bool:
+        """Entry idx's data is in place (the byte map is shared by every process of the store)."""
+        return bool(self.filled[idx])
+
+    def mark_complete(self) -> None:
+        mark_complete(self.dir)
 
     @property
     def source(self) -> BlobSource:
@@ -119,7 +131,7 @@ class LayerFiller:
         self._fill(idx, None, wait=True)
 
     def _fill(self, idx: int, fetched: tuple[int, bytes] | None, wait: bool) -> None:
-        if self.filled[idx]:
+        if self.is_filled(idx):
             return
         with self._lock:
             ev = self._inflight.get(idx)
@@ -130,7 +142,7 @@ class LayerFiller:
             if not wait:
                 return  # someone else is on it
             ev.wait()
-            if not self.filled[idx]:
+            if not self.is_filled(idx):
                 raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
             return
         try:
@@ -149,7 +161,7 @@ class LayerFiller:
         """
         runs: list[list[tuple[int, int, int]]] = []
         spans = sorted((_span(self.meta.toc.entries[i]) + (i,) for i in indices
-                        if not self.filled[i] and self.meta.toc.entries[i].chunks), key=lambda t: t[0])
+                        if self.meta.toc.entries[i].chunks and not self.is_filled(i)), key=lambda t: t[0])
         for start, end, i in spans:
             if end <= start:
                 continue
@@ -159,7 +171,7 @@ class LayerFiller:
                 runs.append([(start, end, i)])
         self.errors = []
         for run in runs:
-            todo = [t for t in run if not self.filled[t[2]]]
+            todo = [t for t in run if not self.is_filled(t[2])]
             if not todo:
                 continue
             pause()
@@ -198,22 +210,27 @@ class LayerFiller:
                 except FillError as err:
                     self.errors.append(str(err))
             if written:
-                fd = os.open(self.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    _syncfs(fd)
-                finally:
-                    os.close(fd)
-                for i in written:
-                    self.filled[i] = 1
-                self.files_filled += len(written)
-                self.unfilled -= len(written)
-                if not self.unfilled:
-                    mark_complete(self.dir)
+                self._commit_run(written)
         finally:
             with self._lock:
                 for i, ev in claimed:
                     del self._inflight[i]
                     ev.set()
+
+    def _commit_run(self, written: list[int]) -> None:
+        """Make a run of written files durable with one syncfs, then mark them filled."""
+        sync_dir(self.tree)
+        self._mark_filled(written)
+
+    def _mark_filled(self, indices: list[int]) -> None:
+        for i in indices:
+            self.filled[i] = 1
+        self.files_filled += len(indices)
+        self.unfilled -= len(indices)
+        if self.unfilled <= 0:
+            self.unfilled = self.count_unfilled()  # shared objects may have filled others
+            if not self.unfilled:
+                self.mark_complete()
 
     def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
         """Write entry idx; with `durable`, fsync and mark it filled.  False if another
@@ -238,11 +255,7 @@ class LayerFiller:
                 os.fchmod(fd, e.mode)
             if durable:
                 os.fsync(fd)  # data on disk before the mark: a crash never serves a hole
-                self.filled[idx] = 1
-                self.files_filled += 1
-                self.unfilled -= 1
-                if not self.unfilled:
-                    mark_complete(self.dir)
+                self._mark_filled([idx])
             return True
         except BaseException as err:
             _discard(fd, e)  # verified pieces of a failed file must not linger as data
@@ -297,6 +310,15 @@ class LayerFiller:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_dir(path: Path) -> None:
+    """syncfs of the file system holding `path`: one flush for many files."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _syncfs(fd: int) -> None:

@@ -13,7 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .layout import Store
+from .blobs import forget_blob
+from .layout import Store, digest_dirname
+from .layouts import layout_of
 from .metadata import load_image
 from .mounts import overlay_mounts
 
@@ -33,7 +35,12 @@ def referenced_layers(store: Store) -> set[str]:
 
 
 def mounted_layers(store: Store) -> set[str]:
-    """Layer dir names whose tree is a lowerdir of an overlay mount (all visible namespaces)."""
+    """Layer dir names whose tree is a lowerdir of an overlay mount (all visible namespaces).
+
+    The store's own read-only views (v2's podman `diff` dirs) do not count: they are mounted
+    for as long as the layer exists; podman's overlays above them do."""
+    from .layouts import layer_of_lowerdir, view_root
+
     seen_ns: set[str] = set()
     texts: list[str] = []
     for pid in ["self", *(p for p in os.listdir("/proc") if p.isdigit())]:
@@ -45,25 +52,42 @@ def mounted_layers(store: Store) -> set[str]:
             seen_ns.add(ns)
         except OSError:
             continue
-    prefix = os.path.realpath(store.layers) + "/"
+    root = os.path.realpath(store.root)
+    views = os.path.realpath(view_root(store)) + "/"
     out: set[str] = set()
     for text in texts:
-        for _, lowers in overlay_mounts(text):
-            out.update(low[len(prefix):].split("/", 1)[0] for low in lowers if low.startswith(prefix))
+        for target, lowers in overlay_mounts(text):
+            if target.startswith(views):
+                continue
+            for low in lowers:
+                hit = layer_of_lowerdir(low)
+                if hit is not None and os.path.realpath(hit[0]) == root:
+                    out.add(digest_dirname(hit[1]))
     return out
 
 
-def collect(store: Store) -> list[str]:
-    """Delete unreferenced, unmounted layer dirs; return the names deleted."""
+def collect_data(store: Store) -> tuple[int, int]:
+    """Delete file data (v2's objects) that no layer left in the store names: (files, bytes)."""
+    if not store.layers.is_dir():
+        return 0, 0
+    with store.lock("gc"):
+        return layout_of(store).collect_data()
+
+
+def collect(store: Store, keep_digests: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Delete layer dirs no image lists, no overlay mounts and `keep_digests` (an owner outside
+    the image records, e.g. containerd's snapshotter) does not name; return the names deleted."""
     removed: list[str] = []
     if not store.layers.is_dir():
         return removed
     with store.lock("gc"):
-        keep = referenced_layers(store) | mounted_layers(store)
+        keep = referenced_layers(store) | mounted_layers(store) | {digest_dirname(d) for d in keep_digests}
         for d in sorted(store.layers.iterdir()):
             if d.name in keep or not d.is_dir():
                 continue
             with store.lock(d.name):
+                layout_of(store).forget(d.name.replace("-", ":", 1))
+                forget_blob(store, d.name.replace("-", ":", 1))
                 # Move it out of layers/ first: a crash mid-delete leaves no half layer behind.
                 trash = store.tmp / f"gc-{d.name}.{os.getpid()}"
                 os.rename(d, trash)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LazyshimError
-from ..formats.toc import Entry, Toc
+from ..formats.toc import OVERLAY_XATTR_PREFIXES, Entry, Toc
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -50,10 +51,13 @@ class TreeBuilder:
         self._kinds: dict[str, str] = {"": "dir"}
         self._dir_times: list[tuple[str, Entry | None]] = []
 
-    def add(self, e: Entry) -> int:
-        """Create one entry; returns its placeholder inode (0 unless a regular file)."""
+    def add(self, e: Entry, own_xattrs: dict[str, bytes] | None = None) -> int:
+        """Create one entry; returns its placeholder inode (0 unless a regular file).
+
+        `own_xattrs` are the store's own (overlay's metacopy and redirect), set on a regular
+        file after the image's; the image's never include overlay's."""
         try:
-            return _make(self.root_fd, e, self._kinds, self.opts, self._dir_times)
+            return _make(self.root_fd, e, self._kinds, self.opts, self._dir_times, own_xattrs)
         except OSError as err:
             raise LazyshimError(f"cannot materialise {e.type} {e.name!r}: {err.strerror}") from err
 
@@ -76,11 +80,13 @@ class TreeBuilder:
             self.root_fd = -1
 
 
-def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None) -> list[int]:
+def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None,
+               own_xattrs: Callable[[int, Entry], dict[str, bytes] | None] | None = None) -> list[int]:
     """Create the placeholder tree for `toc` under the empty dir `dest`.
 
     Returns, per entry, the inode of its placeholder (0 for non-regular entries), which
-    is how the supervisor recognises the files it must fill.
+    is how the supervisor recognises the files it must fill.  `own_xattrs(index, entry)`
+    gives the store's xattrs for a regular file (a metadata tree's metacopy and redirect).
     """
     b = TreeBuilder(dest, opts)
     owner: dict[str, int] = {}  # name -> index of the regular file that made it last
@@ -88,7 +94,7 @@ def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None) -> list[in
     try:
         inodes = []
         for i, e in enumerate(toc.entries):
-            inodes.append(b.add(e))
+            inodes.append(b.add(e, own_xattrs(i, e) if own_xattrs is not None and e.type == "reg" else None))
             if e.type == "reg":
                 owner[e.name] = i
             elif e.type == "hardlink" and e.link in owner:
@@ -126,7 +132,8 @@ def _parent(root_fd: int, name: str, kinds: dict[str, str], opts: TreeOptions, d
     return parent
 
 
-def _make(root_fd: int, e: Entry, kinds: dict[str, str], opts: TreeOptions, dir_times: list) -> int:
+def _make(root_fd: int, e: Entry, kinds: dict[str, str], opts: TreeOptions, dir_times: list,
+          own_xattrs: dict[str, bytes] | None = None) -> int:
     name = e.name
     if name == "":  # the layer root itself
         if e.type == "dir":
@@ -163,7 +170,7 @@ def _make(root_fd: int, e: Entry, kinds: dict[str, str], opts: TreeOptions, dir_
         dir_times.append((name, e))
     elif e.type == "reg":
         kinds[name] = "reg"
-        return _make_placeholder(root_fd, name, e, opts)
+        return _make_placeholder(root_fd, name, e, opts, own_xattrs)
     elif e.type == "symlink":
         os.symlink(e.link, name, dir_fd=root_fd)
     elif e.type == "hardlink":
@@ -183,7 +190,8 @@ def _make(root_fd: int, e: Entry, kinds: dict[str, str], opts: TreeOptions, dir_
     return ino
 
 
-def _make_placeholder(root_fd: int, name: str, e: Entry, opts: TreeOptions) -> int:
+def _make_placeholder(root_fd: int, name: str, e: Entry, opts: TreeOptions,
+                      own_xattrs: dict[str, bytes] | None = None) -> int:
     """A sparse regular file with the entry's metadata, set through one fd (the hot loop of
     a pull: tens of thousands of files, so no path lookups and no needless syscalls)."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, e.mode & 0o777,
@@ -192,7 +200,11 @@ def _make_placeholder(root_fd: int, name: str, e: Entry, opts: TreeOptions) -> i
         if e.size:
             os.ftruncate(fd, e.size)  # sparse: no data blocks until filled
         for k, v in e.xattrs.items():
-            os.setxattr(fd, k, v)
+            if not k.startswith(OVERLAY_XATTR_PREFIXES):
+                os.setxattr(fd, k, v)
+        if own_xattrs:
+            for k, v in own_xattrs.items():
+                os.setxattr(fd, k, v)
         st = os.fstat(fd)
         if opts.can_chown and (st.st_uid, st.st_gid) != (e.uid, e.gid):
             os.fchown(fd, e.uid, e.gid)
@@ -207,7 +219,8 @@ def _make_placeholder(root_fd: int, name: str, e: Entry, opts: TreeOptions) -> i
 
 def _apply_meta(root_fd: int, name: str, e: Entry, opts: TreeOptions) -> None:
     for k, v in e.xattrs.items():
-        _set_xattr(root_fd, name, k, v)
+        if not k.startswith(OVERLAY_XATTR_PREFIXES):  # only the store steers overlayfs
+            _set_xattr(root_fd, name, k, v)
     _own(root_fd, name, e, opts)
     if e.type != "symlink":
         os.chmod(name, e.mode, dir_fd=root_fd, follow_symlinks=True)  # after chown: chown clears setuid

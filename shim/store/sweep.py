@@ -34,6 +34,8 @@ TEMPORARIES: list[Temporaries] = [
     Temporaries(lambda s: s.tmp, re.compile(r"(?:gc-)?[a-z0-9]+-[0-9a-f]+\.(?P<pid>[0-9]+)"), "staging dir"),
     Temporaries(lambda s: s.images, re.compile(r"\..+\.(?P<pid>[0-9]+)\.tmp"), "temporary file"),
     Temporaries(lambda s: s.root, re.compile(r"\..+\.(?P<pid>[0-9]+)\.tmp"), "temporary file"),
+    # v2 data objects being written (shim/store/objects.py): verified and renamed, or garbage.
+    Temporaries(lambda s: s.tmp, re.compile(r"\.object\.(?P<pid>[0-9]+)\.[0-9]+"), "temporary data object"),
 ]
 
 

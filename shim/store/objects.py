@@ -1,0 +1,194 @@
+"""File data by content digest (store layout v2): one object per file content, shared by
+every layer and image that holds that file.
+
+    STORE/data/objects/<2 hex>/<64 hex>      a regular file's bytes, named by its sha256
+    STORE/data/entries/<alg>-<hex>/<index>   a file whose TOC entry has no whole-file digest
+                                             (its chunks are still verified one by one)
+
+`STORE/data` is an overlayfs data-only lower layer: its files are reachable only through the
+`trusted.overlay.redirect` of a metacopy file in a metadata tree, never by name.  An object
+is written under a temporary name in STORE/tmp, verified, made durable and renamed into
+place, so it is either absent (the reader's open fails with ENOENT) or complete: no reader
+ever sees a hole.  Empty files need no object (their metadata file is the whole file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..formats.toc import Entry, FormatError
+from .filler import BlobSource, FillError, LayerFiller, sync_dir
+from .layout import digest_dirname
+from .metadata import LayerMeta
+
+_HEX = frozenset("0123456789abcdef")
+_TMP_SEQ = itertools.count(1)  # temporary names unique in this process (next() is atomic)
+_OBJECT_LOCKS: dict[Path, threading.Lock] = {}
+_OBJECT_LOCKS_GUARD = threading.Lock()
+
+
+def _object_lock(path: Path) -> threading.Lock:
+    """One lock per object in this process: two entries (of any layers) with the same content,
+    opened at once, make one fetch; the second finds the object the first renamed in."""
+    with _OBJECT_LOCKS_GUARD:
+        lock = _OBJECT_LOCKS.get(path)
+        if lock is None:
+            lock = _OBJECT_LOCKS[path] = threading.Lock()
+        return lock
+
+
+def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
+    """Where entry idx's data lives below the data dir, or None when it needs no object.
+
+    The name comes from a (digest-verified) TOC, but is checked like hostile input anyway:
+    only lowercase hex reaches the path."""
+    if e.type != "reg" or not e.size:
+        return None
+    alg, _, hexpart = e.digest.partition(":")
+    if alg == "sha256" and len(hexpart) == 64 and _HEX.issuperset(hexpart):
+        return f"objects/{hexpart[:2]}/{hexpart}"
+    return f"entries/{digest_dirname(layer_digest)}/{idx}"
+
+
+def collect_unnamed(data_dir: Path, tmp_dir: Path, names: set[str]) -> tuple[int, int]:
+    """Delete objects no name in `names` refers to, and temporaries of processes that are gone.
+
+    Directories stay (a fill may be renaming into one).  The caller holds the store's gc lock
+    exclusively, so no pull adds a layer meanwhile; fills only make objects of layers that
+    exist, whose names are in `names`."""
+    files = size = 0
+    for top in ("objects", "entries"):
+        base = data_dir / top
+        if not base.is_dir():
+            continue
+        for sub in base.iterdir():
+            for f in sub.iterdir() if sub.is_dir() else ():
+                if f"{top}/{sub.name}/{f.name}" in names:
+                    continue
+                try:
+                    n = f.lstat().st_size
+                    f.unlink()
+                except OSError:
+                    continue
+                files += 1
+                size += n
+    for f in tmp_dir.glob(".object.*"):
+        pid = f.name.split(".")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            f.unlink(missing_ok=True)
+    return files, size
+
+
+class ObjectFiller(LayerFiller):
+    """Fills a layer whose tree is metadata only: a fill creates the file's data object.
+
+    `filled` (the layer's byte map) is a hint shared by the store's processes; the truth is
+    the object itself, so a file another layer or image brought in is found by one stat."""
+
+    def __init__(self, layer_dir: Path, meta: LayerMeta, source_factory: Callable[[], BlobSource],
+                 data_dir: Path, tmp_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.tmp_dir = tmp_dir
+        self._names: dict[int, str | None] = {}
+        self._pending: dict[int, Path] = {}
+        super().__init__(layer_dir, meta, source_factory)
+        self.tree = data_dir  # what _commit_run syncs: the file system of the objects
+
+    def object_path(self, idx: int) -> Path | None:
+        try:
+            name = self._names[idx]
+        except KeyError:
+            name = self._names[idx] = object_name(self.meta.digest, idx, self.meta.toc.entries[idx])
+        return None if name is None else self.data_dir / name
+
+    def is_filled(self, idx: int) -> bool:
+        if self.filled[idx]:
+            return True
+        path = self.object_path(idx)
+        if path is None:
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if st.st_size != self.meta.toc.entries[idx].size:
+            return False
+        self.filled[idx] = 1  # another layer, image or container brought it in
+        return True
+
+    def mark_complete(self) -> None:
+        sync_dir(self.data_dir)  # the objects' renames are durable before the mark
+        super().mark_complete()
+
+    def _check_marks(self) -> None:
+        """A crash after a mark but before the rename reached the disk: refetch those."""
+        for i, e in enumerate(self.meta.toc.entries):
+            if self.filled[i] and e.type == "reg" and e.size:
+                path = self.object_path(i)
+                if path is None or not path.exists():
+                    self.filled[i] = 0
+
+    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
+        final = self.object_path(idx)
+        if final is None or self.is_filled(idx):
+            return False
+        if not durable:  # a run: its bytes are fetched already, published after one sync
+            return self._write_object(idx, fetched, durable)
+        with _object_lock(final):
+            if self.is_filled(idx):
+                return False  # an entry with the same content was filled meanwhile
+            return self._write_object(idx, fetched, durable)
+
+    def _write_object(self, idx: int, fetched: tuple[int, bytes] | None, durable: bool) -> bool:
+        e = self.meta.toc.entries[idx]
+        tmp = self.tmp_dir / f".object.{os.getpid()}.{next(_TMP_SEQ)}"
+        try:
+            tmp.unlink(missing_ok=True)  # left by a crashed process that had our pid
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        except OSError as err:
+            raise FillError(f"filling {e.name!r}: {err}") from err
+        try:
+            try:
+                os.ftruncate(fd, e.size)  # zero chunks stay holes: they read as the zeros they are
+                self._write_content(fd, e, fetched)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if durable:
+                self._publish(idx, tmp)
+                self._mark_filled([idx])
+            else:
+                self._pending[idx] = tmp
+            return True
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # verified pieces of a failed file never become an object
+            if isinstance(err, OSError | FormatError):
+                raise FillError(f"filling {e.name!r}: {err}") from err
+            raise
+
+    def _commit_run(self, written: list[int]) -> None:
+        sync_dir(self.tmp_dir)
+        done = []
+        for i in written:
+            tmp = self._pending.pop(i)
+            try:
+                self._publish(i, tmp)
+                done.append(i)
+            except FillError as err:
+                tmp.unlink(missing_ok=True)
+                self.errors.append(str(err))
+        self._mark_filled(done)
+
+    def _publish(self, idx: int, tmp: Path) -> None:
+        final = self.object_path(idx)
+        assert final is not None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)  # a concurrent fill of the same content renames equal bytes
+        except OSError as err:
+            raise FillError(f"storing {self.meta.toc.entries[idx].name!r}: {err}") from err
