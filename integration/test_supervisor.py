@@ -286,3 +286,25 @@ def test_paths_through_proc_magic_links_are_filled_too(store: Path, images: dict
         "#!/bin/sh", "echo suid",
         "piped",
     ]
+
+
+CHROOT_SCRIPT = """
+import hashlib, os
+os.chroot('/usr/lib/python3.11')
+print(hashlib.sha256(open('/textwrap.py', 'rb').read()).hexdigest())
+os.chdir('/json')
+print(hashlib.sha256(open('decoder.py', 'rb').read()).hexdigest())
+d = os.open('/json', os.O_RDONLY)
+print(hashlib.sha256(os.read(os.open('scanner.py', os.O_RDONLY, dir_fd=d), 1 << 20)).hexdigest())
+"""
+
+
+def test_a_task_that_chroots_gets_its_files_filled_in_its_new_root(store: Path, images: dict[str, str]) -> None:
+    """chroot is trapped: absolute, cwd- and dirfd-relative paths resolve in the new root,
+    so an unfilled file opened there is filled first, never served as a placeholder."""
+    p = lazyshim(store, "run", "--rm", "--no-background-fetch", images["python:esgz"], "python3", "-c",
+                 CHROOT_SCRIPT, check=False)
+    assert p.returncode == 0, p.stderr
+    want = [hashlib.sha256(Path(f"/usr/lib/python3.11/{f}").read_bytes()).hexdigest()
+            for f in ("textwrap.py", "json/decoder.py", "json/scanner.py")]
+    assert p.stdout.split() == want

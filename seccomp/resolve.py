@@ -65,7 +65,8 @@ class RootResolver:
     """
 
     def __init__(self, max_cached: int = 256) -> None:
-        self._roots: dict[int, tuple[int, bytes]] = {}
+        self._roots: dict[int, int] = {}  # pid -> O_PATH fd of its root
+        self._paths: dict[int, bytes] = {}  # pid -> that root as a path of its mount namespace
         self._max = max_cached
         self._changing: dict[int, tuple[int, int]] = {}  # tid -> its root (dev, ino) before chroot
 
@@ -90,66 +91,71 @@ class RootResolver:
                 del self._changing[tid]
         return not self._changing
 
-    def _open_root(self, pid: int) -> tuple[int, bytes]:
+    def _acquire(self, pid: int) -> tuple[int, bool]:
+        """An fd of the task's root not found in the cache: (fd, owned by the caller)."""
         fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            path = os.readlink(f"/proc/{pid}/root").encode("utf-8", "surrogateescape")
+            path = os.readlink(f"/proc/{pid}/root").encode("utf-8", "surrogateescape").rstrip(b"/")
         except OSError:
             os.close(fd)
             raise
-        return fd, path.rstrip(b"/")
-
-    def _root(self, pid: int) -> tuple[int, bytes, bool]:
-        """(root fd, root path in the mount namespace, owned: the caller must close the fd)."""
-        hit = self._roots.get(pid)
-        if hit is not None:
-            return hit[0], hit[1], False
-        fd, path = self._open_root(pid)
         if self._changing and not self._settled():
-            return fd, path, True
+            self._paths[pid] = path  # a path cache is harmless: forgotten with the fds
+            return fd, True
         if len(self._roots) >= self._max:
             self.forget_all()
-        self._roots[pid] = (fd, path)
-        return fd, path, False
+        self._roots[pid] = fd
+        self._paths[pid] = path
+        return fd, False
 
     def root_fd(self, pid: int) -> int:
         """An O_PATH fd of the task's root, owned by this cache (do not close it)."""
-        fd, path, owned = self._root(pid)
-        if owned:  # uncached while a chroot is in flight: keep it until the next forget
-            self._roots[pid] = (fd, path)
+        fd = self._roots.get(pid)
+        if fd is None:
+            fd, owned = self._acquire(pid)
+            if owned:  # uncached while a chroot is in flight: kept until the next forget
+                self._roots[pid] = fd
         return fd
 
     def root_id(self, pid: int) -> tuple[int, int] | None:
         """(dev, ino) of the task's root: which tree its absolute paths name."""
+        owned = False
         try:
-            fd, _path, owned = self._root(pid)
+            fd = self._roots.get(pid)
+            if fd is None:
+                fd, owned = self._acquire(pid)
+            st = os.fstat(fd)
         except OSError:
             return None
-        try:
-            st = os.fstat(fd)
-            return st.st_dev, st.st_ino
         finally:
             if owned:
                 os.close(fd)
+        return st.st_dev, st.st_ino
 
     def forget(self, pid: int) -> None:
-        hit = self._roots.pop(pid, None)
-        if hit is not None:
-            os.close(hit[0])
+        self._paths.pop(pid, None)
+        fd = self._roots.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
 
     def forget_all(self) -> None:
-        for fd, _path in self._roots.values():
+        for fd in self._roots.values():
             os.close(fd)
         self._roots.clear()
+        self._paths.clear()
 
-    def _in_root(self, pid: int, nspath: bytes, root: bytes | None = None):
+    def _in_root(self, pid: int, nspath: bytes):
         """A path of the mount namespace as the task names it below its root; UNRESOLVED if
         it lies outside that root (a chroot left with a cwd or fd outside it)."""
+        root = self._paths.get(pid)
         if root is None:
             try:
-                root = self._root_path(pid)
+                fd, owned = self._acquire(pid)
             except OSError:
                 return UNRESOLVED
+            if owned:
+                os.close(fd)
+            root = self._paths[pid]
         if not root:
             return nspath
         if nspath == root:
@@ -157,12 +163,6 @@ class RootResolver:
         if nspath.startswith(root) and nspath[len(root):len(root) + 1] == b"/":
             return nspath[len(root):]
         return UNRESOLVED
-
-    def _root_path(self, pid: int) -> bytes:
-        fd, path, owned = self._root(pid)
-        if owned:
-            os.close(fd)
-        return path
 
     def absolute(self, pid: int, dirfd: int, path: bytes):
         """The task's path made absolute in its own view; None if its base is not a path,
@@ -199,7 +199,10 @@ class RootResolver:
                     return nxt
                 full = nxt
                 continue
-            root, _rpath, owned = self._root(pid)
+            root = self._roots.get(pid)
+            owned = False
+            if root is None:  # an error here (the task is gone) is the caller's to answer
+                root, owned = self._acquire(pid)
             try:
                 try:
                     fd = openat2(root, full, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)

@@ -56,6 +56,7 @@ class FillService:
         self.started = threading.Event()  # the first notify fd arrived: the container exists
         # Once every file is filled, answer at once: no path to read, nothing to resolve.
         self.complete = root.complete()
+        self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
         self._lock = threading.Lock()  # the record file and the exec-chain cache
         self._stats_lock = threading.Lock()
@@ -66,10 +67,7 @@ class FillService:
         if stats_path is not None:
             threading.Thread(target=self._stats_writer, daemon=True, name="stats").start()
 
-    # ---- what decide asks (ImageView) ------------------------------------------------
-    def lookup(self, st):
-        return self.root.lookup(st)
-
+    # ---- what decide asks (ImageView): `lookup` is the root's own, bound in __init__ ----
     def exec_chain_filled(self, key) -> bool:
         return key in self._chains
 
