@@ -23,8 +23,11 @@ from .delegate import find_delegate
 
 
 def run(args) -> int:
+    if args.workdir and not args.workdir.startswith("/"):
+        raise LazyshimError(f"--workdir must be an absolute path, not {args.workdir!r}")
     store = api.open_store()
     image = api.ensure_image(store, args.image, pull=not args.no_pull)
+    settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
     cid = args.name or secrets.token_hex(8)
     cdir = store.containers / cid
     if cdir.exists():
@@ -38,15 +41,13 @@ def run(args) -> int:
         overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace())
         mounted = True
-        cfg = image.config
-        args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
+        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
-        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
-                                    (cfg.get("config") or {}).get("User") or "")
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
         config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, list(args.env)),
-            cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
+            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, list(args.env)),
+            cwd=args.workdir or settings.workdir or "/",
             uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
         )
         if args.network == "bridge":
