@@ -186,17 +186,24 @@ def test_registry_outage_gives_eio_then_fills_resume(store: Path, private_busybo
     assert c.finish().strip() == HELLO.strip()
 
 
-def test_supervisor_death_makes_trapped_syscalls_fail_with_enosys(store: Path, images: dict[str, str]) -> None:
-    """Documented behaviour: without its supervisor a container's trapped syscalls fail
+def test_keeper_death_makes_trapped_syscalls_fail_with_enosys(store: Path, images: dict[str, str]) -> None:
+    """Documented behaviour: without keeper and supervisor (killing the keeper, the process
+    the runtime started, takes its supervisor along) a container's trapped syscalls fail
     (ENOSYS) instead of reading unfilled placeholders."""
     ref = images["busybox:esgz"]
     lazyshim(store, "pull", ref)
     c = _Container(store, ref, "echo ready; read x; cat /app/hello.txt; echo rc=$?")
     c.expect("ready")
     from runtime.attach import state_dir
+    from runtime.stats import stats
 
-    pid = int((state_dir(c.name) / "supervisor.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
+    worker = os.pidfd_open(stats(c.name)["pid"])
+    try:
+        keeper = int((state_dir(c.name) / "supervisor.pid").read_text())
+        os.kill(keeper, signal.SIGKILL)
+        assert select.select([worker], [], [], 60)[0], "the supervisor outlived its keeper"
+    finally:
+        os.close(worker)
     c.send("go")
     out = c.finish()
     assert "Function not implemented" in out and "rc=1" in out, out

@@ -46,8 +46,9 @@ class Stats:
 
 class FillService:
     def __init__(self, root: LazyRoot, log: Callable[[str], None], stats_path: Path | None = None,
-                 workers: int = 16) -> None:
+                 workers: int = 16, restarts: int = 0) -> None:
         self.root = root
+        self.restarts = restarts  # how often the keeper restarted a dead supervisor
         self.log = log
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
         self.stats = Stats()
@@ -250,7 +251,7 @@ class FillService:
         return {
             "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
             "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
-            "complete": self.complete, **self.root.stats(),
+            "complete": self.complete, "pid": os.getpid(), "restarts": self.restarts, **self.root.stats(),
         }
 
     def write_stats(self) -> None:

@@ -14,24 +14,42 @@ import threading
 import time
 from pathlib import Path
 
+from seccomp.interrupt import pid_namespace, restart_syscall, waiting_tasks
 from seccomp.listener import receive_fd
 from seccomp.notify import Notifier
 from seccomp.verdict import Verdicts
 
 from ..lazyroot import LazyRoot
 from .fills import FillService
+from .keeper import Handover
 from .notify_loop import NotifyLoop
 
 
 class Supervisor:
     def __init__(self, root: LazyRoot, verdicts: Verdicts, stats_path: Path | None = None,
-                 workers: int = 16, log=None) -> None:
+                 workers: int = 16, log=None, handover: Handover | None = None) -> None:
         self.log_file = log
         self.verdicts = verdicts
-        self.fills = FillService(root, self._log, stats_path=stats_path, workers=workers)
+        self.handover = handover
+        self.fills = FillService(root, self._log, stats_path=stats_path, workers=workers,
+                                 restarts=handover.restarts if handover else 0)
         self.done = threading.Event()
         self._active = 0
         self._lock = threading.Lock()
+
+    def resume(self) -> None:
+        """Serve the notify fds a dead predecessor left, after making the syscalls it had
+        received but not answered ask again (they would wait forever otherwise)."""
+        assert self.handover is not None
+        fds = self.handover.fds
+        namespaces = {ns for ns in fds.values() if ns}
+        restarted = 0
+        for tid in waiting_tasks(namespaces) if namespaces else ():
+            restarted += restart_syscall(tid)
+        self._log(f"restart {self.handover.restarts}: took over {len(fds)} notify fds, "
+                  f"restarted {restarted} waiting syscalls")
+        for fd in fds:
+            self.add_fd(fd)
 
     # What __main__ configures, kept on the wiring so its command line stays as it is.
     @property
@@ -71,6 +89,9 @@ class Supervisor:
                 return
         if fd is None:
             return
+        if self.handover is not None:
+            pid = _state.get("pid") if isinstance(_state, dict) else None
+            self.handover.announce(fd, pid_namespace(pid) if isinstance(pid, int) and pid > 0 else None)
         self.add_fd(fd)
 
     def add_fd(self, fd: int) -> None:
