@@ -108,15 +108,6 @@ class RootResolver:
         self._paths[pid] = path
         return fd, False
 
-    def root_fd(self, pid: int) -> int:
-        """An O_PATH fd of the task's root, owned by this cache (do not close it)."""
-        fd = self._roots.get(pid)
-        if fd is None:
-            fd, owned = self._acquire(pid)
-            if owned:  # uncached while a chroot is in flight: kept until the next forget
-                self._roots[pid] = fd
-        return fd
-
     def root_id(self, pid: int) -> tuple[int, int] | None:
         """(dev, ino) of the task's root: which tree its absolute paths name."""
         owned = False
