@@ -97,3 +97,16 @@ def test_relative_interpreters_are_not_remembered(tmp_path: Path) -> None:
         assert svc.fill_exec_chain(fd, str(script).encode()) is True
     finally:
         os.close(fd)
+
+
+def test_prefill_remembers_the_entrypoints_chain(tmp_path: Path) -> None:
+    from shim.supervisor.decide import chain_key
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "tool").write_bytes(b"#!/bin/interp\n")
+    (rootfs / "bin" / "interp").write_bytes(b"plain\n")
+    svc, _ = _service(tmp_path)
+    svc.prefill(rootfs, [], ["/usr/bin/tool", "/bin/tool"])
+    root = os.stat(rootfs)
+    assert svc.exec_chain_filled(chain_key(os.stat(rootfs / "bin" / "tool"), (root.st_dev, root.st_ino)))

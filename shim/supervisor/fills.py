@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
-from .decide import Fill
+from .decide import Fill, chain_key
 from .execchain import HEADER_READ, MAX_DEPTH, interpreter
 from .notify_loop import fail_quietly
 
@@ -198,12 +199,28 @@ class FillService:
                     os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
                 except OSError:
                     continue
-                self.fill_exec_chain(root_fd, p.encode())
+                if self.fill_exec_chain(root_fd, p.encode()):
+                    self._remember_entrypoint(root_fd, p.encode())
                 break
             for f in pending:
                 self._recorded(f.result())  # re-raises a failed fill
         finally:
             os.close(root_fd)
+
+    def _remember_entrypoint(self, root_fd: int, path: bytes) -> None:
+        """The container's first execve is of this file, in this root (the rootfs as the host
+        sees it is the container's root): its chain is known, so that exec needs no walk."""
+        try:
+            fd = openat2(root_fd, path, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            return
+        try:
+            st, root = os.fstat(fd), os.fstat(root_fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode):
+            with self._lock:
+                self._chains.add(chain_key(st, (root.st_dev, root.st_ino)))
 
     # ---- background fetching ---------------------------------------------------------
     #: The rest of the image waits until the workload has not needed a fill for this long:
