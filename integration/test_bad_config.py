@@ -56,3 +56,17 @@ def test_a_config_without_rootfs_or_process_fields_still_runs(tmp_path: Path, re
 def test_a_relative_workdir_flag_is_one_line(tmp_path: Path, images: dict[str, str]) -> None:
     p = lazyshim(tmp_path / "store", "run", "--rm", "-w", "srv", images["busybox:esgz"], "true", check=False)
     assert_one_line_failure(p, "--workdir")
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--name", "../../escaped"], "--name"),
+    (["-u", "99999999999999999999"], "out of range"),
+    (["-e", "=x"], "no name"),
+])
+def test_bad_run_flags_are_one_line_and_write_nothing_outside_the_store(
+        tmp_path: Path, images: dict[str, str], flags: list[str], words: str) -> None:
+    store = tmp_path / "deep" / "store"
+    p = lazyshim(store, "run", *flags, images["busybox:esgz"], "true", check=False)
+    assert_one_line_failure(p, words)
+    outside = [p for p in tmp_path.rglob("*") if p not in (tmp_path / "deep", store) and store not in p.parents]
+    assert not outside, outside

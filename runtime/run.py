@@ -23,8 +23,7 @@ from .delegate import find_delegate
 
 
 def run(args) -> int:
-    if args.workdir and not args.workdir.startswith("/"):
-        raise LazyshimError(f"--workdir must be an absolute path, not {args.workdir!r}")
+    _check_flags(args)
     store = api.open_store()
     image = api.ensure_image(store, args.image, pull=not args.no_pull)
     settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
@@ -45,6 +44,8 @@ def run(args) -> int:
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
         uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
+        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+            raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
         config = spec.build_spec(
             rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, list(args.env)),
             cwd=args.workdir or settings.workdir or "/",
@@ -89,6 +90,20 @@ def run(args) -> int:
 
 
 DEFAULT_SECCOMP = Path("/usr/share/containers/seccomp.json")
+MAX_ID = (1 << 32) - 2  # uid_t; (uid_t)-1 means "unchanged" to the kernel
+
+
+def _check_flags(args) -> None:
+    """Flags that would otherwise fail deep inside (or, for --name, escape the store)."""
+    from .paths import RESERVED, valid_id
+
+    if args.name is not None and (not valid_id(args.name) or args.name in RESERVED):
+        raise LazyshimError(f"--name {args.name[:80]!r}: letters, digits and _+-. only (not . or ..)")
+    if args.workdir and not args.workdir.startswith("/"):
+        raise LazyshimError(f"--workdir must be an absolute path, not {args.workdir!r}")
+    for item in args.env:
+        if not item.partition("=")[0]:
+            raise LazyshimError(f"-e {item[:80]!r}: the variable has no name")
 
 
 def _seccomp_profile(opts: list[str]) -> dict | None:

@@ -56,10 +56,15 @@ def image_settings(image_config: object, image: str) -> ImageSettings:
             raise LazyshimError(f"{image}: image config field config.{key} is {_kind(v)}, not a string")
         return v
 
+    env = strings("Env")
+    nameless = next((e for e in env if not e.partition("=")[0]), None)
+    if nameless is not None:
+        raise LazyshimError(f"{image}: image config field config.Env holds {nameless[:40]!r}, a variable without "
+                            "a name")
     workdir = string("WorkingDir")
     if workdir and not workdir.startswith("/"):
         raise LazyshimError(f"{image}: image config field config.WorkingDir must be an absolute path, not {workdir!r}")
-    return ImageSettings(strings("Entrypoint"), strings("Cmd"), strings("Env"), string("User"), workdir)
+    return ImageSettings(strings("Entrypoint"), strings("Cmd"), env, string("User"), workdir)
 
 
 def _kind(v: object) -> str:

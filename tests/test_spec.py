@@ -42,3 +42,8 @@ def test_wrong_types_are_one_line_errors(config, words: str) -> None:
         image_settings(config, "reg/img:tag")
     msg = str(e.value)
     assert words in msg and msg.startswith("reg/img:tag: ") and "\n" not in msg
+
+
+def test_env_entries_need_a_name() -> None:
+    with pytest.raises(LazyshimError, match="config.Env holds '=x'"):
+        image_settings({"config": {"Env": ["A=1", "=x"]}}, "img")
