@@ -51,3 +51,11 @@ def test_every_verdict_kind_is_answered() -> None:
     notifier = FakeNotifier([note("open", 1, nid=1)])
     NotifyLoop(notifier, profile, FakeImage(), lambda *a: None, [].append, task=FakeTask()).run()
     assert notifier.answers == {1: errno.EROFS}
+
+
+def test_the_kernels_struct_sizes_are_asked_once_and_cover_ours() -> None:
+    from seccomp.notify import notif_sizes
+
+    notif, resp, data = notif_sizes()
+    assert notif >= 80 and resp >= 24 and data >= 64
+    assert notif_sizes() is notif_sizes()
