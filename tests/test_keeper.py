@@ -19,6 +19,7 @@ def test_a_killed_supervisor_is_restarted_with_the_fds_it_announced(tmp_path: Pa
 
     def work(h) -> int:
         if h.restarts == 0:
+            h.ready()
             h.announce(r, 42)
             os.kill(os.getpid(), signal.SIGKILL)
         fd = next(iter(h.fds))
@@ -53,8 +54,22 @@ def test_restarts_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def work(h) -> int:
         with runs.open("a") as f:
             f.write("x")
+        h.ready()
         os.kill(os.getpid(), signal.SIGKILL)
         return 0
 
     assert keep(work) == 1
     assert runs.read_text() == "xxx"
+
+
+def test_a_supervisor_killed_before_it_was_ready_is_not_restarted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def work(h) -> int:
+        with runs.open("a") as f:
+            f.write("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    assert keep(work) == 1
+    assert runs.read_text() == "x"

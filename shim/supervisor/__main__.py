@@ -74,6 +74,8 @@ def _serve(a: argparse.Namespace, handover) -> int:
         if a.ready_fd >= 0:
             os.write(a.ready_fd, b"1")
             os.close(a.ready_fd)
+        if handover is not None:
+            handover.ready()
     sup.serve_control(state / "control.sock")
     if a.background != "none":
         sup.start_background(everything=a.background == "all")

@@ -41,6 +41,14 @@ class Handover:
     fds: dict[int, int] = field(default_factory=dict)
     restarts: int = 0
 
+    def ready(self) -> None:
+        """The container may start: from now on a dead supervisor is worth restarting."""
+        if self.channel is not None:
+            try:
+                self.channel.send(b'{"ready": true}')
+            except OSError:
+                pass
+
     def announce(self, fd: int, pidns: int | None) -> None:
         """Give the keeper its own reference to a new notify fd."""
         if self.channel is None:
@@ -57,6 +65,7 @@ def keep(work: Callable[[Handover], int], close_after_start: tuple[int, ...] = (
     needs (the readiness pipe: the runtime must see EOF if it dies before being ready)."""
     fds: dict[int, int] = {}
     restarts = 0
+    ready = False
     keeper = os.getpid()
     while True:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -76,19 +85,23 @@ def keep(work: Callable[[Handover], int], close_after_start: tuple[int, ...] = (
             except OSError:
                 pass
         close_after_start = ()
-        _hold(mine, fds)
+        ready = _hold(mine, fds) or ready
         mine.close()
         status = _reap(pid)
-        if not os.WIFSIGNALED(status) or restarts >= MAX_RESTARTS:
+        # One that dies before it is ready failed to start: the runtime saw EOF on the
+        # readiness pipe and gives up on the container, so nobody would need a successor.
+        if not os.WIFSIGNALED(status) or not ready or restarts >= MAX_RESTARTS:
             for fd in fds:
                 os.close(fd)
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
         restarts += 1
 
 
-def _hold(channel: socket.socket, fds: dict[int, int]) -> None:
+def _hold(channel: socket.socket, fds: dict[int, int]) -> bool:
     """Collect the fds the supervisor announces; drop those whose container is gone; return
-    when the supervisor's end of the channel closes (it exited or died)."""
+    when the supervisor's end of the channel closes (it exited or died): True if it had
+    reported ready."""
+    ready = False
     poller = select.poll()
     poller.register(channel, select.POLLIN)
     for fd in fds:
@@ -99,11 +112,12 @@ def _hold(channel: socket.socket, fds: dict[int, int]) -> None:
                 try:
                     msg, got, _flags, _addr = socket.recv_fds(channel, 4096, MAX_FDS_PER_MESSAGE)
                 except OSError:
-                    return
+                    return ready
                 if not msg and not got:
-                    return  # EOF: the supervisor is gone
+                    return ready  # EOF: the supervisor is gone
                 try:
-                    pidns = json.loads(msg).get("pidns")
+                    doc = json.loads(msg)
+                    pidns, ready = doc.get("pidns"), ready or doc.get("ready") is True
                 except (ValueError, AttributeError):
                     pidns = None
                 for nfd in got:
