@@ -29,13 +29,24 @@ class PathArg:
     """How to find the path a syscall acts on.
 
     dirfd: index of the dirfd argument or None (AT_FDCWD); path: index of the path pointer;
-    follow: True/False, or (arg index, bit, follow-when-set) for flag-controlled following.
+    follow: True/False, or (arg index, bit, follow-when-set) for flag-controlled following;
+    flags: index of open(2)-style flags, for `cannot_touch_file`.
     """
 
     dirfd: int | None
     path: int
     follow: bool | tuple[int, int, bool]
     exec: bool = False
+    flags: int | None = None
+
+    def cannot_touch_file(self, args: tuple[int, ...]) -> bool:
+        """An open that can neither read nor copy up an existing regular file: O_DIRECTORY
+        (directories only; a file gives ENOTDIR) or O_CREAT|O_EXCL (EEXIST if anything is
+        there).  Decided from the flags alone, without reading the task's memory."""
+        if self.flags is None:
+            return False
+        f = args[self.flags]
+        return bool(f & os.O_DIRECTORY) or f & _CREAT_EXCL == _CREAT_EXCL
 
     def follows(self, args: tuple[int, ...]) -> bool:
         f = self.follow
@@ -46,9 +57,10 @@ class PathArg:
 
 
 _NOFOLLOW_OPEN = (1, os.O_NOFOLLOW, False)
+_CREAT_EXCL = os.O_CREAT | os.O_EXCL
 PATH_ARGS: dict[int, PathArg] = {
-    NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN),
-    NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False)),
+    NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN, flags=1),
+    NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False), flags=2),
     NUMBERS["openat2"]: PathArg(0, 1, True),
     NUMBERS["creat"]: PathArg(None, 0, True),
     NUMBERS["execve"]: PathArg(None, 0, True, exec=True),

@@ -94,3 +94,15 @@ def test_chroot_tells_the_task_view_and_runs_if_the_profile_allows() -> None:
     task = FakeTask()
     assert decide(note("chroot", PATH), task, denied, FakeImage()) == Fail(errno.EPERM)
     assert task.calls == []
+
+
+def test_opens_that_cannot_reach_a_files_content_are_not_resolved() -> None:
+    image = FakeImage({5: ("filler", 0)})
+    for flags in (os.O_DIRECTORY, os.O_DIRECTORY | os.O_PATH, os.O_CREAT | os.O_EXCL | os.O_WRONLY):
+        task = _task()
+        assert decide(note("openat", -100, PATH, flags), task, ALLOW, image) is CONTINUE
+        assert decide(note("open", PATH, flags), task, ALLOW, image) is CONTINUE
+        assert task.calls == []
+    # O_CREAT alone may open (and truncate) an existing file; O_PATH fds can chown it: both fill.
+    for flags in (os.O_CREAT | os.O_WRONLY, os.O_PATH, os.O_EXCL):
+        assert isinstance(decide(note("openat", -100, PATH, flags), _task(), ALLOW, image), Fill)

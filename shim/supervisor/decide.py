@@ -4,7 +4,8 @@ Pure: a notification, a view of the task (its memory and paths) and a view of th
 in, an explicit verdict comes out; nothing is answered or fetched here.  The order is the
 point:
 1. the user's own profile: a syscall it denies or kills is answered so, and never fetches;
-2. a complete image needs nothing: let it run;
+2. a complete image needs nothing, nor does an open that cannot reach a file's content
+   (O_DIRECTORY, O_CREAT|O_EXCL): let it run;
 3. read and resolve the path in the task's root; a placeholder that is not filled yet (or an
    executable whose interpreter chain is not known to be filled) means Fill, then Continue.
 """
@@ -127,7 +128,7 @@ def decide(n: Notification, task: TaskView, verdicts: Verdicts, image: ImageView
         if nr == CHROOT:
             task.root_changing(n.pid)
         return CONTINUE
-    if image.complete:
+    if image.complete or spec.cannot_touch_file(n.args):
         return CONTINUE
     pid = n.pid
     path = task.read_path(pid, n.args[spec.path])
