@@ -13,6 +13,11 @@ the bytes the registry served (its access log). Variants:
 - ``lazyshim-zstd``  the same on podman's zstd:chunked image;
 - ``lazyshim-nobg``  ``lazyshim`` with ``run --no-background-fetch``: the bytes the workload itself needs;
 - ``lazyshim-mem``   ``lazyshim`` with its store on tmpfs (/dev/shm): no ext4 inode creation in the pull;
+- ``stargz``         the peer: podman pull + run of the eStargz image with stargz-snapshotter's
+                     ``stargz-store`` as podman's additional layer store (FUSE; integration.peers,
+                     built by ``make peers``);
+- ``stargz-opt``     the same on the ``ctr-remote image optimize`` image (the workload's files first);
+- ``lazyshim-opt``   ``lazyshim`` on that optimized image;
 - ``floor``          (computed) bytes the workload needs (``lazyshim-nobg`` if run, else ``lazyshim``)
                      / link rate + 3 RTT.
 
@@ -41,6 +46,7 @@ from pathlib import Path
 
 from integration import images
 from integration.netem import Link, NetemError, ShapedNetns, in_netns
+from integration.peers import PeerError, podman_storage_conf, stargz_podman
 from integration.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +79,8 @@ WORKLOADS: dict[str, Workload] = {
                           "-o '-k /tmp -c listen_addresses=' start >/dev/null && "
                           "psql -h /tmp -d postgres -Atc 'select 40+2' && "
                           f"{PG}/pg_ctl -D /tmp/pg -s -m fast -w stop"], "42", user="postgres"),
+    # `make demo`'s image (integration.demo_image): a model server's start-up check.
+    "demo": Workload("demo", ["/app/serve.py", "--check"], "ready"),
 }
 BIG = ("py", "pysci", "gcc", "pg")
 
@@ -84,6 +92,9 @@ VARIANTS: dict[str, str] = {
     "lazyshim-zstd": "podman-zstdchunked",
     "lazyshim-nobg": "esgz",
     "lazyshim-mem": "esgz",
+    "stargz": "esgz",
+    "stargz-opt": "esgz-opt",
+    "lazyshim-opt": "esgz-opt",
 }
 DEFAULT_VARIANTS = ("podman", "podman-zstd", "lazyshim")
 
@@ -151,10 +162,13 @@ def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, s
 class Bench:
     """One shaped namespace, one registry in it, the images pushed; runs variants."""
 
-    def __init__(self, link: Link, names: Sequence[str], tags: Sequence[str]) -> None:
+    def __init__(self, link: Link, names: Sequence[str], tags: Sequence[str],
+                 workloads: dict[str, Workload] | None = None) -> None:
+        """``workloads`` (by image name) are what ``esgz-opt`` images are optimized for."""
         self.link = link
         self.names = list(names)
         self.tags = sorted(set(tags) | {"legacy"})
+        self.optimize = {n: images.OptimizeRun(tuple(w.cmd), w.user) for n, w in (workloads or {}).items()}
         self.stack = contextlib.ExitStack()
         self.tmp = Path(tempfile.mkdtemp(prefix="lzb-"))  # short: podman's runroot must be < 50 chars
         self.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
@@ -166,7 +180,7 @@ class Bench:
             self.registry = self.stack.enter_context(
                 Registry(prefix_cmd=self.ns.prefix, call_in=lambda f: in_netns(self.ns.path, f)))
             # Pushed before shaping: uploading is not what is measured.
-            self.refs = images.build_and_push(self.registry, self.names, self.tags)
+            self.refs = images.build_and_push(self.registry, self.names, self.tags, optimize=self.optimize)
             self.ns.shape()
             self.rtt, self.goodput = self.ns.verify()
         except BaseException:
@@ -192,8 +206,8 @@ class Bench:
     def run_variant(self, variant: str, wl: Workload, tag_variant: str) -> Sample:
         ref = self.refs[f"{wl.image}:{tag_variant}"]
         self.registry.clear_access_log()
-        if variant.startswith("podman"):
-            with self._podman(partial=variant == "podman-zstd") as (base, env):
+        if variant.startswith(("podman", "stargz")):
+            with self._podman(partial=variant == "podman-zstd", stargz=variant.startswith("stargz")) as (base, env):
                 user = ["--user", wl.user] if wl.user else []
                 ttfo, total, out, err, rc, pull = timed(
                     [[*self.ns.prefix, *base, "pull", "--quiet", "--tls-verify=false", ref]],
@@ -210,7 +224,20 @@ class Bench:
         if not ok:
             tail = " | ".join(err.strip().splitlines()[-3:])
             raise BenchError(f"{variant} {ref} {wl.cmd}: rc={rc} stdout={out[-200:]!r} stderr: {tail}")
-        return Sample(ttfo, total, self.served(), rc, ok, pull)
+        served = self.served()
+        if variant.startswith("stargz"):
+            self._check_layer_store_used(variant, wl.image, tag_variant)
+        return Sample(ttfo, total, served, rc, ok, pull)
+
+    def _check_layer_store_used(self, variant: str, image: str, tag: str) -> None:
+        """podman falls back to a full pull, silently, when the layer store cannot serve a layer:
+        then a layer blob was sent whole (stargz-store itself reads ranges only)."""
+        sizes = set(images.cached_layer_sizes(image, tag, self.optimize.get(image)))
+        whole = [e for e in self.registry.access_log()
+                 if e.method == "GET" and e.status == 200 and e.blob_digest and e.size in sizes]
+        if whole:
+            raise BenchError(f"{variant}: podman downloaded {len(whole)} whole layer(s) itself, "
+                             "so stargz-store did not serve them")
 
     @contextlib.contextmanager
     def _lazyshim_root(self, memory: bool = False) -> Iterator[dict[str, str]]:
@@ -222,25 +249,32 @@ class Bench:
             shutil.rmtree(root, ignore_errors=True)
 
     @contextlib.contextmanager
-    def _podman(self, partial: bool) -> Iterator[tuple[list[str], dict[str, str]]]:
-        d = Path(tempfile.mkdtemp(prefix="p", dir=self.tmp))
-        conf = d / "storage.conf"
-        conf.write_text(
-            '[storage]\ndriver = "overlay"\n'
-            f'graphroot = "{d}/root"\nrunroot = "{d}/rr"\n'
-            "[storage.options]\n"
-            f'pull_options = {{enable_partial_images = "{str(partial).lower()}", use_hard_links = "false"}}\n')
+    def _podman(self, partial: bool, stargz: bool = False) -> Iterator[tuple[list[str], dict[str, str]]]:
+        """A private podman store (fresh each run); with ``stargz`` a fresh stargz-store as its layer store."""
         from runtime.delegate import find_delegate  # runc here: crun refuses hybrid cgroups
 
-        base = ["podman", "--runtime", find_delegate(), "--root", f"{d}/root", "--runroot", f"{d}/rr",
-                "--storage-driver", "overlay",
-                "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--tmpdir", f"{d}/tmp"]
-        env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+        d = Path(tempfile.mkdtemp(prefix="p", dir=self.tmp))
         try:
-            yield base, env
-        finally:
-            subprocess.run([*base, "rmi", "--all", "--force"], capture_output=True, env=env)
-            subprocess.run(["umount", "-R", "-l", f"{d}/root/overlay"], capture_output=True)
+            with contextlib.ExitStack() as stack:
+                if stargz:
+                    try:
+                        conf = stack.enter_context(stargz_podman(d, self.registry.host, self.ns.prefix))
+                    except PeerError as exc:
+                        raise BenchError(str(exc)) from None
+                else:
+                    conf = d / "storage.conf"
+                    conf.write_text(podman_storage_conf(d / "root", d / "rr", partial=partial))
+                # Roots and driver come from storage.conf only: podman ignores the conf's [storage.options]
+                # (partial pulls, the layer store) when --root/--runroot/--storage-driver are given.
+                base = ["podman", "--runtime", find_delegate(),
+                        "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--tmpdir", f"{d}/tmp"]
+                env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+                try:
+                    yield base, env
+                finally:
+                    subprocess.run([*base, "rmi", "--all", "--force"], capture_output=True, env=env)
+                    subprocess.run(["umount", "-R", "-l", f"{d}/root/overlay"], capture_output=True)
+        finally:  # the layer store is unmounted by now: nothing below d reaches the registry
             shutil.rmtree(d, ignore_errors=True)
 
     def floor(self, lazy_bytes: float) -> float:
@@ -367,31 +401,42 @@ def _spread(r: Result, attr: str) -> str:
     return f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
 
 
+def _ratio(num: float, den: float) -> str:
+    return f"{num / den:.2f}" if den == den and num == num and den > 0 else "–"  # NaN-safe
+
+
 def table(results: list[Result], b: Bench) -> str:
+    """Markdown: per image and variant the medians, speed-up over podman, and time ratios to the floor
+    and to the peer (``stargz`` on plain eStargz; ``stargz-opt`` for the ``-opt`` variants)."""
     lines = [f"link {b.link} (measured RTT {b.rtt * 1000:.1f} ms, goodput {b.goodput * 8 / 1e6:.1f} Mbit/s); "
-             f"median of {max((len(r.samples) for r in results), default=0)} runs, fresh caches each run",
+             f"median of {max((len(r.samples) for r in results), default=0)} runs, fresh caches each run; "
+             "÷ floor, ÷ stargz: time to exit divided by theirs (< 1 is faster)",
              "", "| image | variant | first output | exit (min–max) | pull step + run step | registry bytes "
-             "| vs podman |", "|---|---|---|---|---|---|---|"]
+             "| vs podman | ÷ floor | ÷ stargz |", "|---|---|---|---|---|---|---|---|---|"]
     by_image: dict[str, list[Result]] = {}
     for r in results:
         by_image.setdefault(r.image, []).append(r)
     for image, rs in by_image.items():
-        base = next((r.med("exit") for r in rs if r.variant == "podman" and r.samples), float("nan"))
+        exits = {r.variant: r.med("exit") for r in rs if r.samples}
+        nan = float("nan")
+        base = exits.get("podman", nan)
+        lazy = needed(rs, image)
+        fl = b.floor(lazy.med("bytes")) if lazy else float("nan")
         for r in rs:
             if r.error:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
-                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | |")
+                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | |")
                 continue
+            peer = exits.get("stargz-opt" if r.variant.endswith("-opt") else "stargz", nan)
             speed = base / r.med("exit") if r.samples else float("nan")
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
-                         f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} | {speed:.1f}× |")
-        lazy = needed(rs, image)
+                         f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} | {speed:.1f}× "
+                         f"| {_ratio(r.med('exit'), fl)} | {_ratio(r.med('exit'), peer)} |")
         if lazy:
-            fl = b.floor(lazy.med("bytes"))
             lines.append(f"| {image} | floor | {fl:.2f} s | | | {_mb(lazy.med('bytes'))} ({lazy.variant}) | "
-                         f"{base / fl:.1f}× |")
+                         f"{base / fl:.1f}× | 1.00 | {_ratio(fl, exits.get('stargz', nan))} |")
     return "\n".join(lines)
 
 
@@ -451,10 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from integration.bench_images import register_all
 
             register_all()
+        if "demo" in names:
+            from integration import demo_image
+
+            demo_image.register()
         link = Link.parse(args.link)
         tags = {VARIANTS[v] for v in variants} | ({"esgz"} if args.micro else set())
         print(f"# preparing images {names} {sorted(tags)} and link {link} ...", file=sys.stderr, flush=True)
-        with Bench(link, names, tags) as b:
+        with Bench(link, names, tags, {n: WORKLOADS[n] for n in names}) as b:
             print(f"# link: RTT {b.rtt * 1000:.1f} ms, goodput {b.goodput * 8 / 1e6:.1f} Mbit/s", file=sys.stderr)
             results = []
             for name in names:

@@ -9,7 +9,10 @@ to a loopback registry with ``skopeo``, and then converted by the reference tool
 - ``esgz``: ``ctr-remote image convert --oci --estargz`` (stargz-snapshotter's converter);
 - ``zstdchunked``: ``ctr-remote image convert --oci --zstdchunked``;
 - ``podman-zstdchunked``: ``podman push --compression-format zstd:chunked`` (containers/storage's
-  own zstd:chunked writer, which differs from ctr-remote's in annotations and TOC placement).
+  own zstd:chunked writer, which differs from ctr-remote's in annotations and TOC placement);
+- ``esgz-opt`` (on request, for the benchmark): ``ctr-remote image optimize --oci``, which runs a
+  given workload in a container under the private containerd and writes eStargz with the files it
+  opened first (before the prefetch landmark); cached per workload.
 
 Every finished variant is cached as an OCI layout under ``<repo>/.cache/images/<name>-<key>/`` where
 the key hashes the full input description (host file sizes and mtimes included), so later sessions
@@ -49,6 +52,7 @@ FIXED_CREATED = "2023-11-14T22:13:20Z"  # FIXED_MTIME as RFC 3339, for the image
 NAMESPACE = "lazyshim-test"  # containerd namespace of the private converter instance
 
 VARIANTS = ("legacy", "esgz", "zstdchunked", "podman-zstdchunked")
+OPTIMIZED = "esgz-opt"  # built only when asked for, with the workload to optimize for
 NAMES = ("busybox", "python")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +78,24 @@ REQUIRED_BINARIES = (
 
 class ImageBuildError(RuntimeError):
     """A step of building, converting or pushing a test image failed."""
+
+
+@dataclass(frozen=True)
+class OptimizeRun:
+    """The workload ``ctr-remote image optimize`` runs to learn which files the image should hold first."""
+
+    args: tuple[str, ...]
+    user: str = ""
+
+    def key(self) -> str:
+        """Short hash naming the cached optimized layout: another workload is another image."""
+        return hashlib.sha256(json.dumps([list(self.args), self.user]).encode()).hexdigest()[:8]
+
+    def ctr_flags(self) -> list[str]:
+        """Flags for ``ctr-remote image optimize`` (it exits when the workload does, within --period)."""
+        flags = ["--period", "120", "--entrypoint", json.dumps(list(self.args[:1])),
+                 "--args", json.dumps(list(self.args[1:]))]
+        return [*flags, "--user", self.user] if self.user else flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +701,27 @@ def _cache_dir(spec: ImageSpec) -> Path:
     return CACHE_ROOT / f"{spec.name}-{spec.cache_key()}"
 
 
+def _layout_dir(cdir: Path, variant: str, optimize: OptimizeRun | None) -> Path:
+    """Where a variant's layout is cached; an optimized image per workload it was optimized for."""
+    if variant != OPTIMIZED:
+        return cdir / variant
+    if optimize is None:
+        raise ImageBuildError(f"{cdir.name}:{OPTIMIZED} needs the workload it is optimized for")
+    return cdir / f"{variant}-{optimize.key()}"
+
+
+def cached_layer_sizes(name: str, variant: str, optimize: OptimizeRun | None = None) -> list[int]:
+    """Compressed layer sizes of a built ``name:variant`` as cached (what a registry serves), no network."""
+    layout = _layout_dir(_cache_dir(SPECS[name]()), variant, optimize)
+    try:
+        index = json.loads((layout / "index.json").read_text())
+        digest = index["manifests"][0]["digest"].split(":", 1)[1]
+        manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+        return [int(layer["size"]) for layer in manifest["layers"]]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ImageBuildError(f"{name}:{variant} is not in the cache ({layout}): {exc}") from None
+
+
 def _publish(staging: Path, final: Path) -> None:
     """Move a finished layout into the cache; if a concurrent run got there first, keep theirs."""
     try:
@@ -714,14 +757,19 @@ def build_and_push(
     variants: Sequence[str] = VARIANTS,
     *,
     stats: BuildStats | None = None,
+    optimize: dict[str, OptimizeRun] | None = None,
 ) -> dict[str, str]:
     """Make sure ``registry`` holds every ``name:variant``; return ``{"name:variant": full_ref}``.
 
     Variants missing from the cache are produced by the reference tools (a private containerd is
-    started only when a ctr-remote conversion is needed) and then stored in the cache.
+    started only when a ctr-remote conversion is needed) and then stored in the cache. The
+    ``esgz-opt`` variant of an image needs its workload in ``optimize``.
     """
     check_tools()
-    unknown = sorted(set(names) - set(SPECS)) + sorted(set(variants) - set(VARIANTS))
+    optimize = optimize or {}
+    unknown = sorted(set(names) - set(SPECS)) + sorted(set(variants) - {*VARIANTS, OPTIMIZED})
+    unknown += [f"{n}:{OPTIMIZED} (no workload to optimize for)" for n in names
+                if OPTIMIZED in variants and n not in optimize]
     if unknown:
         raise ImageBuildError(f"unknown image names/variants: {unknown}")
     stats = stats if stats is not None else BuildStats()
@@ -747,7 +795,7 @@ def build_and_push(
                 refs[key] = f"{host}/{name}:{variant}"
                 if variant == "legacy":
                     continue
-                layout = cdir / variant
+                layout = _layout_dir(cdir, variant, optimize.get(name))
                 if layout.is_dir():
                     skopeo_copy(f"oci:{layout}:{variant}", f"docker://{refs[key]}", penv, prefix=prefix)
                     stats.from_cache.append(key)
@@ -762,8 +810,12 @@ def build_and_push(
                         stack.callback(containerd.stop)
                     src = f"{host}/{name}:legacy"
                     containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "native", src, prefix=prefix)
-                    flag = "--estargz" if variant == "esgz" else "--zstdchunked"
-                    containerd.ctr("image", "convert", "--oci", flag, src, refs[key])
+                    if variant == OPTIMIZED:
+                        containerd.ctr("image", "optimize", "--oci", *optimize[name].ctr_flags(), src, refs[key],
+                                       timeout=900)
+                    else:
+                        flag = "--estargz" if variant == "esgz" else "--zstdchunked"
+                        containerd.ctr("image", "convert", "--oci", flag, src, refs[key])
                     containerd.ctr("image", "push", "--plain-http", refs[key], prefix=prefix)
                 # Keep the converted bytes exactly as pushed, for later sessions.
                 staging = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=cdir))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seccomp.verdict import patch_profile
+from seccomp.verdict import OWN_METADATA, patch_profile
 from shim.errors import LazyshimError
 
 from . import paths
@@ -46,7 +46,7 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 
 
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
-           metadata: str = "", sdir: Path | None = None, background: str | None = None,
+           metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
            record: Path | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 

@@ -10,8 +10,13 @@ A bundle is lazy when
   `--rootfs DIR`); its upper and work dirs live in the store and go away at `delete`.
 Any other bundle passes through untouched, so `lazyshim` is safe as a default runtime.
 
+A lazy bundle whose seccomp profile has its own agent (see `runtime.agent_policy`) gets no
+supervisor: its image is filled in full first (or refused), its profile is never touched,
+and an overlay bundle then passes through exactly as any other.
+
 The caller's config.json is never modified: the patched copy (seccomp NOTIFY rule and
-listenerPath, root.path and relative bind sources made absolute) goes to STATE/bundle/.
+listenerPath unless the profile has its own agent, root.path and relative bind sources made
+absolute) goes to STATE/bundle/.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class Found:
 
 def detect(bundle: str) -> Found | None:
     """The lazy bundle at `bundle`, or None for a bundle to pass through (also for one
-    that cannot be read: the delegate reports that in its own words)."""
+    that cannot be read: the delegate reports that in its own words, and for a lazy
+    overlay whose profile has its own seccomp agent, once its image is complete)."""
     bundle_abs = os.path.realpath(bundle)
     try:
         with open(os.path.join(bundle_abs, "config.json"), "rb") as f:
@@ -68,6 +74,12 @@ def detect(bundle: str) -> Found | None:
         if layers and layers_complete(store, layers):
             return None  # every file is there: the delegate runs it natively, no supervisor
         if layers:
+            from . import agent_policy
+
+            reason = agent_policy.foreign_reason(config)
+            if reason is not None:
+                agent_policy.complete_for_agent(config, reason, Path(store_root), layers, f"bundle {bundle_abs}")
+                return None
             found.store_root, found.layers = store_root, layers
             return found
     annotations = config.get("annotations")
@@ -91,20 +103,25 @@ def _store_of(lowers: list[str]) -> str | None:
 
 def prepare(found: Found, container_id: str, sdir: str) -> str:
     """Start the supervisor for `found` and write the private bundle; returns its path."""
-    from . import attach
+    from . import agent_policy, attach
 
     state = Path(sdir)
     if state.exists():
         cleanup(sdir)  # left behind by a create that died half-way: the delegate has no such container
     state.mkdir(parents=True, mode=0o700)
     try:
+        config = found.config
+        reason = agent_policy.foreign_reason(config)
         store_root, layers = found.store_root, found.layers
         if found.image is not None:
             store_root, layers = _mount_image(found, container_id, state)
-        config = found.config
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
-        attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state)
+        if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
+            agent_policy.complete_for_agent(config, reason, Path(store_root), list(layers),
+                                            f"container {container_id}")
+        else:
+            attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))

@@ -37,7 +37,8 @@ RUN_BOOL = CREATE_BOOL | {"detach", "d", "keep", "no-subreaper"}
 # `lazyshim run IMAGE` (the standalone image runner, runtime.run) flags that runc's run lacks.
 STANDALONE_RUN = frozenset({"rm", "i", "interactive", "t", "tty", "name", "e", "env", "u", "user",
                             "w", "workdir", "entrypoint", "network", "no-pull"})
-IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record"})
+IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record",
+                         "snapshotter"})
 TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 
 

@@ -18,16 +18,24 @@ from pathlib import Path
 from shim import api
 from shim.errors import LazyshimError
 
-from . import attach, overlay, spec
+from . import agent_policy, attach, overlay, spec
 from .delegate import find_delegate
 
 
 def run(args) -> int:
     _check_flags(args)
+    profile = _seccomp_profile(args.security_opt)
     store = api.open_store()
     image = api.ensure_image(store, args.image, pull=not args.no_pull)
     settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
+    from shim.lazyroot import layers_complete
+
+    lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
     cid = args.name or secrets.token_hex(8)
+    # A profile with its own seccomp agent keeps it: refused (if asked) before anything is made.
+    agent = agent_policy.foreign_reason({"linux": {"seccomp": profile}}) if lazy else None
+    if agent is not None:
+        agent_policy.check_allowed({}, agent, f"container {cid}")
     cdir = store.containers / cid
     if cdir.exists():
         raise LazyshimError(f"container {cid!r} already exists")
@@ -59,12 +67,11 @@ def run(args) -> int:
             from . import network
 
             config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
-        profile = _seccomp_profile(args.security_opt)
         if profile is not None:
             config["linux"]["seccomp"] = profile
-        from shim.lazyroot import layers_complete
-
-        if not layers_complete(store, image.layers):  # a fully filled image runs natively
+        if agent is not None:  # the image in full, no supervisor: the agent gets its notifications
+            agent_policy.complete_for_agent(config, agent, store.root, image.layers, f"container {cid}")
+        elif lazy:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None)

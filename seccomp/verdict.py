@@ -148,3 +148,54 @@ def patch_profile(profile: dict | None, listener_path: str, metadata: str = "") 
     out["listenerPath"] = listener_path
     out["listenerMetadata"] = metadata
     return out, verdicts
+
+
+# The listenerMetadata lazyshim writes next to its own listenerPath: how a profile that
+# lazyshim already patched is told apart from one that names someone else's agent.
+OWN_METADATA = "run.lazyshim.supervisor"
+NOTIFY = "SCMP_ACT_NOTIFY"
+
+
+def foreign_agent(profile: object) -> str | None:
+    """Why `profile` hands syscalls to a seccomp agent other than lazyshim's, or None.
+
+    The kernel gives a filter exactly one listener, so a profile with its own
+    `listenerPath`, or any SCMP_ACT_NOTIFY rule lazyshim did not write, cannot share the
+    notifications with the supervisor: replacing the listener would silently bypass (and,
+    for a policy agent, widen) the user's profile.  Reads untrusted JSON: wrong types
+    count as absent, never raise.
+    """
+    if not isinstance(profile, dict):
+        return None
+    if profile.get("listenerMetadata") == OWN_METADATA and _only_own_notify(profile):
+        return None
+    path = profile.get("listenerPath")
+    if isinstance(path, str) and path:
+        return f"its seccomp profile sends notifications to its own agent (listenerPath {path})"
+    if profile.get("defaultAction") == NOTIFY:
+        return "its seccomp profile notifies a seccomp agent by default (defaultAction SCMP_ACT_NOTIFY)"
+    for rule in _rules(profile):
+        if rule.get("action") == NOTIFY:
+            names = ", ".join(n for n in _rule_names(rule)) or "no syscall"
+            return f"its seccomp profile has an SCMP_ACT_NOTIFY rule for a seccomp agent ({names})"
+    return None
+
+
+def _rules(profile: dict) -> list[dict]:
+    rules = profile.get("syscalls")
+    return [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []
+
+
+def _rule_names(rule: dict) -> list[str]:
+    names = rule.get("names")
+    out = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    if isinstance(rule.get("name"), str):
+        out.append(rule["name"])
+    return out
+
+
+def _only_own_notify(profile: dict) -> bool:
+    """Exactly the one NOTIFY rule `patch_profile` appends, and nothing else notifies."""
+    notify = [r for r in _rules(profile) if r.get("action") == NOTIFY]
+    return (profile.get("defaultAction") != NOTIFY and len(notify) == 1
+            and _rule_names(notify[0]) == list(TRAPPED_NAMES))

@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
                    help="file listing absolute paths (one per line) to put first, before the landmark")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
     p.set_defaults(func=cmd_convert)
+    from .snapshotter import add_parser as add_snapshotter
+
+    add_snapshotter(sub)
 
 
 def cmd_pull(args) -> int:
@@ -147,25 +150,12 @@ def _ref_key(name: str, refs: dict[str, str]) -> str | None:
 
 
 def cmd_fetch(args) -> int:
-    from .api import open_store
-    from .lazyroot import LazyRoot
+    from .api import fill_image, open_store
     from .store.refs import resolve_image
 
     store = open_store()
-    rec = resolve_image(store, args.image)
-    root = LazyRoot(store, rec.layers)
-    t0 = time.monotonic()
-    errors: list[str] = []
-    for filler, indices, _ in root.prefetch_plan(everything=True):
-        filler.prefetch(indices, lambda: None, max_request=8 << 20)
-        errors += filler.errors
-    if errors or not root.complete():
-        from .errors import LazyshimError
-
-        first = errors[0] if errors else "files remain unfilled"
-        raise LazyshimError(f"{args.image}: {len(errors)} files could not be fetched; first: {first}")
-    st = root.stats()
-    print(f"filled {st['files_filled']} files, {st['bytes_fetched']} bytes in {time.monotonic() - t0:.2f}s")
+    res = fill_image(store, resolve_image(store, args.image))
+    print(f"filled {res.files_filled} files, {res.bytes_fetched} bytes in {res.seconds:.2f}s")
     return 0
 
 

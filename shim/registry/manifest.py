@@ -164,6 +164,8 @@ def parse_manifest_document(raw: bytes, digest: str, content_type: str | None, w
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ManifestInvalid(f"{what}: not valid JSON") from None
+    except RecursionError:  # a few MB of `[` fit under MAX_MANIFEST_SIZE
+        raise ManifestInvalid(f"{what}: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid(f"{what}: not a JSON object")
     if doc.get("schemaVersion") != 2:

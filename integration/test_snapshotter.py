@@ -1,0 +1,315 @@
+"""End to end: a real containerd 1.6 pulls the python eStargz image through `lazyshim
+snapshotter` (ctr-remote's rpull passes the layer labels), real runc runs it through
+`lazyshim` as `--runc-binary`, and the real registry's access log says what moved."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from integration.images import fetch_manifest
+from integration.procs import stop_group
+from integration.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+LAZYSHIM_BIN = Path(sys.executable).parent / "lazyshim"
+NAMESPACE = "lazyshim-snap"
+SNAPSHOTTER = "lazyshim"
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
+    """Return once `path` accepts a connection (bounded; fails with the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-800:]}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                s.connect(str(path))
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {path} not ready in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Node:
+    """A containerd with our proxy snapshotter, each with its own root, state and socket."""
+
+    dir: Path
+    store: Path
+    snap_root: Path
+    snap_sock: Path
+    sock: Path
+    snapshotter: subprocess.Popen | None = None
+    containerd: subprocess.Popen | None = None
+
+    def start_snapshotter(self) -> None:
+        log = self.dir / "snapshotter.log"
+        env = dict(os.environ, LAZYSHIM_ROOT=str(self.dir / "not-this-store"))  # --store wins
+        with open(log, "ab") as f:
+            self.snapshotter = subprocess.Popen(
+                [str(LAZYSHIM_BIN), "snapshotter", "--address", str(self.snap_sock), "--root", str(self.snap_root),
+                 "--store", str(self.store)],
+                env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+        _wait_for_socket(self.snap_sock, self.snapshotter, log, "lazyshim snapshotter")
+
+    def stop_snapshotter(self) -> None:
+        proc, self.snapshotter = self.snapshotter, None
+        stop_group(proc, 20)
+        assert proc is not None and proc.returncode == 0, f"snapshotter exited with {proc and proc.returncode}"
+
+    def start_containerd(self) -> None:
+        root, state = self.dir / "root", self.dir / "state"
+        cfg = self.dir / "containerd.toml"
+        disabled = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp",
+                    "io.containerd.internal.v1.tracing"]
+        cfg.write_text(
+            "version = 2\n"
+            f'root = "{root}"\nstate = "{state}"\n'
+            f"disabled_plugins = {json.dumps(disabled)}\n"
+            f'[grpc]\n  address = "{self.sock}"\n'
+            f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
+            '[debug]\n  address = ""\n'
+            '[metrics]\n  address = ""\n'
+            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root}/opt"\n'
+            f'[proxy_plugins.{SNAPSHOTTER}]\n  type = "snapshot"\n  address = "{self.snap_sock}"\n'
+        )
+        log = self.dir / "containerd.log"
+        with open(log, "ab") as f:
+            self.containerd = subprocess.Popen(
+                ["containerd", "--config", str(cfg)], stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                start_new_session=True)
+        _wait_for_socket(self.sock, self.containerd, log, "containerd")
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        p = subprocess.run(["ctr-remote", "--address", str(self.sock), "--namespace", NAMESPACE, *args],
+                           capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()[-1500:]}")
+        return p
+
+    def snapshot_keys(self, timeout: float = 60) -> set[str]:
+        """Keys containerd lists.  Right after a snapshotter restart containerd's connection
+        is in its reconnect back-off and answers Unavailable: ask again until it is back."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False)
+            if p.returncode == 0:
+                return {line.split()[0] for line in p.stdout.splitlines()[1:] if line.strip()}
+            if "unavailable" not in p.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"ctr snapshots ls failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+            time.sleep(0.2)
+
+    def state(self) -> dict:
+        return json.loads((self.snap_root / "state.json").read_text())
+
+    def stop(self) -> None:
+        stop_group(self.containerd, 20)
+        stop_group(self.snapshotter, 20)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    d = tmp_path_factory.mktemp("snapnode")
+    n = Node(dir=d, store=d / "store", snap_root=d / "snapshots", snap_sock=d / "snapshotter.sock",
+             sock=d / "containerd.sock")
+    try:
+        n.start_snapshotter()
+        n.start_containerd()
+        yield n
+    finally:
+        n.stop()
+
+
+@pytest.fixture(scope="module")
+def pulled(node: Node, images: dict[str, str], registry: Registry) -> dict:
+    """rpull of the python eStargz image through our snapshotter; what the registry served."""
+    ref = images["python:esgz"]
+    host, _, name_tag = ref.partition("/")
+    name, _, tag = name_tag.rpartition(":")
+    manifest = fetch_manifest(host, name, tag)
+    registry.clear_access_log()
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    requests = {d: registry.blob_requests(d) for d in layers}
+    return {"ref": ref, "manifest": manifest, "layers": layers, "requests": requests}
+
+
+def test_rpull_fetches_only_footers_and_tocs(node: Node, pulled: dict) -> None:
+    for layer in pulled["manifest"]["layers"]:
+        reqs = pulled["requests"][layer["digest"]]
+        assert reqs, f"layer {layer['digest'][:19]}: no request at all"
+        assert all(r.status == 206 for r in reqs), f"layer {layer['digest'][:19]}: a full GET: {reqs}"
+        served = sum(r.size for r in reqs)
+        assert served < layer["size"] / 2, f"layer {layer['digest'][:19]}: {served} of {layer['size']} bytes"
+    lazy = [s for s in node.state()["snapshots"].values() if s["layer"]]
+    assert sorted(s["layer"] for s in lazy) == sorted(pulled["layers"])
+    for digest in pulled["layers"]:
+        assert (node.store / "layers" / digest.replace(":", "-") / "tree").is_dir()
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+SCRIPT = (
+    "import hashlib,sys\n"
+    "print('hello from containerd')\n"
+    "for p in sys.argv[1:]:\n"
+    "    print(p, hashlib.sha256(open(p,'rb').read()).hexdigest())\n"
+)
+FILES = ["/usr/bin/python3.11", "/usr/lib/python3.11/json/decoder.py"]
+
+
+def _filled(store: Path) -> int:
+    return sum((d / "filled").read_bytes().count(1) for d in (store / "layers").iterdir())
+
+
+def test_ctr_run_through_lazyshim_prints_verified_bytes(node: Node, pulled: dict) -> None:
+    before = _filled(node.store)
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 pulled["ref"], "lazy-run-1", "/usr/bin/python3", "-c", SCRIPT, *FILES)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "hello from containerd"
+    got = dict(line.split() for line in lines[1:])
+    assert got == {f: _sha256(f) for f in FILES}
+    assert _filled(node.store) > before, "the supervisor filled nothing: the rootfs was not seen as lazy"
+
+
+def test_restart_keeps_snapshots(node: Node, pulled: dict) -> None:
+    keys = node.snapshot_keys()
+    assert len(keys) >= len(pulled["layers"])
+    node.stop_snapshotter()
+    node.start_snapshotter()
+    assert node.snapshot_keys() == keys
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 pulled["ref"], "lazy-run-2", "/usr/bin/python3", "-c", "print('again')")
+    assert p.stdout == "again\n"
+
+
+# Handshake through two FIFOs in a bind mount: "ready" once running, then wait for "go".
+SURVIVOR = (
+    "import os, select, hashlib, sys\n"
+    "g = os.open('/x/go', os.O_RDONLY | os.O_NONBLOCK)\n"
+    "r = os.open('/x/ready', os.O_WRONLY)\n"
+    "os.write(r, b'r'); os.close(r)\n"
+    "select.select([g], [], [])\n"
+    "print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())\n"
+)
+
+
+def test_a_running_container_survives_a_snapshotter_restart(node: Node, pulled: dict, tmp_path: Path) -> None:
+    import select
+
+    shared = tmp_path / "x"
+    shared.mkdir()
+    os.mkfifo(shared / "go")
+    os.mkfifo(shared / "ready")
+    ready = os.open(shared / "ready", os.O_RDONLY | os.O_NONBLOCK)
+    unread = "/usr/lib/python3.11/json/encoder.py"
+    proc = subprocess.Popen(
+        ["ctr-remote", "--address", str(node.sock), "--namespace", NAMESPACE, "run", "--rm",
+         "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+         "--mount", f"type=bind,src={shared},dst=/x,options=rbind:rw",
+         pulled["ref"], "survivor", "/usr/bin/python3", "-c", SURVIVOR, unread],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        readable, _, _ = select.select([ready], [], [], 120)
+        assert readable and os.read(ready, 1) == b"r", "the container never said it was running"
+        before = _filled(node.store)
+        node.stop_snapshotter()
+        node.start_snapshotter()
+        go = os.open(shared / "go", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(go, b"g")
+        os.close(go)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == _sha256(unread)
+        assert _filled(node.store) > before, "the file was filled before the restart"
+    finally:
+        os.close(ready)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_view_of_lazy_layers_has_complete_verified_files(node: Node, pulled: dict, tmp_path: Path) -> None:
+    """No supervisor watches a view's readers: its layers are filled before it is answered."""
+    top = next(k for k, s in node.state()["snapshots"].items() if s["layer"] == pulled["layers"][-1])
+    node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "view", "lazy-view", top)
+    try:
+        from shim import api
+
+        assert api.layers_complete_in(api.open_store(node.store), pulled["layers"]), "a view of unfilled files"
+        target = tmp_path / "view"
+        target.mkdir()
+        cmd = node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "mounts", str(target), "lazy-view").stdout
+        subprocess.run(cmd, shell=True, check=True)
+        try:
+            assert _sha256(str(target / FILES[1].lstrip("/"))) == _sha256(FILES[1])
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        node.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "lazy-view")
+
+
+def _layer_digests(ref: str) -> list[dict]:
+    host, _, name_tag = ref.partition("/")
+    name, _, tag = name_tag.rpartition(":")
+    return fetch_manifest(host, name, tag)["layers"]
+
+
+@pytest.mark.parametrize("variant", ["zstdchunked", "podman-zstdchunked"])
+def test_rpull_of_zstd_chunked_is_lazy_and_runs(node: Node, pulled: dict, images: dict[str, str],
+                                                registry: Registry, variant: str) -> None:
+    """Both generations of zstd:chunked: ctr-remote's and podman 4.3's annotations."""
+    ref = images[f"python:{variant}"]
+    registry.clear_access_log()
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    for layer in _layer_digests(ref):
+        reqs = registry.blob_requests(layer["digest"])
+        assert reqs and all(r.status == 206 for r in reqs), f"layer {layer['digest'][:19]}: {reqs}"
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 ref, f"lazy-{variant}", "/usr/bin/python3", "-c", SCRIPT, FILES[1])
+    assert p.stdout.splitlines()[1] == f"{FILES[1]} {_sha256(FILES[1])}"
+    node.ctr("image", "rm", "--sync", ref)
+
+
+def test_a_layer_without_index_is_unpacked_by_containerd(node: Node, pulled: dict, images: dict[str, str],
+                                                         registry: Registry) -> None:
+    """Without rpull's labels (a plain `ctr image pull`) and without an index, containerd
+    downloads and unpacks into our snapshot dirs, as with its overlayfs snapshotter."""
+    ref = images["busybox:legacy"]
+    registry.clear_access_log()
+    node.ctr("image", "pull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref)
+    for layer in _layer_digests(ref):
+        assert any(r.status == 200 for r in registry.blob_requests(layer["digest"])), "no full GET"
+        assert not (node.store / "layers" / layer["digest"].replace(":", "-")).exists()
+    assert {s["layer"] for s in node.state()["snapshots"].values() if s["layer"]} == set(pulled["layers"])
+    p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
+                 ref, "legacy-run", "/bin/busybox", "cat", "/etc/passwd")
+    assert p.stdout.startswith("root:")
+    node.ctr("image", "rm", "--sync", ref)
+
+
+def test_image_removal_frees_snapshots_and_layers(node: Node, pulled: dict) -> None:
+    node.ctr("image", "rm", "--sync", pulled["ref"])
+    assert node.snapshot_keys() == set()
+    assert node.state()["snapshots"] == {}
+    assert list((node.snap_root / "snapshots").iterdir()) == []
+    assert list((node.store / "layers").iterdir()) == []
