@@ -193,17 +193,24 @@ def test_registry_outage_gives_eio_then_fills_resume(store: Path, private_busybo
     assert c.finish().strip() == HELLO.strip()
 
 
-def test_supervisor_death_makes_trapped_syscalls_fail_with_enosys(store: Path, images: dict[str, str]) -> None:
-    """Documented behaviour: without its supervisor a container's trapped syscalls fail
+def test_keeper_death_makes_trapped_syscalls_fail_with_enosys(store: Path, images: dict[str, str]) -> None:
+    """Documented behaviour: without keeper and supervisor (killing the keeper, the process
+    the runtime started, takes its supervisor along) a container's trapped syscalls fail
     (ENOSYS) instead of reading unfilled placeholders."""
     ref = images["busybox:esgz"]
     lazyshim(store, "pull", ref)
     c = _Container(store, ref, "echo ready; read x; cat /app/hello.txt; echo rc=$?")
     c.expect("ready")
     from runtime.attach import state_dir
+    from runtime.stats import stats
 
-    pid = int((state_dir(c.name) / "supervisor.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
+    worker = os.pidfd_open(stats(c.name)["pid"])
+    try:
+        keeper = int((state_dir(c.name) / "supervisor.pid").read_text())
+        os.kill(keeper, signal.SIGKILL)
+        assert select.select([worker], [], [], 60)[0], "the supervisor outlived its keeper"
+    finally:
+        os.close(worker)
     c.send("go")
     out = c.finish()
     assert "Function not implemented" in out and "rc=1" in out, out
@@ -293,3 +300,25 @@ def test_paths_through_proc_magic_links_are_filled_too(store: Path, images: dict
         "#!/bin/sh", "echo suid",
         "piped",
     ]
+
+
+CHROOT_SCRIPT = """
+import hashlib, os
+os.chroot('/usr/lib/python3.11')
+print(hashlib.sha256(open('/textwrap.py', 'rb').read()).hexdigest())
+os.chdir('/json')
+print(hashlib.sha256(open('decoder.py', 'rb').read()).hexdigest())
+d = os.open('/json', os.O_RDONLY)
+print(hashlib.sha256(os.read(os.open('scanner.py', os.O_RDONLY, dir_fd=d), 1 << 20)).hexdigest())
+"""
+
+
+def test_a_task_that_chroots_gets_its_files_filled_in_its_new_root(store: Path, images: dict[str, str]) -> None:
+    """chroot is trapped: absolute, cwd- and dirfd-relative paths resolve in the new root,
+    so an unfilled file opened there is filled first, never served as a placeholder."""
+    p = lazyshim(store, "run", "--rm", "--no-background-fetch", images["python:esgz"], "python3", "-c",
+                 CHROOT_SCRIPT, check=False)
+    assert p.returncode == 0, p.stderr
+    want = [hashlib.sha256(Path(f"/usr/lib/python3.11/{f}").read_bytes()).hexdigest()
+            for f in ("textwrap.py", "json/decoder.py", "json/scanner.py")]
+    assert p.stdout.split() == want

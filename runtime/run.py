@@ -24,6 +24,7 @@ from .delegate import find_delegate
 def run(args) -> int:
     """Run the container; whatever ends the run (its exit, a signal, an error of ours), the
     teardown leaves nothing running or mounted, and with --rm nothing at all."""
+    _check_flags(args)
     if args.detach:
         return _run_detached(args)
     guard = sigproxy.Guard()
@@ -65,6 +66,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     profile = _seccomp_profile(args.security_opt)
     store = api.open_store()
     image = _image(store, args)
+    settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
     from shim.lazyroot import layers_complete
 
     lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
@@ -92,15 +94,15 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         lower = api.layer_mount(store, image)
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=lower.data_lowers, options=lower.options)
-        cfg = image.config
-        args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
+        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
-        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
-                                    (cfg.get("config") or {}).get("User") or "")
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
+        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+            raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
         config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, _env(args)),
-            cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
+            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, _env(args)),
+            cwd=args.workdir or settings.workdir or "/",
             uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
         _apply_run_flags(config, args)
@@ -174,6 +176,20 @@ def _start_failure(log: Path, rc: int) -> tuple[int, str]:
 
 
 DEFAULT_SECCOMP = Path("/usr/share/containers/seccomp.json")
+MAX_ID = (1 << 32) - 2  # uid_t; (uid_t)-1 means "unchanged" to the kernel
+
+
+def _check_flags(args) -> None:
+    """Flags that would otherwise fail deep inside (or, for --name, escape the store)."""
+    from .paths import RESERVED, valid_id
+
+    if args.name is not None and (not valid_id(args.name) or args.name in RESERVED):
+        raise LazyshimError(f"--name {args.name[:80]!r}: letters, digits and _+-. only (not . or ..)")
+    if args.workdir and not args.workdir.startswith("/"):
+        raise LazyshimError(f"--workdir must be an absolute path, not {args.workdir!r}")
+    for item in args.env:
+        if not item.partition("=")[0]:
+            raise LazyshimError(f"-e {item[:80]!r}: the variable has no name")
 
 
 def _seccomp_profile(opts: list[str]) -> dict | None:

@@ -6,6 +6,10 @@ filled with the image's entrypoint, command, environment, working dir and user.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from shim.errors import LazyshimError
+
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
     "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
@@ -14,16 +18,70 @@ DEFAULT_CAPS = [
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def process_args(image_config: dict, cmd: list[str], entrypoint: list[str] | None = None) -> list[str]:
-    cfg = image_config.get("config") or {}
-    ep = entrypoint if entrypoint is not None else list(cfg.get("Entrypoint") or [])
-    args = ep + (cmd if cmd else ([] if entrypoint is not None else list(cfg.get("Cmd") or [])))
-    return args
+@dataclass(frozen=True)
+class ImageSettings:
+    """What a container takes from its image's config, checked: the config comes from a
+    registry and any field may have any JSON type."""
+
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    user: str = ""
+    workdir: str = ""
 
 
-def merged_env(image_config: dict, extra: list[str]) -> list[str]:
+def image_settings(image_config: object, image: str) -> ImageSettings:
+    """The image config's process settings; LazyshimError (one line) for a field of the wrong type."""
+    if not isinstance(image_config, dict):
+        raise LazyshimError(f"{image}: image config is {_kind(image_config)}, not a JSON object")
+    cfg = image_config.get("config")
+    if cfg is None:
+        return ImageSettings()
+    if not isinstance(cfg, dict):
+        raise LazyshimError(f"{image}: image config field config is {_kind(cfg)}, not an object")
+
+    def strings(key: str) -> list[str]:
+        v = cfg.get(key)
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise LazyshimError(f"{image}: image config field config.{key} is {_kind(v)}, not a list of strings")
+        return list(v)
+
+    def string(key: str) -> str:
+        v = cfg.get(key)
+        if v is None:
+            return ""
+        if not isinstance(v, str):
+            raise LazyshimError(f"{image}: image config field config.{key} is {_kind(v)}, not a string")
+        return v
+
+    env = strings("Env")
+    nameless = next((e for e in env if not e.partition("=")[0]), None)
+    if nameless is not None:
+        raise LazyshimError(f"{image}: image config field config.Env holds {nameless[:40]!r}, a variable without "
+                            "a name")
+    workdir = string("WorkingDir")
+    if workdir and not workdir.startswith("/"):
+        raise LazyshimError(f"{image}: image config field config.WorkingDir must be an absolute path, not {workdir!r}")
+    return ImageSettings(strings("Entrypoint"), strings("Cmd"), env, string("User"), workdir)
+
+
+def _kind(v: object) -> str:
+    if isinstance(v, list):
+        return "a list" if all(isinstance(x, str) for x in v) else "a list with non-strings"
+    return {dict: "an object", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def process_args(image: ImageSettings, cmd: list[str], entrypoint: list[str] | None = None) -> list[str]:
+    ep = entrypoint if entrypoint is not None else list(image.entrypoint)
+    return ep + (cmd if cmd else ([] if entrypoint is not None else list(image.cmd)))
+
+
+def merged_env(image: ImageSettings, extra: list[str]) -> list[str]:
     env: dict[str, str] = {}
-    for item in list((image_config.get("config") or {}).get("Env") or []) + extra:
+    for item in image.env + extra:
         k, _, v = item.partition("=")
         env[k] = v
     env.setdefault("PATH", DEFAULT_PATH)

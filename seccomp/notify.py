@@ -25,6 +25,28 @@ _RESP = struct.Struct("=QqiI")  # id, val, error, flags  (24 bytes)
 _U64 = struct.Struct("=Q")
 assert _NOTIF.size == 80 and _RESP.size == 24
 
+SYS_seccomp = 317
+SECCOMP_GET_NOTIF_SIZES = 3
+_SIZES = struct.Struct("=HHH")  # seccomp_notif, seccomp_notif_resp, seccomp_data
+_sizes: tuple[int, int, int] | None = None
+
+
+def notif_sizes() -> tuple[int, int, int]:
+    """The kernel's (seccomp_notif, seccomp_notif_resp, seccomp_data) sizes, asked once, as
+    crun does: a kernel whose structs are larger than ours still gets a buffer it may fill
+    (we read our fields from its start); one that reports none gets our own sizes."""
+    global _sizes
+    if _sizes is None:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(_SIZES.size)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, buf) == 0:
+            _sizes = _SIZES.unpack(buf.raw)
+        else:
+            _sizes = (_NOTIF.size, _RESP.size, 64)
+    return _sizes
+
 
 class Notification:
     """One trapped syscall.  Plain attributes, no properties: read once, used often."""
@@ -48,7 +70,9 @@ class Notifier:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._buf = bytearray(_NOTIF.size)
+        size = max(_NOTIF.size, notif_sizes()[0])
+        self._buf = bytearray(size)
+        self._zero = bytes(size)  # RECV wants a zeroed buffer: copied from here, not allocated per call
         try:
             # Wake the target on the CPU we answer from: 4 µs instead of 7-65 µs per call.
             fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
@@ -58,7 +82,7 @@ class Notifier:
     def recv(self) -> Notification | None:
         """Block for the next notification; None when it was interrupted (ENOENT)."""
         buf = self._buf
-        buf[:] = bytes(_NOTIF.size)
+        buf[:] = self._zero
         try:
             fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
         except InterruptedError:
@@ -67,7 +91,7 @@ class Notifier:
             if e.errno == errno.ENOENT:
                 return None
             raise
-        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack_from(buf)
         return Notification(nid, pid, nr, arch, tuple(args))
 
     def id_valid(self, nid: int) -> bool:

@@ -53,22 +53,78 @@ UNRESOLVED = _Unresolved()
 
 
 class RootResolver:
-    """Per-pid cache of O_PATH root fds, and path resolution below them."""
+    """Per-pid cache of O_PATH root fds, and path resolution below them.
+
+    A task's root changes only by chroot(2), which is trapped: `root_changing` is called
+    before the kernel runs it.  Until every such task's root has visibly changed (or the
+    task is gone), roots are opened per call and not cached, because another thread of the
+    same process shares the new root but may be resolved before the chroot completes.
+
+    /proc/PID/cwd, fd/N and root read as paths from the root of the task's mount namespace,
+    not from its chroot: they are made relative to the resolving task's own root.
+    """
 
     def __init__(self, max_cached: int = 256) -> None:
-        self._roots: dict[int, int] = {}
+        self._roots: dict[int, int] = {}  # pid -> O_PATH fd of its root
+        self._paths: dict[int, bytes] = {}  # pid -> that root as a path of its mount namespace
         self._max = max_cached
+        self._changing: dict[int, tuple[int, int]] = {}  # tid -> its root (dev, ino) before chroot
 
-    def root_fd(self, pid: int) -> int:
-        fd = self._roots.get(pid)
-        if fd is None:
-            if len(self._roots) >= self._max:
-                self.forget_all()
-            fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._roots[pid] = fd
-        return fd
+    def root_changing(self, pid: int) -> None:
+        """`pid` is about to chroot: forget every cached root until the change is seen."""
+        try:
+            st = os.stat(f"/proc/{pid}/root")
+        except OSError:
+            return  # the task is gone: nothing will resolve for it
+        self._changing[pid] = (st.st_dev, st.st_ino)
+        self.forget_all()
+
+    def _settled(self) -> bool:
+        """True once no chroot is in flight (checked only while one was seen)."""
+        for tid, old in list(self._changing.items()):
+            try:
+                st = os.stat(f"/proc/{tid}/root")
+            except OSError:
+                del self._changing[tid]
+                continue
+            if (st.st_dev, st.st_ino) != old:
+                del self._changing[tid]
+        return not self._changing
+
+    def _acquire(self, pid: int) -> tuple[int, bool]:
+        """An fd of the task's root not found in the cache: (fd, owned by the caller)."""
+        fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            path = os.readlink(f"/proc/{pid}/root").encode("utf-8", "surrogateescape").rstrip(b"/")
+        except OSError:
+            os.close(fd)
+            raise
+        if self._changing and not self._settled():
+            self._paths[pid] = path  # a path cache is harmless: forgotten with the fds
+            return fd, True
+        if len(self._roots) >= self._max:
+            self.forget_all()
+        self._roots[pid] = fd
+        self._paths[pid] = path
+        return fd, False
+
+    def root_id(self, pid: int) -> tuple[int, int] | None:
+        """(dev, ino) of the task's root: which tree its absolute paths name."""
+        owned = False
+        try:
+            fd = self._roots.get(pid)
+            if fd is None:
+                fd, owned = self._acquire(pid)
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        finally:
+            if owned:
+                os.close(fd)
+        return st.st_dev, st.st_ino
 
     def forget(self, pid: int) -> None:
+        self._paths.pop(pid, None)
         fd = self._roots.pop(pid, None)
         if fd is not None:
             os.close(fd)
@@ -77,9 +133,31 @@ class RootResolver:
         for fd in self._roots.values():
             os.close(fd)
         self._roots.clear()
+        self._paths.clear()
 
-    def absolute(self, pid: int, dirfd: int, path: bytes) -> bytes | None:
-        """The task's path made absolute in its own view; None if its base is not a path."""
+    def _in_root(self, pid: int, nspath: bytes):
+        """A path of the mount namespace as the task names it below its root; UNRESOLVED if
+        it lies outside that root (a chroot left with a cwd or fd outside it)."""
+        root = self._paths.get(pid)
+        if root is None:
+            try:
+                fd, owned = self._acquire(pid)
+            except OSError:
+                return UNRESOLVED
+            if owned:
+                os.close(fd)
+            root = self._paths[pid]
+        if not root:
+            return nspath
+        if nspath == root:
+            return b"/"
+        if nspath.startswith(root) and nspath[len(root):len(root) + 1] == b"/":
+            return nspath[len(root):]
+        return UNRESOLVED
+
+    def absolute(self, pid: int, dirfd: int, path: bytes):
+        """The task's path made absolute in its own view; None if its base is not a path,
+        UNRESOLVED if the base lies outside the task's root."""
         if path.startswith(b"/"):
             return path
         link = f"/proc/{pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
@@ -89,6 +167,9 @@ class RootResolver:
             return None
         if not base.startswith(b"/"):
             return None  # a pipe, socket or a directory outside the task's root
+        base = self._in_root(pid, base)
+        if base is UNRESOLVED:
+            return base
         return base.rstrip(b"/") + b"/" + path if path else base
 
     def stat(self, pid: int, dirfd: int, path: bytes, follow: bool = True) -> os.stat_result | None:
@@ -99,8 +180,8 @@ class RootResolver:
         full of magic links (root, cwd, fd/N), so paths into it are followed as the task
         would see them, never by the kernel on our behalf."""
         full = self.absolute(pid, dirfd, path)
-        if full is None:
-            return None
+        if full is None or full is UNRESOLVED:
+            return full
         flags = O_PATH | (0 if follow else os.O_NOFOLLOW)
         for hops in range(40):  # the kernel's own symlink limit
             if full.startswith(b"/proc/"):
@@ -109,29 +190,37 @@ class RootResolver:
                     return nxt
                 full = nxt
                 continue
+            root = self._roots.get(pid)
+            owned = False
+            if root is None:  # an error here (the task is gone) is the caller's to answer
+                root, owned = self._acquire(pid)
             try:
-                fd = openat2(self.root_fd(pid), full, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except OSError as e:
-                if e.errno == errno.EBADF and not hops:
-                    self.forget(pid)
+                try:
+                    fd = openat2(root, full, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                except OSError as e:
+                    if e.errno == errno.EBADF and not hops:
+                        self.forget(pid)
+                        continue
+                    if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        return None
+                    # A symlink on the way may lead into /proc: expand the first one and go on.
+                    nxt = self._expand_first_symlink(root, full)
+                    if nxt is None:
+                        return None
+                    full = nxt
                     continue
-                if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                    return None
-                # A symlink on the way may lead into /proc: expand the first one and go on.
-                nxt = self._expand_first_symlink(pid, full)
-                if nxt is None:
-                    return None
-                full = nxt
-                continue
+            finally:
+                if owned:
+                    os.close(root)
             try:
                 return os.fstat(fd)
             finally:
                 os.close(fd)
         return UNRESOLVED
 
-    def _expand_first_symlink(self, pid: int, full: bytes) -> bytes | None:
+    @staticmethod
+    def _expand_first_symlink(root: int, full: bytes) -> bytes | None:
         """`full` with its first symlink replaced by the link's target; None if it has none."""
-        root = self.root_fd(pid)
         cur = b""
         comps = full.split(b"/")
         for i, c in enumerate(comps):
@@ -157,7 +246,8 @@ class RootResolver:
         """A path under the task's /proc as a plain path in its root (through root, cwd,
         exe, fd/N of `self`, `thread-self` or a pid of its namespace); None for anything
         else there (proc files, pipes, sockets: never placeholders); UNRESOLVED for a task
-        we cannot find or a magic link kind we do not follow (ns/, map_files/)."""
+        we cannot find, a magic link kind we do not follow (ns/, map_files/), or a target
+        outside the task's own root."""
         parts = full.split(b"/", 4)  # ['', 'proc', who, kind, rest]
         if len(parts) < 4:
             return None
@@ -175,7 +265,7 @@ class RootResolver:
                 return UNRESOLVED
         else:
             return None
-        if kind == b"root":
+        if kind == b"root" and target == pid:
             return b"/" + rest
         if kind == b"fd":
             num, _, rest = rest.partition(b"/")
@@ -190,6 +280,9 @@ class RootResolver:
             return None
         if not base.startswith(b"/"):
             return None  # pipe:[..], socket:[..], anon_inode:..: never a placeholder
+        base = self._in_root(pid, base)
+        if base is UNRESOLVED:
+            return base
         return base.rstrip(b"/") + b"/" + rest if rest else base
 
     def _host_pid(self, pid: int, nspid: bytes) -> int | None:

@@ -19,7 +19,7 @@ NUMBERS: dict[str, int] = {
     "lchown": 94, "utime": 132, "setxattr": 188, "lsetxattr": 189, "removexattr": 197,
     "lremovexattr": 198, "utimes": 235, "openat": 257, "fchownat": 260, "futimesat": 261,
     "renameat": 264, "linkat": 265, "fchmodat": 268, "utimensat": 280, "renameat2": 316,
-    "execve": 59, "execveat": 322, "openat2": 437, "fchmodat2": 452, "io_uring_setup": 425,
+    "execve": 59, "execveat": 322, "openat2": 437, "fchmodat2": 452, "io_uring_setup": 425, "chroot": 161,
 }
 NAMES = {v: k for k, v in NUMBERS.items()}
 
@@ -29,13 +29,24 @@ class PathArg:
     """How to find the path a syscall acts on.
 
     dirfd: index of the dirfd argument or None (AT_FDCWD); path: index of the path pointer;
-    follow: True/False, or (arg index, bit, follow-when-set) for flag-controlled following.
+    follow: True/False, or (arg index, bit, follow-when-set) for flag-controlled following;
+    flags: index of open(2)-style flags, for `cannot_touch_file`.
     """
 
     dirfd: int | None
     path: int
     follow: bool | tuple[int, int, bool]
     exec: bool = False
+    flags: int | None = None
+
+    def cannot_touch_file(self, args: tuple[int, ...]) -> bool:
+        """An open that can neither read nor copy up an existing regular file: O_DIRECTORY
+        (directories only; a file gives ENOTDIR) or O_CREAT|O_EXCL (EEXIST if anything is
+        there).  Decided from the flags alone, without reading the task's memory."""
+        if self.flags is None:
+            return False
+        f = args[self.flags]
+        return bool(f & os.O_DIRECTORY) or f & _CREAT_EXCL == _CREAT_EXCL
 
     def follows(self, args: tuple[int, ...]) -> bool:
         f = self.follow
@@ -46,9 +57,10 @@ class PathArg:
 
 
 _NOFOLLOW_OPEN = (1, os.O_NOFOLLOW, False)
+_CREAT_EXCL = os.O_CREAT | os.O_EXCL
 PATH_ARGS: dict[int, PathArg] = {
-    NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN),
-    NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False)),
+    NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN, flags=1),
+    NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False), flags=2),
     NUMBERS["openat2"]: PathArg(0, 1, True),
     NUMBERS["creat"]: PathArg(None, 0, True),
     NUMBERS["execve"]: PathArg(None, 0, True, exec=True),
@@ -78,7 +90,12 @@ PATH_ARGS: dict[int, PathArg] = {
 #: Syscalls that the filter answers ENOSYS on its own: io_uring would bypass the trap.
 DENIED_ENOSYS = ("io_uring_setup",)
 
-TRAPPED_NAMES = tuple(sorted(NAMES[n] for n in PATH_ARGS))
+#: Syscalls that change the root a task's paths resolve in: trapped so the supervisor drops
+#: what it cached of that root (it resolves every path below the task's own /proc/PID/root).
+ROOT_CHANGES = ("chroot",)
+CHROOT = NUMBERS["chroot"]
+
+TRAPPED_NAMES = tuple(sorted({NAMES[n] for n in PATH_ARGS} | set(ROOT_CHANGES)))
 
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -89,6 +106,7 @@ X32_SYSCALL_BIT = 0x40000000
 # arguments sit in the same positions as on x86_64.
 _I386: dict[int, str] = {
     5: "open", 8: "creat", 9: "link", 11: "execve", 15: "chmod", 16: "lchown", 30: "utime", 38: "rename",
+    61: "chroot",
     92: "truncate", 182: "chown", 198: "lchown", 212: "chown", 226: "setxattr", 227: "lsetxattr",
     235: "removexattr", 236: "lremovexattr", 271: "utimes", 295: "openat", 298: "fchownat", 299: "futimesat",
     302: "renameat", 303: "linkat", 306: "fchmodat", 320: "utimensat", 353: "renameat2", 358: "execveat",

@@ -280,3 +280,17 @@ def test_invalid_arguments_raise_value_errors_eagerly() -> None:
         with pytest.raises(ValueError):
             c.get_ranges("app", DIGEST, [(5, 1)])
         assert c.request_count == 0
+
+
+def test_retry_after_takes_seconds_and_http_dates() -> None:
+    from shim.registry.client import _retry_after
+
+    now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+    assert _retry_after("3", now) == 3.0
+    assert _retry_after(" 0 ", now) == 0.0
+    assert _retry_after("-5", now) == 0.0
+    assert _retry_after("Tue, 14 Nov 2023 22:13:25 GMT", now) == 5.0
+    assert _retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now) == 0.0  # already past
+    assert _retry_after("soon", now) is None
+    assert _retry_after("Tue, 14 Nov 2023 22:13:25", now) is None  # no zone: not an HTTP-date
+    assert _retry_after(None, now) is None and _retry_after("", now) is None

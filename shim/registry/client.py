@@ -16,6 +16,7 @@ threads at once, while a container waits on the syscall.  Hence:
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import json
 import random
@@ -867,11 +868,23 @@ def _error_code(resp: httpx.Response) -> str:
     return " " + one_line(code)[:40] if isinstance(code, str) and code else ""
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110);
+    None for junk (our own backoff then applies).  The caller caps it."""
+    if not value:
+        return None
+    value = value.strip()
     try:
-        return max(0.0, float(value)) if value else None
+        return max(0.0, float(value))
     except ValueError:
-        return None  # HTTP-date form: fall back to our own backoff
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is always GMT: a date without a zone is not one
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:

@@ -3,7 +3,8 @@
     python -m shim.supervisor --store ROOT --layers D1,D2 --listen-fd N --state-dir DIR [--sources REF,...]
 
 The runtime binds and listens on the `listenerPath` socket itself and hands us the fd, so
-the socket is ready before `runc create` connects to it, without any waiting.
+the socket is ready before `runc create` connects to it, without any waiting.  This process
+becomes the keeper (keeper.py) and forks the supervisor proper, again whenever it dies.
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", help="append the path of every file filled on demand to this file")
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
                    help="what to fetch without being asked, after start")
+    p.add_argument("--no-keeper", action="store_true", help="serve in this process, without a keeper")
     a = p.parse_args(argv)
+    if a.no_keeper:
+        return _serve(a, None)
+    from .keeper import keep
 
+    # The keeper stays small: nothing beyond the standard library is imported before the fork.
+    return keep(lambda handover: _serve(a, handover),
+                close_after_start=(a.ready_fd,) if a.ready_fd >= 0 else ())
+
+
+def _serve(a: argparse.Namespace, handover) -> int:
     from seccomp.verdict import Verdicts
 
     from ..errors import LazyshimError
@@ -42,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Path(a.state_dir)
     log = open(state / "supervisor.log", "a", buffering=1)
+    resumed = handover is not None and handover.restarts > 0
     try:
         root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d],
                         [r for r in a.sources.split(",") if r])
@@ -50,22 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     except (LazyshimError, OSError, ValueError) as e:
         print(f"supervisor: {e}", file=log)
         return 1
-    sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log)
+    sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log, handover=handover)
     if a.record:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
-    if a.rootfs:
-        try:
-            sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
-        except (LazyshimError, OSError) as e:
-            print(f"supervisor: prefill: {e}", file=log)
-            return 1
-    if a.ready_fd >= 0:
-        os.write(a.ready_fd, b"1")
-        os.close(a.ready_fd)
+    if resumed:
+        sup.resume()  # the container runs already: no prefill, nobody waits for readiness
+    else:
+        if a.rootfs:
+            try:
+                sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
+            except (LazyshimError, OSError) as e:
+                print(f"supervisor: prefill: {e}", file=log)
+                return 1
+        if a.ready_fd >= 0:
+            os.write(a.ready_fd, b"1")
+            os.close(a.ready_fd)
+        if handover is not None:
+            handover.ready()
     sup.serve_control(state / "control.sock")
     if a.background != "none":
         sup.start_background(everything=a.background == "all")
-    listener = socket.socket(fileno=a.listen_fd)
+    listener = socket.socket(fileno=os.dup(a.listen_fd))  # the keeper keeps the original for a successor
     sup.serve(listener)
     return 0
 

@@ -1,83 +1,77 @@
-"""The per-container supervisor: answer every trapped open/exec, filling placeholders first.
+"""The per-container supervisor, wired together: connections in, notify loops, fills, control.
 
-One thread per notify fd receives notifications.  A notification whose file is already
-filled (or is not ours) is answered on that thread at once; one that needs a fetch goes
-to a worker pool, so a slow fill never stalls opens of files that are already there.
+Each notify fd the runtime sends gets a thread running a NotifyLoop (receive, decide,
+answer); verdicts that need a fetch go to the FillService, whose pool answers them when the
+file is in place, so a slow fill never stalls opens of files that are already there.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import select
-import signal
 import socket
-import stat
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from seccomp.interrupt import pid_namespace, restart_syscall, waiting_tasks
 from seccomp.listener import receive_fd
-from seccomp.memory import MemoryReader
-from seccomp.notify import Notification, Notifier
-from seccomp.resolve import (
-    AT_FDCWD,
-    O_PATH,
-    RESOLVE_IN_ROOT,
-    RESOLVE_NO_MAGICLINKS,
-    UNRESOLVED,
-    RootResolver,
-    openat2,
-)
-from seccomp.syscalls import PATH_ARGS, native_nr, signed32
-from seccomp.verdict import KILL, Verdicts
+from seccomp.notify import Notifier
+from seccomp.verdict import Verdicts
 
-from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
-from .execchain import HEADER_READ, MAX_DEPTH, interpreter
-
-
-class Stats:
-    __slots__ = ("notifications", "fills", "fill_errors", "fill_seconds", "fill_max")
-
-    def __init__(self) -> None:
-        self.notifications = 0
-        self.fills = 0
-        self.fill_errors = 0
-        self.fill_seconds = 0.0
-        self.fill_max = 0.0
+from .fills import FillService
+from .keeper import Handover
+from .notify_loop import NotifyLoop
 
 
 class Supervisor:
     def __init__(self, root: LazyRoot, verdicts: Verdicts, stats_path: Path | None = None,
-                 workers: int = 16, log=None) -> None:
-        self.root = root
+                 workers: int = 16, log=None, handover: Handover | None = None) -> None:
+        self.log_file = log
         self.verdicts = verdicts
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
-        self.stats = Stats()
-        self.stats_path = stats_path
-        self.log = log
+        self.handover = handover
+        self.fills = FillService(root, self._log, stats_path=stats_path, workers=workers,
+                                 restarts=handover.restarts if handover else 0)
+        self.done = threading.Event()
         self._active = 0
         self._lock = threading.Lock()
-        self.done = threading.Event()
-        self._ondemand = 0
-        self._last_ondemand = 0.0
-        self._started = threading.Event()  # the first notify fd arrived: the container exists
-        self.record = None  # a text file: every file filled on demand, in the order of need
-        self._idle = threading.Condition()
-        self._stats_written = 0.0
-        # Once every file is filled, answer at once: no path to read, nothing to resolve.
-        self.complete = root.complete()
+
+    def resume(self) -> None:
+        """Serve the notify fds a dead predecessor left, after making the syscalls it had
+        received but not answered ask again (they would wait forever otherwise)."""
+        assert self.handover is not None
+        fds = self.handover.fds
+        namespaces = {ns for ns in fds.values() if ns}
+        restarted = 0
+        for tid in waiting_tasks(namespaces) if namespaces else ():
+            restarted += restart_syscall(tid)
+        self._log(f"restart {self.handover.restarts}: took over {len(fds)} notify fds, "
+                  f"restarted {restarted} waiting syscalls")
+        for fd in fds:
+            self.add_fd(fd)
+
+    # What __main__ configures, kept on the wiring so its command line stays as it is.
+    @property
+    def record(self):
+        return self.fills.record
+
+    @record.setter
+    def record(self, f) -> None:
+        self.fills.record = f
+
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
+        self.fills.prefill(rootfs, paths, exec_candidates)
+
+    def start_background(self, everything: bool) -> None:
+        self.fills.start_background(everything)
 
     # ---- connections -------------------------------------------------------------
     def serve(self, listener: socket.socket) -> None:
         """Accept runtime connections until the last notify fd hangs up."""
         threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
         self.done.wait()
-        self.write_stats()
+        self.fills.write_stats()
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -95,253 +89,30 @@ class Supervisor:
                 return
         if fd is None:
             return
+        if self.handover is not None:
+            pid = _state.get("pid") if isinstance(_state, dict) else None
+            self.handover.announce(fd, pid_namespace(pid) if isinstance(pid, int) and pid > 0 else None)
         self.add_fd(fd)
 
     def add_fd(self, fd: int) -> None:
         with self._lock:
             self._active += 1
-        self._started.set()
-        threading.Thread(target=self._notify_loop, args=(fd,), daemon=True).start()
+        self.fills.started.set()
+        fills = self.fills
+        loop = NotifyLoop(Notifier(fd), self.verdicts, fills, fills.submit, self._log, counter=fills.stats)
+        threading.Thread(target=self._run_loop, args=(loop,), daemon=True, name=f"notify-{fd}").start()
 
-    def _fd_closed(self) -> None:
-        with self._lock:
-            self._active -= 1
-            last = self._active == 0
-        if last:
-            self.done.set()
-
-    # ---- the hot path ---------------------------------------------------------
-    def _notify_loop(self, fd: int) -> None:
-        notifier = Notifier(fd)
-        # Caches of fds are owned by this thread alone: a closed-and-reused fd number seen
-        # by another thread could otherwise read the wrong task's memory.
-        mem = MemoryReader()
-        resolver = RootResolver()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+    def _run_loop(self, loop: NotifyLoop) -> None:
         try:
-            while True:
-                events = poller.poll()
-                if not events:
-                    continue
-                ev = events[0][1]
-                if ev & select.POLLIN:
-                    n = notifier.recv()
-                    if n is not None:
-                        self._handle(notifier, n, mem, resolver)
-                    continue
-                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    break
+            loop.run()
         finally:
-            mem.forget_all()
-            resolver.forget_all()
-            notifier.close()
-            self._fd_closed()
-
-    def _handle(self, notifier: Notifier, n: Notification, mem: MemoryReader, resolver: RootResolver) -> None:
-        self.stats.notifications += 1
-        nr = native_nr(n.arch, n.nr)
-        if nr is None:  # not one of ours under any ABI we know: the kernel's own answer
-            notifier.fail(n.id, errno.ENOSYS)
-            return
-        n.nr = nr
-        spec = PATH_ARGS.get(nr)
-        if spec is None or self.complete:
-            self._answer(notifier, n)
-            return
-        path = mem.read_cstring(n.pid, n.args[spec.path])
-        if path is None:
-            self._answer(notifier, n)
-            return
-        dirfd = signed32(n.args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
-        st = resolver.stat(n.pid, dirfd, path, spec.follows(n.args))
-        if st is UNRESOLVED:
-            # Through another task's /proc/PID/root or the like: it could reach a placeholder
-            # we cannot identify, and serving its zeros would be silent corruption.
-            notifier.fail(n.id, errno.EACCES)
-            return
-        hit = self.root.lookup(st) if st is not None and st.st_size else None
-        if hit is None and not (spec.exec and st is not None and stat.S_ISREG(st.st_mode)):
-            self._answer(notifier, n)
-            return
-        full = resolver.absolute(n.pid, dirfd, path) if spec.exec else None
-        cwd = resolver.absolute(n.pid, AT_FDCWD, b"") if spec.exec else None
-        # Needs work that may block on the network: leave this thread free.
-        self.pool.submit(self._slow, notifier, n, hit, full, cwd or b"/")
-
-    def _slow(self, notifier: Notifier, n: Notification, hit, exec_path: bytes | None, cwd: bytes) -> None:
-        path = exec_path or b"?"
-        try:
-            if hit is not None:
-                self._fill(*hit)
-            if exec_path is not None:
-                self._fill_interpreters(n.pid, exec_path, cwd)
-        except LazyshimError as e:
-            self._log(f"fill failed for pid {n.pid} {path!r}: {e}")
-            if notifier.id_valid(n.id):
-                notifier.fail(n.id, errno.EIO)
-            return
-        except Exception as e:  # never leave the target hanging
-            self._log(f"internal error for {path!r}: {e!r}")
-            notifier.fail(n.id, errno.EIO)
-            return
-        self._answer(notifier, n)
-
-    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
-        """Fill files before the container starts (runc reads some before the filter), and
-        the entrypoint: the first of its candidate paths that exists, with its interpreters."""
-        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        pending = []
-        try:
-            for p in paths:  # fetched alongside the exec chain, not one round trip after another
-                hit = self.root.lookup_path(root_fd, p.encode())
-                if hit is not None:
-                    pending.append(self.pool.submit(self._fill, *hit))
-            for p in exec_candidates:
-                try:
-                    os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
-                except OSError:
-                    continue
-                self.fill_exec_chain(root_fd, p.encode())
-                break
-            for f in pending:
-                f.result()  # re-raises a failed fill
-        finally:
-            os.close(root_fd)
-
-    def _answer(self, notifier: Notifier, n: Notification) -> None:
-        err = self.verdicts.errno_for(n.nr, n.args)
-        if err == KILL:
-            # The original profile kills the caller; ours cannot, so we do.
-            if notifier.id_valid(n.id):  # the pid is still the caller's
-                try:
-                    os.kill(n.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            notifier.fail(n.id, errno.EPERM)
-        elif err:
-            notifier.fail(n.id, err)
-        else:
-            notifier.allow(n.id)
-
-    def _fill(self, filler, idx: int) -> None:
-        t0 = time.monotonic()
-        with self._idle:
-            self._ondemand += 1
-        try:
-            filler.fill(idx)
-        except LazyshimError:
-            self.stats.fill_errors += 1
-            raise
-        finally:
-            with self._idle:
-                self._ondemand -= 1
-                self._last_ondemand = time.monotonic()
-                if not self._ondemand:
-                    self._idle.notify_all()
-        dt = time.monotonic() - t0
-        if self.record is not None:
             with self._lock:
-                self.record.write("/" + filler.meta.toc.entries[idx].name + "\n")
-                self.record.flush()
-        self.stats.fills += 1
-        self.stats.fill_seconds += dt
-        self.stats.fill_max = max(self.stats.fill_max, dt)
-        if t0 - self._stats_written > 0.2:
-            self._stats_written = t0
-            self.write_stats()
+                self._active -= 1
+                last = self._active == 0
+            if last:
+                self.done.set()
 
-    # ---- background fetching ------------------------------------------------
-    def start_background(self, everything: bool) -> None:
-        """Fill the prioritized files (and, if `everything`, the rest) without being asked,
-        one modest range request at a time, always after any on-demand fill."""
-        plan = self.root.prefetch_plan(everything)
-        if plan:
-            threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
-
-    def _background(self, plan) -> None:
-        t0 = time.monotonic()
-        failed = 0
-        for filler, indices, urgent in plan:
-            if not urgent and not self._started.is_set():
-                self._started.wait()  # the rest only once the container runs, after its first burst
-                self._last_ondemand = time.monotonic()
-            if urgent:  # the start-up set: as few round trips as possible
-                failed += filler.prefetch(indices, self._wait_for_idle, max_request=8 << 20)
-            else:  # the rest: modest requests, so an on-demand fill never waits long behind one
-                failed += filler.prefetch(indices, self._wait_for_quiet)
-        self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
-        self.complete = self.root.complete()
-        self.write_stats()
-
-    def _wait_for_idle(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._ondemand == 0)
-
-    #: The rest of the image waits until the workload has not needed a fill for this long:
-    #: a start-up burst of opens should have the link to itself.
-    QUIET = 0.25
-
-    def _wait_for_quiet(self) -> None:
-        with self._idle:
-            while True:
-                self._idle.wait_for(lambda: self._ondemand == 0)
-                left = self._last_ondemand + self.QUIET - time.monotonic()
-                if left <= 0:
-                    return
-                self._idle.wait(left)
-
-    def _fill_interpreters(self, pid: int, full: bytes, cwd: bytes) -> None:
-        try:
-            root_fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return  # the task is gone
-        try:
-            self.fill_exec_chain(root_fd, full, cwd)
-        finally:
-            os.close(root_fd)
-
-    def fill_exec_chain(self, root_fd: int, full: bytes, cwd: bytes = b"/") -> None:
-        """Fill an executable and the ELF/#! interpreter chain the kernel will open itself."""
-        for _ in range(MAX_DEPTH):
-            hit = self.root.lookup_path(root_fd, full)
-            if hit is not None:
-                self._fill(*hit)
-            try:
-                fd = openat2(root_fd, full, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except OSError:
-                return  # nothing there: the kernel will report it itself
-            try:
-                head = os.pread(fd, HEADER_READ, 0)
-                found = interpreter(head)
-                if found is not None and found[1]:
-                    head = os.pread(fd, found[1], 0)
-                    found = interpreter(head)
-            finally:
-                os.close(fd)
-            if found is None or not found[0]:
-                return
-            interp = found[0]
-            full = interp if interp.startswith(b"/") else cwd.rstrip(b"/") + b"/" + interp
-
-    def stats_doc(self) -> dict:
-        s = self.stats
-        return {
-            "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
-            "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
-            "complete": self.complete, **self.root.stats(),
-        }
-
-    def write_stats(self) -> None:
-        if self.stats_path is None:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.stats_doc()))
-            os.replace(tmp, self.stats_path)
-        except OSError:
-            pass
-
+    # ---- control -------------------------------------------------------------------
     def serve_control(self, path: Path) -> None:
         """Answer `lazyshim stats` on a socket of our own: connect, read one JSON document."""
         try:
@@ -361,14 +132,14 @@ class Supervisor:
                     return
                 with conn:
                     try:
-                        conn.sendall(json.dumps(self.stats_doc()).encode())
+                        conn.sendall(json.dumps(self.fills.stats_doc()).encode())
                     except OSError:
                         pass
 
         threading.Thread(target=loop, daemon=True, name="control").start()
 
     def _log(self, msg: str) -> None:
-        if self.log is not None:
-            print(f"{time.strftime('%H:%M:%S')} {msg}", file=self.log, flush=True)
+        if self.log_file is not None:
+            print(f"{time.strftime('%H:%M:%S')} {msg}", file=self.log_file, flush=True)
         else:
             print(msg, file=sys.stderr, flush=True)

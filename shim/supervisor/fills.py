@@ -1,0 +1,291 @@
+"""The fill service: everything that fetches, off the notify loops' answer path.
+
+It owns the lazy root, the worker pool that runs on-demand fills, the background fetcher
+that waits for on-demand work to go quiet, the record of what was filled in the order of
+need, the exec-chain cache and the statistics (written by a thread of their own, never
+before an answer).  A notify loop hands it a Fill verdict; it answers that notification
+itself once the fill is done: CONTINUE, or EIO if the fill failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from seccomp.notify import Notification, Notifier
+from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+
+from ..errors import LazyshimError
+from ..lazyroot import LazyRoot
+from .decide import Fill, chain_key
+from .execchain import HEADER_READ, MAX_DEPTH, interpreter
+from .notify_loop import fail_quietly
+
+#: How often the statistics file is rewritten at most while fills happen.
+STATS_INTERVAL = 0.2
+#: The exec-chain cache forgets everything beyond this many executables (a bound, not a tuning).
+MAX_CHAINS = 4096
+
+
+class Stats:
+    __slots__ = ("notifications", "fills", "fill_errors", "fill_seconds", "fill_max")
+
+    def __init__(self) -> None:
+        self.notifications = 0
+        self.fills = 0
+        self.fill_errors = 0
+        self.fill_seconds = 0.0
+        self.fill_max = 0.0
+
+
+class FillService:
+    def __init__(self, root: LazyRoot, log: Callable[[str], None], stats_path: Path | None = None,
+                 workers: int = 16, restarts: int = 0) -> None:
+        self.root = root
+        self.restarts = restarts  # how often the keeper restarted a dead supervisor
+        self.log = log
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
+        self.stats = Stats()
+        self.stats_path = stats_path
+        self.record = None  # a text file: every file filled on demand, in the order of need
+        self.started = threading.Event()  # the first notify fd arrived: the container exists
+        # Once every file is filled, answer at once: no path to read, nothing to resolve.
+        self.complete = root.complete()
+        self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
+        self._chains: set = set()
+        self._lock = threading.Lock()  # the record file and the exec-chain cache
+        self._stats_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._ondemand = 0
+        self._last_ondemand = 0.0
+        self._stats_dirty = threading.Event()
+        if stats_path is not None:
+            threading.Thread(target=self._stats_writer, daemon=True, name="stats").start()
+
+    # ---- what decide asks (ImageView): `lookup` is the root's own, bound in __init__ ----
+    def exec_chain_filled(self, key) -> bool:
+        return key in self._chains
+
+    # ---- on demand -------------------------------------------------------------------
+    def submit(self, notifier: Notifier, n: Notification, fill: Fill) -> None:
+        """Run `fill` on the pool; the notification is answered when it is done."""
+        try:
+            self.pool.submit(self._run, notifier, n, fill)
+        except RuntimeError as e:  # the pool is shut down: still one answer
+            self.log(f"fill refused for pid {n.pid}: {e}")
+            fail_quietly(notifier, n.id)
+
+    def _run(self, notifier: Notifier, n: Notification, fill: Fill) -> None:
+        path = fill.exec_path or b"?"
+        filled = None
+        try:
+            if fill.hit is not None:
+                filled = self._fill(*fill.hit)
+            if fill.exec_path is not None:
+                self._fill_interpreters(n.pid, fill.exec_path, fill.cwd, fill.chain_key)
+        except LazyshimError as e:
+            self.log(f"fill failed for pid {n.pid} {path!r}: {e}")
+            if notifier.id_valid(n.id):
+                fail_quietly(notifier, n.id)
+            return
+        except Exception as e:  # noqa: BLE001 - never leave the target hanging
+            self.log(f"internal error for {path!r}: {e!r}")
+            fail_quietly(notifier, n.id, errno.EIO)
+            return
+        try:
+            notifier.allow(n.id)
+        except OSError as e:
+            self.log(f"answer failed for pid {n.pid}: {e}")
+        if filled is not None:
+            self._recorded(filled)
+
+    def _fill(self, filler, idx: int):
+        """Fill one file; returns (filler, idx) for the record, after the stats are counted."""
+        t0 = time.monotonic()
+        with self._idle:
+            self._ondemand += 1
+        try:
+            filler.fill(idx)
+        except LazyshimError:
+            self.stats.fill_errors += 1
+            raise
+        finally:
+            with self._idle:
+                self._ondemand -= 1
+                self._last_ondemand = time.monotonic()
+                if not self._ondemand:
+                    self._idle.notify_all()
+        dt = time.monotonic() - t0
+        s = self.stats
+        s.fills += 1
+        s.fill_seconds += dt
+        s.fill_max = max(s.fill_max, dt)
+        self._stats_dirty.set()
+        return filler, idx
+
+    def _recorded(self, hit) -> None:
+        if self.record is not None:
+            filler, idx = hit
+            with self._lock:
+                self.record.write("/" + filler.meta.toc.entries[idx].name + "\n")
+                self.record.flush()
+
+    # ---- exec chains -----------------------------------------------------------------
+    def _fill_interpreters(self, pid: int, full: bytes, cwd: bytes, key) -> None:
+        try:
+            root_fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # the task is gone
+        try:
+            cacheable = self.fill_exec_chain(root_fd, full, cwd)
+        finally:
+            os.close(root_fd)
+        if cacheable and key is not None:
+            with self._lock:
+                if len(self._chains) >= MAX_CHAINS:
+                    self._chains.clear()
+                self._chains.add(key)
+
+    def fill_exec_chain(self, root_fd: int, full: bytes, cwd: bytes = b"/") -> bool:
+        """Fill an executable and the ELF/#! interpreter chain the kernel will open itself.
+
+        True if the chain depends on nothing but the executable and the root (no relative
+        interpreter path), so that a later exec of the same file may skip this walk."""
+        cacheable = True
+        for _ in range(MAX_DEPTH):
+            hit = self.root.lookup_path(root_fd, full)
+            if hit is not None:
+                self._recorded(self._fill(*hit))
+            try:
+                fd = openat2(root_fd, full, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return False  # nothing there: the kernel will report it itself
+            try:
+                head = os.pread(fd, HEADER_READ, 0)
+                found = interpreter(head)
+                if found is not None and found[1]:
+                    head = os.pread(fd, found[1], 0)
+                    found = interpreter(head)
+            finally:
+                os.close(fd)
+            if found is None or not found[0]:
+                return cacheable
+            interp = found[0]
+            if not interp.startswith(b"/"):
+                cacheable = False
+            full = interp if interp.startswith(b"/") else cwd.rstrip(b"/") + b"/" + interp
+        return False
+
+    # ---- before start ----------------------------------------------------------------
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
+        """Fill files before the container starts (runc reads some before the filter), and
+        the entrypoint: the first of its candidate paths that exists, with its interpreters."""
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        pending = []
+        try:
+            for p in paths:  # fetched alongside the exec chain, not one round trip after another
+                hit = self.root.lookup_path(root_fd, p.encode())
+                if hit is not None:
+                    pending.append(self.pool.submit(self._fill, *hit))
+            for p in exec_candidates:
+                try:
+                    os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+                except OSError:
+                    continue
+                if self.fill_exec_chain(root_fd, p.encode()):
+                    self._remember_entrypoint(root_fd, p.encode())
+                break
+            for f in pending:
+                self._recorded(f.result())  # re-raises a failed fill
+        finally:
+            os.close(root_fd)
+
+    def _remember_entrypoint(self, root_fd: int, path: bytes) -> None:
+        """The container's first execve is of this file, in this root (the rootfs as the host
+        sees it is the container's root): its chain is known, so that exec needs no walk."""
+        try:
+            fd = openat2(root_fd, path, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            return
+        try:
+            st, root = os.fstat(fd), os.fstat(root_fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode):
+            with self._lock:
+                self._chains.add(chain_key(st, (root.st_dev, root.st_ino)))
+
+    # ---- background fetching ---------------------------------------------------------
+    #: The rest of the image waits until the workload has not needed a fill for this long:
+    #: a start-up burst of opens should have the link to itself.
+    QUIET = 0.25
+
+    def start_background(self, everything: bool) -> None:
+        """Fill the prioritized files (and, if `everything`, the rest) without being asked,
+        one modest range request at a time, always after any on-demand fill."""
+        plan = self.root.prefetch_plan(everything)
+        if plan:
+            threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
+
+    def _background(self, plan) -> None:
+        t0 = time.monotonic()
+        failed = 0
+        for filler, indices, urgent in plan:
+            if not urgent and not self.started.is_set():
+                self.started.wait()  # the rest only once the container runs, after its first burst
+                self._last_ondemand = time.monotonic()
+            if urgent:  # the start-up set: as few round trips as possible
+                failed += filler.prefetch(indices, self._wait_for_idle, max_request=8 << 20)
+            else:  # the rest: modest requests, so an on-demand fill never waits long behind one
+                failed += filler.prefetch(indices, self._wait_for_quiet)
+        self.log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
+        self.complete = self.root.complete()
+        self.write_stats()
+
+    def _wait_for_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._ondemand == 0)
+
+    def _wait_for_quiet(self) -> None:
+        with self._idle:
+            while True:
+                self._idle.wait_for(lambda: self._ondemand == 0)
+                left = self._last_ondemand + self.QUIET - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(left)
+
+    # ---- statistics ------------------------------------------------------------------
+    def stats_doc(self) -> dict:
+        s = self.stats
+        return {
+            "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
+            "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
+            "complete": self.complete, "pid": os.getpid(), "restarts": self.restarts, **self.root.stats(),
+        }
+
+    def write_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        tmp = self.stats_path.with_suffix(".tmp")
+        try:
+            with self._stats_lock:
+                tmp.write_text(json.dumps(self.stats_doc()))
+                os.replace(tmp, self.stats_path)
+        except OSError:
+            pass
+
+    def _stats_writer(self) -> None:
+        """Rewrite the statistics file after fills, at most every STATS_INTERVAL."""
+        while True:
+            self._stats_dirty.wait()
+            self._stats_dirty.clear()
+            self.write_stats()
+            time.sleep(STATS_INTERVAL)  # a rate limit, not a synchronisation

@@ -1,0 +1,112 @@
+"""The fill service answers after the fill, EIO when it fails, and remembers exec chains."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from shim.errors import LazyshimError
+from shim.supervisor.decide import Fill
+from shim.supervisor.fills import FillService
+from tests.supervisor_fakes import FakeNotifier, note
+
+
+class FakeFiller:
+    def __init__(self, fail: set[int] = frozenset()) -> None:
+        self.fail = set(fail)
+        self.filled: list[int] = []
+        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=[SimpleNamespace(name=f"f{i}") for i in range(4)]))
+
+    def fill(self, idx: int) -> None:
+        if idx in self.fail:
+            raise LazyshimError(f"registry gone for f{idx}")
+        self.filled.append(idx)
+
+
+class FakeRoot:
+    def __init__(self) -> None:
+        self.paths: dict[bytes, tuple] = {}
+
+    def complete(self) -> bool:
+        return False
+
+    def lookup(self, st):
+        return None
+
+    def lookup_path(self, root_fd: int, path: bytes):
+        return self.paths.pop(path, None)
+
+    def prefetch_plan(self, everything: bool):
+        return []
+
+    def stats(self) -> dict:
+        return {"layers": 1}
+
+
+def _service(tmp_path: Path, root=None) -> tuple[FillService, list[str]]:
+    logs: list[str] = []
+    svc = FillService(root or FakeRoot(), logs.append, stats_path=tmp_path / "stats.json", workers=2)
+    svc.record = (tmp_path / "record").open("a")
+    return svc, logs
+
+
+def test_answers_after_the_fill_and_eio_when_it_fails(tmp_path: Path) -> None:
+    svc, logs = _service(tmp_path)
+    filler = FakeFiller(fail={2})
+    notifier = FakeNotifier([])
+    svc.submit(notifier, note("openat", nid=1), Fill((filler, 1)))
+    svc.submit(notifier, note("openat", nid=2), Fill((filler, 2)))
+    assert notifier.wait_for(2) == {1: "continue", 2: errno.EIO}
+    svc.pool.shutdown(wait=True)
+    assert filler.filled == [1]
+    assert svc.stats.fills == 1 and svc.stats.fill_errors == 1
+    assert any("fill failed" in line and "registry gone" in line for line in logs)
+    svc.record.close()
+    assert (tmp_path / "record").read_text() == "/f1\n"
+
+
+def test_exec_chain_is_filled_once_then_remembered(tmp_path: Path) -> None:
+    root = FakeRoot()
+    filler = FakeFiller()
+    script = tmp_path / "tool"
+    interp = tmp_path / "interp"
+    interp.write_bytes(b"plain\n")
+    script.write_bytes(b"#!" + str(interp).encode() + b"\n")
+    root.paths[str(script).encode()] = (filler, 0)
+    svc, _ = _service(tmp_path, root)
+    notifier = FakeNotifier([])
+    key = ("tool", 1)
+    # The task is this process (its root is /): the chain resolves on the host's files.
+    n = note("execve", pid=os.getpid(), nid=7)
+    svc.submit(notifier, n, Fill(None, exec_path=str(script).encode(), cwd=b"/", chain_key=key))
+    assert notifier.wait_for(1) == {7: "continue"}
+    svc.pool.shutdown(wait=True)
+    assert filler.filled == [0] and svc.exec_chain_filled(key)
+
+
+def test_relative_interpreters_are_not_remembered(tmp_path: Path) -> None:
+    script = tmp_path / "tool"
+    script.write_bytes(b"#!interp\n")
+    svc, _ = _service(tmp_path)
+    fd = os.open("/", os.O_PATH)
+    try:
+        assert svc.fill_exec_chain(fd, str(script).encode(), str(tmp_path).encode()) is False
+        script.write_bytes(b"\x7fELF not really\n")
+        assert svc.fill_exec_chain(fd, str(script).encode()) is True
+    finally:
+        os.close(fd)
+
+
+def test_prefill_remembers_the_entrypoints_chain(tmp_path: Path) -> None:
+    from shim.supervisor.decide import chain_key
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "tool").write_bytes(b"#!/bin/interp\n")
+    (rootfs / "bin" / "interp").write_bytes(b"plain\n")
+    svc, _ = _service(tmp_path)
+    svc.prefill(rootfs, [], ["/usr/bin/tool", "/bin/tool"])
+    root = os.stat(rootfs)
+    assert svc.exec_chain_filled(chain_key(os.stat(rootfs / "bin" / "tool"), (root.st_dev, root.st_ino)))
