@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.ready_fd >= 0:
         os.write(a.ready_fd, b"1")
         os.close(a.ready_fd)
-    sup.serve_control(state / "control.sock")
+    from .control import NAME
+
+    sup.serve_control(state / NAME)
     if a.background != "none":
         sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=a.listen_fd)
