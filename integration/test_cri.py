@@ -244,28 +244,48 @@ def _wait_state(client: cri.CRIClient, container_id: str, state: int) -> object:
         time.sleep(0.1)
 
 
-def test_pod_runs_lazily_through_the_lazyshim_handler(client: cri.CRIClient, node: Node, pulled: dict,
-                                                      tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _pod(client: cri.CRIClient, node: Node, name: str) -> Iterator[tuple[str, dict]]:
+    """A host-network pod under the lazyshim handler, as the kubelet asks for one; stopped and
+    removed at the end, and then no mount of it may be left."""
     uid = uuid.uuid4().hex
     logs = node.dir / "pods" / uid
     logs.mkdir(parents=True)
-    sandbox = {"metadata": {"name": "lazy-pod", "uid": uid, "namespace": "default"},
-               "log_directory": str(logs), "linux": {"security_context": {"namespace_options": NODE_NET}}}
+    sandbox = {"metadata": {"name": name, "uid": uid, "namespace": "default"}, "log_directory": str(logs),
+               "linux": {"security_context": {"namespace_options": NODE_NET}}}
     pod = client.call("RunPodSandbox", config=sandbox, runtime_handler=HANDLER).pod_sandbox_id
     try:
         st = client.call("PodSandboxStatus", pod_sandbox_id=pod).status
         assert st.state == cri.SANDBOX_READY and st.runtime_handler == HANDLER
-        shared = tmp_path / "x"
-        shared.mkdir()
-        os.mkfifo(shared / "go")
-        os.mkfifo(shared / "ready")
+        yield pod, sandbox
+    finally:
+        client.call("StopPodSandbox", pod_sandbox_id=pod)
+        client.call("RemovePodSandbox", pod_sandbox_id=pod)
+    assert node.mounts() == [], "a removed pod left mounts behind"
+
+
+def _container(pulled: dict, name: str, args: list[str], **security: object) -> dict:
+    return {"metadata": {"name": name}, "image": {"image": pulled["image_id"]}, "command": ["/usr/bin/python3"],
+            "args": args, "log_path": f"{name}/0.log",
+            "linux": {"security_context": {"namespace_options": NODE_NET, **security}}}
+
+
+def _stdout(status) -> list[str]:
+    return [line for stream, line in cri.parse_log(Path(status.log_path).read_text()) if stream == "stdout"]
+
+
+def test_pod_runs_lazily_through_the_lazyshim_handler(client: cri.CRIClient, node: Node, pulled: dict,
+                                                      tmp_path: Path) -> None:
+    shared = tmp_path / "x"
+    shared.mkdir()
+    os.mkfifo(shared / "go")
+    os.mkfifo(shared / "ready")
+    with _pod(client, node, "lazy-pod") as (pod, sandbox):
+        config = _container(pulled, "py", ["-c", SCRIPT, *FILES])
+        config["mounts"] = [{"container_path": "/x", "host_path": str(shared)}]
+        (Path(sandbox["log_directory"]) / "py").mkdir()
         ready = os.open(shared / "ready", os.O_RDONLY | os.O_NONBLOCK)
         try:
-            config = {"metadata": {"name": "py"}, "image": {"image": pulled["image_id"]},
-                      "command": ["/usr/bin/python3"], "args": ["-c", SCRIPT, *FILES], "log_path": "py/0.log",
-                      "mounts": [{"container_path": "/x", "host_path": str(shared)}],
-                      "linux": {"security_context": {"namespace_options": NODE_NET}}}
-            (logs / "py").mkdir()
             cid = client.call("CreateContainer", pod_sandbox_id=pod, config=config,
                               sandbox_config=sandbox).container_id
             client.call("StartContainer", container_id=cid)
@@ -282,15 +302,25 @@ def test_pod_runs_lazily_through_the_lazyshim_handler(client: cri.CRIClient, nod
         finally:
             os.close(ready)
         assert status.exit_code == 0, f"exit {status.exit_code}: {status.reason} {status.message}"
-        lines = cri.parse_log(Path(status.log_path).read_text())
-        out = [line for stream, line in lines if stream == "stdout"]
-        assert out[0] == "hello from a CRI pod" and out[-1] == "bye", lines
+        out = _stdout(status)
+        assert out[0] == "hello from a CRI pod" and out[-1] == "bye", out
         assert dict(line.split() for line in out[1:-1]) == {f: _sha256(f) for f in FILES}
         client.call("RemoveContainer", container_id=cid)
-    finally:
-        client.call("StopPodSandbox", pod_sandbox_id=pod)
-        client.call("RemovePodSandbox", pod_sandbox_id=pod)
-    assert node.mounts() == [], "a removed pod left mounts behind"
+
+
+def test_a_user_named_in_the_image_is_resolved(client: cri.CRIClient, node: Node, pulled: dict) -> None:
+    """containerd looks `run_as_username` up in the snapshot's /etc/passwd itself, through a
+    temporary mount no supervisor watches: the snapshotter has those files filled."""
+    with _pod(client, node, "user-pod") as (pod, sandbox):
+        config = _container(pulled, "user", ["-c", "import os; print(os.getuid(), os.getgid())"],
+                            run_as_username="nobody")
+        (Path(sandbox["log_directory"]) / "user").mkdir()
+        cid = client.call("CreateContainer", pod_sandbox_id=pod, config=config, sandbox_config=sandbox).container_id
+        client.call("StartContainer", container_id=cid)
+        status = _wait_state(client, cid, cri.CONTAINER_EXITED)
+        assert status.exit_code == 0, f"exit {status.exit_code}: {status.reason} {status.message}"
+        assert _stdout(status) == ["65534 65534"]
+        client.call("RemoveContainer", container_id=cid)
 
 
 def test_remove_image_frees_its_layers(client: cri.CRIClient, node: Node, pulled: dict) -> None:
