@@ -6,11 +6,14 @@ one-line reason, because a silently skipped integration suite looks exactly like
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from integration.images import BuildStats, ImageBuildError, build_and_push, check_tools
+from integration.lazyenv import Env
 from integration.registry import Registry, RegistryError
 
 
@@ -41,3 +44,18 @@ def images(registry: Registry, image_build_stats: BuildStats) -> dict[str, str]:
         return build_and_push(registry, stats=image_build_stats)
     except ImageBuildError as exc:
         pytest.fail(f"test images: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def new_env(tmp_path: Path) -> Iterator[Callable[[], Env]]:
+    """Makes private lazyshim environments (store + runtime dir); their containers are
+    removed and their runtime dirs deleted afterwards."""
+    made: list[Env] = []
+
+    def make() -> Env:
+        made.append(Env(tmp_path))
+        return made[-1]
+    yield make
+    for e in made:
+        e.remove_containers()
+        shutil.rmtree(e.rundir, ignore_errors=True)

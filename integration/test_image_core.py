@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,8 +56,12 @@ def lazyshim(store: Path, *args: str, check: bool = True, timeout: float = 120,
     return p
 
 
+PROGRESS_LINE = re.compile(r"layer \d+/\d+ ")  # pull's and fetch's per-layer progress on stderr
+
+
 def assert_one_line_failure(p: subprocess.CompletedProcess, *words: str) -> str:
-    err = p.stderr.strip()
+    """One line of error, after any progress lines of the layers done before it."""
+    err = "\n".join(line for line in p.stderr.strip().splitlines() if not PROGRESS_LINE.match(line))
     assert p.returncode == 1, f"exit {p.returncode}: {err}"
     assert "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err

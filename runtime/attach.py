@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from seccomp.verdict import OWN_METADATA, patch_profile
+from shim import config as settings
 from shim.errors import LazyshimError
 
 from . import paths
@@ -39,7 +40,7 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
     """What the supervisor fetches unasked: the caller's choice, else the bundle's
     annotation, else $LAZYSHIM_BACKGROUND_FETCH, else everything."""
     mode = explicit or (config.get("annotations") or {}).get(BACKGROUND_ANNOTATION) \
-        or os.environ.get("LAZYSHIM_BACKGROUND_FETCH") or "all"
+        or settings.get("background_fetch") or "all"
     if mode not in BACKGROUND_MODES:
         raise LazyshimError(f"background fetch mode {mode!r} is not one of {', '.join(BACKGROUND_MODES)}")
     return mode
@@ -81,6 +82,8 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             )
         finally:
             os.close(ready_w)
+        # Recorded before waiting: a run interrupted here must still find it to stop it.
+        (sdir / "supervisor.pid").write_text(str(proc.pid))
         try:
             ok = os.read(ready_r, 1) == b"1"
         finally:
@@ -88,13 +91,12 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     if not ok:
         proc.wait()
         raise LazyshimError(f"supervisor failed to start: {_last_line(sdir / 'supervisor.log')}")
-    (sdir / "supervisor.pid").write_text(str(proc.pid))
     return proc.pid
 
 
 def _supervisor_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k in ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "REGISTRY_AUTH_FILE")
+           if k in ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "REGISTRY_AUTH_FILE")
            or k.startswith("LAZYSHIM_")}
     # The supervisor imports our packages from wherever this process found them.
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)

@@ -34,9 +34,10 @@ def _which(name: str) -> str | None:
 
 
 def find_delegate() -> str:
+    from shim import config
     from shim.errors import LazyshimError
 
-    env = os.environ.get("LAZYSHIM_DELEGATE")
+    env = config.get("delegate")
     if env:
         path = _which(env)
         if not path:

@@ -15,7 +15,9 @@ EPILOG = """\
 runc commands (create, start, run -b BUNDLE ID, state, kill, delete, exec, ps, list, pause,
 resume, update, events, features, spec, checkpoint, restore, --version) are handled as runc
 handles them, by runc or crun; bundles whose rootfs is a lazyshim overlay (or that carry the
-annotation run.lazyshim.image=REF) get their files filled on open.
+annotation run.lazyshim.image=REF) get their files filled on open.  `ps` without a container id
+and `exec` on a container of `lazyshim run` are lazyshim's own; with an id (or a runc global flag
+before the verb) they are runc's.
 """
 
 
@@ -37,9 +39,13 @@ def _parser():
     from shim import cli as image_cli
 
     image_cli.add_parsers(sub)
-    from . import mount, record, run, stats
+    from . import completion, ctl, info, mount, record, run, stale, stats
 
     run.add_parser(sub)
+    ctl.add_parsers(sub)
+    stale.add_parser(sub)
+    info.add_parser(sub)
+    completion.add_parser(sub)
     record.add_parser(sub)
     stats.add_parser(sub)
     mount.add_parsers(sub)
@@ -60,7 +66,17 @@ def image_main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         print(f"lazyshim: {e}", file=sys.stderr)
         return 1
-    return _guarded(args.func, args)
+    return _guarded(_swept, args)
+
+
+def _swept(args) -> int:
+    """Every verb that uses the store first sweeps what killed lazyshims left (gc does it
+    itself, and reports it)."""
+    if args.verb != "gc":
+        from .stale import sweep_before
+
+        sweep_before(args.verb)
+    return args.func(args)
 
 
 def _guarded(func, args) -> int:
@@ -69,14 +85,15 @@ def _guarded(func, args) -> int:
     from shim.formats.toc import FormatError
     from shim.registry.client import RegistryError
 
+    code = getattr(args, "error_code", 1)
     try:
         return func(args) or 0
     except (LazyshimError, FormatError, RegistryError, ValueError) as e:
         print(f"lazyshim: {e}", file=sys.stderr)
-        return 1
+        return code
     except OSError as e:
         print(f"lazyshim: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
-        return 1
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `lazyshim inspect | head`: the reader left, nothing to report

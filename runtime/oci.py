@@ -34,11 +34,15 @@ GLOBAL_BOOL = frozenset({"debug", "systemd-cgroup", "help", "h", "version", "v"}
 CREATE_VALUE = frozenset({"bundle", "b", "console-socket", "pid-file", "preserve-fds", "pidfd-socket"})
 CREATE_BOOL = frozenset({"no-pivot", "no-new-keyring"})
 RUN_BOOL = CREATE_BOOL | {"detach", "d", "keep", "no-subreaper"}
+SHARED_RUN = frozenset({"d", "detach"})
+# Verbs both runc and the standalone runner have; `wants_oci` tells them apart by their arguments.
+SHARED_VERBS = frozenset({"ps", "exec"})
 # `lazyshim run IMAGE` (the standalone image runner, runtime.run) flags that runc's run lacks.
 STANDALONE_RUN = frozenset({"rm", "i", "interactive", "t", "tty", "name", "e", "env", "u", "user",
-                            "w", "workdir", "entrypoint", "network", "no-pull"})
+                            "w", "workdir", "entrypoint", "network", "no-pull", "pull", "v", "volume",
+                            "mount", "env-file", "read-only", "hostname", "m", "memory", "cpus"})
 IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record",
-                         "snapshotter"})
+                         "gc", "logs", "stop", "rm", "info", "df", "completion", "snapshotter"})
 TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 
 
@@ -106,7 +110,45 @@ def wants_oci(argv: list[str]) -> bool:
         return False
     if verb == "run":
         return bool(g) or is_runc_run(argv[vi + 1:])
+    if verb == "ps" and not g:
+        return _has_positional(argv[vi + 1:], frozenset({"format", "f"}))  # runc's `ps ID`
+    if verb == "exec" and not g:
+        return not _standalone_container(argv[vi + 1:])
     return True
+
+
+def _has_positional(rest: list[str], value_flags: frozenset[str]) -> bool:
+    try:
+        _, pi = parse_flags(rest, value_flags)
+    except Usage:
+        return False
+    return pi < len(rest)
+
+
+EXEC_VALUE = frozenset({"console-socket", "pid-file", "process", "p", "env", "e", "cwd", "user", "u",
+                        "additional-gids", "g", "cap", "c", "apparmor", "process-label", "preserve-fds",
+                        "cgroup", "w", "workdir"})
+
+
+def _standalone_container(rest: list[str]) -> bool:
+    """`exec ID ...` where ID names a `lazyshim run` container of the store (runtime.ctl resolves it)."""
+    try:
+        _, pi = parse_flags(rest, EXEC_VALUE)
+    except Usage:
+        return False
+    if pi >= len(rest):
+        return False
+    from .paths import valid_id
+
+    if not valid_id(rest[pi]):
+        return False
+    from shim.store.layout import default_root
+
+    try:
+        names = os.listdir(os.path.join(default_root(), "containers"))
+    except Exception:  # noqa: BLE001 - no store (or a broken config): runc's exec reports the id
+        return False
+    return any(n.startswith(rest[pi]) for n in names if n != "oci")  # an id, a name or a prefix
 
 
 def is_runc_run(rest: list[str]) -> bool:
@@ -121,6 +163,9 @@ def is_runc_run(rest: list[str]) -> bool:
         if len(a) < 2 or a[0] != "-":
             break
         name = (a[2:] if a.startswith("--") else a[1:]).partition("=")[0]
+        if name in SHARED_RUN:  # `-d` is both runc's and podman's: the arguments decide
+            i += 1
+            continue
         if name in CREATE_VALUE or name in RUN_BOOL:
             if name in CREATE_VALUE and "=" not in a:
                 i += 1

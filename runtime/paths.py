@@ -20,7 +20,9 @@ RESERVED = frozenset({"oci", "sock", "delegate"})
 
 
 def runtime_dir() -> str:
-    env = os.environ.get("LAZYSHIM_RUNTIME_DIR")
+    from shim import config
+
+    env = config.get("runtime_dir")
     if env:
         return env
     if os.geteuid() == 0 and _initial_userns():

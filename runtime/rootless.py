@@ -17,7 +17,8 @@ import sys
 from shim.errors import LazyshimError
 
 ENV_MARK = "LAZYSHIM_USERNS"
-NEEDS_USERNS = frozenset({"pull", "run", "fetch", "rmi", "mount", "umount", "record"})
+NEEDS_USERNS = frozenset({"pull", "run", "fetch", "rmi", "mount", "umount", "record", "gc", "ps", "logs", "stop",
+                          "rm", "exec"})
 
 
 def _has_subids(path: str) -> bool:

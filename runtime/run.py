@@ -10,22 +10,61 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
 
-from . import agent_policy, attach, overlay, spec
+from . import agent_policy, attach, containers, overlay, runflags, sigproxy, spec
 from .delegate import find_delegate
 
 
 def run(args) -> int:
+    """Run the container; whatever ends the run (its exit, a signal, an error of ours), the
+    teardown leaves nothing running or mounted, and with --rm nothing at all."""
+    if args.detach:
+        return _run_detached(args)
+    guard = sigproxy.Guard()
+    try:
+        return _run(args, guard)
+    except sigproxy.Interrupted as e:
+        return e.exit_code
+    finally:
+        guard.restore()
+
+
+def _run_detached(args) -> int:
+    """-d: the image is pulled here (its errors and progress are the caller's); the
+    container runs under a monitor of its own."""
+    if args.tty:
+        raise LazyshimError("-d with -t is not supported (no console to attach later)")
+    _seccomp_profile(args.security_opt)  # a bad profile is the caller's error, not the monitor's
+    store = api.open_store()
+    _image(store, args)
+    args.pull, args.no_pull = "never", True
+    args.name = args.name or secrets.token_hex(8)
+    from . import detach
+
+    def body(monitor) -> int:
+        guard = sigproxy.Guard()
+        try:
+            return _run(args, guard, monitor)
+        except sigproxy.Interrupted as e:
+            return e.exit_code
+    return detach.start(args.name, body)
+
+
+def _image(store, args):
+    policy = "never" if args.no_pull else args.pull
+    return api.ensure_image(store, args.image, pull=policy != "never", always=policy == "always", progress=True)
+
+
+def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     profile = _seccomp_profile(args.security_opt)
     store = api.open_store()
-    image = api.ensure_image(store, args.image, pull=not args.no_pull)
+    image = _image(store, args)
     from shim.lazyroot import layers_complete
 
     lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
@@ -34,18 +73,24 @@ def run(args) -> int:
     agent = agent_policy.foreign_reason({"linux": {"seccomp": profile}}) if lazy else None
     if agent is not None:
         agent_policy.check_allowed({}, agent, f"container {cid}")
-    cdir = store.containers / cid
-    if cdir.exists():
-        raise LazyshimError(f"container {cid!r} already exists")
-    for sub in ("upper", "work", "rootfs", "bundle"):
-        (cdir / sub).mkdir(parents=True, mode=0o755)
-    mounted = False
+    delegate = find_delegate()
+    record = containers.Record(
+        id=cid, name=args.name or "", image=args.image, image_id=image.id, command=list(args.command),
+        created=time.time(), rm=args.rm, delegate=delegate, delegate_root=str(attach.runtime_dir() / "delegate"),
+        state_dir=str(attach.state_dir(cid)), network=args.network, detach=monitor is not None)
+    owned = containers.create(store.containers, record)
+    cdir = owned.cdir
+    rc: int | None = None
     try:
+        if monitor is not None:
+            record.log = str(cdir / containers.LOG)
+            owned.save()
+            monitor.redirect(Path(record.log))
+        containers.claim_state_dir(owned)
         from shim.userns import in_user_namespace
 
         overlay.mount_overlay(api.layer_trees(store, image), cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace())
-        mounted = True
         cfg = image.config
         args_ = spec.process_args(cfg, list(args.command), args.entrypoint)
         if not args_:
@@ -53,10 +98,11 @@ def run(args) -> int:
         uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or
                                     (cfg.get("config") or {}).get("User") or "")
         config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, list(args.env)),
+            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(cfg, _env(args)),
             cwd=args.workdir or (cfg.get("config") or {}).get("WorkingDir") or "/",
-            uid=uid, gid=gid, hostname=cid[:12], terminal=args.tty, network=args.network,
+            uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
+        _apply_run_flags(config, args)
         if args.network == "bridge":
             from shim.userns import in_user_namespace
 
@@ -74,24 +120,55 @@ def run(args) -> int:
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
-        delegate = find_delegate()
-        cmd = [delegate, "--root", str(attach.runtime_dir() / "delegate"), "run", "--bundle",
-               str(cdir / "bundle"), cid]
+        log = cdir / "delegate.log"
+        cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]
+        bundle = ["--bundle", str(cdir / "bundle"), cid]
         sys.stdout.flush()
-        rc = subprocess.call(cmd, stdin=None if args.interactive or args.tty else subprocess.DEVNULL)
+        if monitor is not None:
+            pid_file = cdir / "init.pid"
+            rc = monitor.run_and_wait(cmd + ["--detach", "--pid-file", str(pid_file)] + bundle, pid_file,
+                                      lambda: _start_failure(log, 1))
+            return rc
+        rc = sigproxy.run_forwarding(cmd + bundle, lambda: containers.delegate(record, "kill", cid, "KILL") == 0,
+                                     stdin_null=not (args.interactive or args.tty))
+        if rc != 0:
+            rc = _start_failure(log, rc)[0]
         return rc
     finally:
-        attach.stop_supervisor(cid)
-        if args.network == "bridge":
-            from . import network
+        guard.hold()
+        try:
+            containers.teardown(cdir, record, rc, remove=args.rm)
+        finally:
+            owned.release()
 
-            network.release(cid)
-        if args.rm:
-            if mounted:
-                overlay.unmount(cdir / "rootfs")
-            shutil.rmtree(cdir, ignore_errors=True)
-        elif mounted:
-            overlay.unmount(cdir / "rootfs")
+
+def _apply_run_flags(config: dict, args) -> None:
+    """-v, --mount, --memory, --cpus, --read-only into the built config."""
+    runflags.apply(config, mounts=[runflags.volume(v) for v in args.volume] + [runflags.mount(m) for m in args.mount],
+                   memory_limit=runflags.memory(args.memory) if args.memory else None,
+                   cpu=runflags.cpus(args.cpus) if args.cpus else None, read_only=args.read_only)
+
+
+def _env(args) -> list[str]:
+    """--env-file entries first, then -e: the later one wins, as in podman."""
+    out: list[str] = []
+    for f in args.env_file:
+        out += runflags.env_file(f)
+    return out + list(args.env)
+
+
+def _start_failure(log: Path, rc: int) -> tuple[int, str]:
+    """The delegate logs an error only when it failed itself (the container never ran):
+    podman's 125/126/127 then, and the delegate's message; otherwise `rc` is the container's."""
+    try:
+        lines = log.read_text().strip().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return rc, "the container did not start"
+    if not isinstance(last, dict) or last.get("level") != "error":
+        return rc, "the container did not start"
+    msg = str(last.get("msg", ""))
+    return runflags.exit_code_of_delegate_error(msg), msg
 
 
 DEFAULT_SECCOMP = Path("/usr/share/containers/seccomp.json")
@@ -153,15 +230,26 @@ def _oci_profile(profile: dict) -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run an image with lazily filled files")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background and print the id")
     p.add_argument("-i", "--interactive", action="store_true")
     p.add_argument("-t", "--tty", action="store_true")
     p.add_argument("--name")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro]",
+                   help="bind mount a host path")
+    p.add_argument("--mount", action="append", default=[], metavar="type=bind|tmpfs,...",
+                   help="type=bind,source=SRC,destination=DST[,ro] or type=tmpfs,destination=DST[,tmpfs-size=N]")
+    p.add_argument("--read-only", action="store_true", help="mount the root read-only (tmpfs on /tmp, /var/tmp, /run)")
+    p.add_argument("--hostname")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="memory limit (e.g. 512m)")
+    p.add_argument("--cpus", metavar="N", help="CPU limit (e.g. 1.5)")
+    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing")
     p.add_argument("-u", "--user")
     p.add_argument("-w", "--workdir")
     p.add_argument("--entrypoint", type=lambda s: [s] if s else [])
     p.add_argument("--network", choices=("none", "host", "bridge"), default="none")
-    p.add_argument("--no-pull", action="store_true", help="fail if the image is not pulled yet")
+    p.add_argument("--no-pull", action="store_true", help="same as --pull never")
     p.add_argument("--record", help=argparse.SUPPRESS)  # used by `lazyshim record`
     p.add_argument("--security-opt", action="append", default=[], metavar="seccomp=PROFILE|unconfined",
                    help="seccomp profile (default: the containers default profile when installed)")
@@ -169,4 +257,4 @@ def add_parser(sub) -> None:
                    help="fetch only what the container opens (default: the rest follows in the background)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, error_code=125)  # podman's code for errors of its own

@@ -64,6 +64,7 @@ def cmd_stats(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stats", help="show a lazy container's fill statistics")
+    p.add_argument("--format", choices=("json",), default="json", help="always JSON (accepted for podman users)")
     p.add_argument("--root", default=None, metavar="DIR",
                    help="the --root the container was created with (default: search every root)")
     p.add_argument("container_id")

@@ -23,17 +23,30 @@ def open_store(root: Path | None = None) -> Store:
     return store
 
 
-def ensure_image(store: Store, name: str, pull: bool = True) -> ImageRecord:
+def ensure_image(store: Store, name: str, pull: bool = True, always: bool = False,
+                 progress: bool = False) -> ImageRecord:
+    """The image from the store, pulled if missing (`pull`) or in any case (`always`);
+    `progress` reports the pull's layers on stderr."""
     from .store.refs import resolve_image
 
-    try:
-        return resolve_image(store, name)
-    except LazyshimError:
-        if not pull:
-            raise
+    if not always:
+        try:
+            return resolve_image(store, name)
+        except LazyshimError:
+            if not pull:
+                raise
     from .pull import pull as do_pull
 
+    if progress:
+        from .progress import Progress, pull_reporter
+
+        return do_pull(name, store, progress=pull_reporter(Progress()))
     return do_pull(name, store)
+
+
+def store_layout(store: Store) -> str:
+    """Which on-disk layout the store uses (a store that knows better says so itself)."""
+    return str(getattr(store, "layout_version", "v1 (placeholder trees)"))
 
 
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:

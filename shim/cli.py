@@ -12,18 +12,26 @@ from .errors import LazyshimError
 def add_parsers(sub) -> None:
     p = sub.add_parser("pull", help="fetch manifest, config and TOCs; build placeholder trees")
     p.add_argument("image")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image id")
+    p.add_argument("--verbose", action="store_true", help="also print the layers' placeholder trees")
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("images", help="list pulled images")
+    p.add_argument("--format", help="json, or a template such as '{{.Repository}} {{.ID}}'")
+    p.add_argument("-q", "--quiet", action="store_true", help="image ids only")
     p.set_defaults(func=cmd_images)
     p = sub.add_parser("inspect", help="show a pulled image's record and layers")
+    p.add_argument("--format", choices=("json",), default="json", help="always JSON (accepted for podman users)")
     p.add_argument("image")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("df", help="show how much the store holds: images, layers, fetched bytes")
+    p.add_argument("--format", help="json, or a template such as '{{.Type}} {{.Size}}'")
+    p.set_defaults(func=cmd_df)
     p = sub.add_parser("rmi", help="forget a pulled image; delete layers nothing uses any more")
     p.add_argument("image", nargs="+")
     p.set_defaults(func=cmd_rmi)
     p = sub.add_parser("fetch", help="fill every file of a pulled image now")
     p.add_argument("image")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("convert", help="convert an image to eStargz or zstd:chunked and push it",
                        description="SRC is a registry reference or oci:DIR[:TAG]; DST a registry reference.")
@@ -41,23 +49,24 @@ def add_parsers(sub) -> None:
 
 def cmd_pull(args) -> int:
     from .api import layer_trees, open_store
+    from .progress import Progress, pull_reporter
     from .pull import pull
 
     store = open_store()
     t0 = time.monotonic()
-    rec = pull(args.image, store)
-    dt = time.monotonic() - t0
-    if args.quiet:
-        print(rec.id)
-        return 0
-    print(f"image {rec.id}  ({rec.name}, {len(rec.layers)} layers, {dt:.2f}s)")
-    for tree in layer_trees(store, rec):
-        print(f"  lower {tree}")
+    progress = Progress(quiet=args.quiet)
+    rec = pull(args.image, store, progress=pull_reporter(progress))
+    progress.message(f"pulled {rec.name} ({len(rec.layers)} layers) in {time.monotonic() - t0:.2f}s")
+    print(rec.id)
+    if args.verbose:
+        for tree in layer_trees(store, rec):
+            print(f"  lower {tree}")
     return 0
 
 
 def cmd_images(args) -> int:
     from .api import open_store
+    from .output import emit
     from .store.metadata import load_image, load_layer
     from .store.refs import load_refs
 
@@ -65,22 +74,28 @@ def cmd_images(args) -> int:
     rows = []
     for name, image_id in sorted(load_refs(store).items()):
         layers = size = 0
+        damaged = False
         try:
             rec = load_image(store.image_file(image_id).read_bytes())
             layers = len(rec.layers)
             for d in rec.layers:
                 size += load_layer((store.layer_dir(d) / "meta.cbor").read_bytes()).blob_size
-            shown = _human(size)
         except (OSError, LazyshimError):
-            shown = "(damaged)"
-        rows.append((name, image_id.removeprefix("sha256:")[:12], str(layers), shown))
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_IMAGES_HEADER)]
-    for row in [_IMAGES_HEADER, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            damaged = True
+        rows.append({"Repository": name, "Id": image_id, "ID": image_id.removeprefix("sha256:")[:12],
+                     "Layers": layers, "Size": size, "Damaged": damaged,
+                     "size": "(damaged)" if damaged else _human(size)})
+    if args.quiet:
+        for r in rows:
+            print(r["ID"])
+        return 0
+    if args.format == "json":
+        rows = [{k: v for k, v in r.items() if k not in ("ID", "size")} for r in rows]
+    emit(rows, args.format, _IMAGES_COLUMNS)
     return 0
 
 
-_IMAGES_HEADER = ("IMAGE", "ID", "LAYERS", "SIZE")
+_IMAGES_COLUMNS = [("IMAGE", "Repository"), ("ID", "ID"), ("LAYERS", "Layers"), ("SIZE", "size")]
 
 
 def _human(n: int) -> str:
@@ -89,6 +104,45 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def cmd_df(args) -> int:
+    """Sizes from the metadata (no tree walk): blob bytes, and the bytes of filled files."""
+    from .api import open_store
+    from .output import emit
+    from .store.metadata import load_layer
+    from .store.refs import load_refs
+
+    store = open_store()
+    images = set(load_refs(store).values())
+    layers = blob = fetched = files = filled = 0
+    for d in sorted(store.layers.iterdir()) if store.layers.is_dir() else []:
+        try:
+            meta = load_layer((d / "meta.cbor").read_bytes())
+            fmap = (d / "filled").read_bytes()
+        except (OSError, LazyshimError):
+            continue
+        layers += 1
+        blob += meta.blob_size
+        for i, e in enumerate(meta.toc.entries):
+            if e.type == "reg" and e.size:
+                files += 1
+                if i < len(fmap) and fmap[i]:
+                    filled += 1
+                    fetched += e.size
+    containers = sum(1 for p in store.containers.iterdir() if p.is_dir() and p.name != "oci") \
+        if store.containers.is_dir() else 0
+    rows = [
+        {"Type": "Images", "Total": len(images), "Size": blob, "Files": files, "Filled": filled},
+        {"Type": "Layers", "Total": layers, "Size": blob, "Files": files, "Filled": filled},
+        {"Type": "Fetched", "Total": filled, "Size": fetched, "Files": files, "Filled": filled},
+        {"Type": "Containers", "Total": containers, "Size": 0, "Files": 0, "Filled": 0},
+    ]
+    if args.format != "json":
+        for r in rows:
+            r["size"] = _human(r["Size"]) if r["Type"] != "Containers" else "-"
+    emit(rows, args.format, [("TYPE", "Type"), ("TOTAL", "Total"), ("SIZE", "size")])
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -151,11 +205,27 @@ def _ref_key(name: str, refs: dict[str, str]) -> str | None:
 
 def cmd_fetch(args) -> int:
     from .api import fill_image, open_store
+    from .progress import Progress, files_bar
     from .store.refs import resolve_image
 
     store = open_store()
-    res = fill_image(store, resolve_image(store, args.image))
-    print(f"filled {res.files_filled} files, {res.bytes_fetched} bytes in {res.seconds:.2f}s")
+    rec = resolve_image(store, args.image)
+    progress = Progress(quiet=args.quiet)
+    t0 = time.monotonic()
+    files = fetched = 0
+    for n, digest in enumerate(rec.layers, 1):  # one bar per layer, rewritten as its files arrive
+        label = f"layer {n}/{len(rec.layers)} {digest[:19]}"
+        shown = [files_bar(label, 0, 0, 0)]
+
+        def show(done: int, total: int, nbytes: int, label=label, shown=shown) -> None:
+            shown[0] = files_bar(label, done, total, nbytes)
+            progress.update(shown[0])
+
+        res = fill_image(store, [digest], progress=show)
+        progress.finish(shown[0])
+        files, fetched = files + res.files_filled, fetched + res.bytes_fetched
+    if not args.quiet:
+        print(f"filled {files} files, {fetched} bytes in {time.monotonic() - t0:.2f}s")
     return 0
 
 

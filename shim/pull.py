@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LazyshimError
@@ -28,7 +29,12 @@ from .store.placeholders import TreeOptions, build_tree
 MAX_CONFIG = 4 << 20
 
 
-def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> ImageRecord:
+# progress(index, count, layer, meta): before a layer (meta None) and after it.
+PullProgress = Callable[[int, int, Descriptor, "LayerMeta | None"], None]
+
+
+def pull(ref_str: str, store: Store, client: RegistryClient | None = None,
+         progress: PullProgress | None = None) -> ImageRecord:
     ref = parse_reference(ref_str)
     store.ensure()
     own = client is None
@@ -38,13 +44,14 @@ def pull(ref_str: str, store: Store, client: RegistryClient | None = None) -> Im
         client = new_client(ref.registry)
     try:
         with store.lock("gc", shared=True):  # no collection may delete our layers before the record
-            return _pull(ref, ref_str, store, client)
+            return _pull(ref, ref_str, store, client, progress)
     finally:
         if own:
             client.close()
 
 
-def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient) -> ImageRecord:
+def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
+          progress: PullProgress | None = None) -> ImageRecord:
     manifest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
     config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
     try:
@@ -53,7 +60,13 @@ def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient) ->
         raise LazyshimError(f"{ref_str}: image config is not JSON") from e
     if not isinstance(config, dict):
         raise LazyshimError(f"{ref_str}: image config is not a JSON object")
-    metas = [ensure_layer(store, client, ref, layer) for layer in manifest.layers]
+    metas = []
+    for i, layer in enumerate(manifest.layers):
+        if progress:
+            progress(i, len(manifest.layers), layer, None)
+        metas.append(ensure_layer(store, client, ref, layer))
+        if progress:
+            progress(i, len(manifest.layers), layer, metas[-1])
     rec = ImageRecord(
         id=manifest.digest, name=str(ref), registry=ref.registry, repository=ref.repository,
         layers=[d.digest for d in manifest.layers], config=config, config_digest=manifest.config.digest,

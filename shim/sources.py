@@ -13,9 +13,9 @@ including retries; after it the open fails with EIO and a later open tries again
 
 from __future__ import annotations
 
-import os
 import threading
 
+from . import config
 from .errors import LazyshimError
 from .registry.client import RegistryClient
 
@@ -29,14 +29,14 @@ _lock = threading.Lock()
 
 def fetch_timeout() -> float:
     try:
-        v = float(os.environ.get("LAZYSHIM_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT))
+        v = float(config.get("fetch_timeout") or DEFAULT_FETCH_TIMEOUT)
     except ValueError:
         return DEFAULT_FETCH_TIMEOUT
     return v if v > 0 else DEFAULT_FETCH_TIMEOUT
 
 
 def _env_number(name: str, default: float, lo: float, hi: float) -> float:
-    raw = os.environ.get(name)
+    raw = config.get(name.removeprefix("LAZYSHIM_").lower())
     if raw is None or raw == "":
         return default
     try:

@@ -26,7 +26,8 @@ def test_parse_flags_like_go() -> None:
     (["state", "x"], True),
     (["--root", "/r", "run", "x"], True),
     (["run", "--bundle", "b", "x"], True),
-    (["run", "-d", "x"], True),
+    (["run", "-d", "x"], False),                        # podman's -d; runc's needs ./config.json
+    (["run", "-d", "--bundle", "b", "x"], True),
     (["run", "busybox"], False),                        # no ./config.json here
     (["run", "--rm", "busybox", "sh"], False),
     (["run", "127.0.0.1:5000/busybox:esgz"], False),
@@ -46,6 +47,7 @@ def test_run_in_a_bundle_dir_is_runc(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert oci.wants_oci(["run", "mycontainer"]) is True
+    assert oci.wants_oci(["run", "-d", "mycontainer"]) is True
     assert oci.wants_oci(["run", "docker.io/library/busybox"]) is False
 
 
@@ -81,5 +83,38 @@ def test_every_lazyshim_verb_is_routed_to_lazyshim() -> None:
     from runtime.oci import IMAGE_VERBS
 
     sub = next(a for a in _parser()._actions if a.dest == "verb")
-    ours = set(sub.choices) - {"run", "help"}
+    ours = set(sub.choices) - {"run", "help"} - oci.SHARED_VERBS
     assert ours <= IMAGE_VERBS, ours - IMAGE_VERBS
+
+
+@pytest.mark.parametrize("argv, runc", [
+    (["ps"], False), (["ps", "-a", "--format", "json"], False), (["ps", "c1"], True),
+    (["ps", "--format", "json", "c1"], True), (["--root", "/r", "ps"], True),
+    (["exec", "nosuchcontainer", "true"], True), (["--root", "/r", "exec", "x", "true"], True),
+])
+def test_verbs_runc_shares_with_podman(argv: list[str], runc: bool, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAZYSHIM_ROOT", str(tmp_path))
+    assert oci.wants_oci(argv) is runc
+    (tmp_path / "containers" / "mine").mkdir(parents=True)
+    assert oci.wants_oci(["exec", "mine", "true"]) is False
+
+
+def test_bash_completion_knows_every_verb_and_flag(tmp_path: Path) -> None:
+    import subprocess
+
+    from runtime.completion import bash_script
+    from runtime.main import _parser
+
+    script = tmp_path / "c.bash"
+    script.write_text(bash_script(_parser()))
+
+    def complete(*words: str) -> list[str]:
+        cmd = (f"source {script}; COMP_WORDS=({' '.join(words)}); COMP_CWORD={len(words) - 1}; _lazyshim; "
+               'printf "%s\\n" "${COMPREPLY[@]}"')
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path).stdout.split()
+    assert complete("lazyshim", "ru") == ["run"]
+    assert {"ps", "logs", "stop", "rm", "exec", "gc", "info", "pull"} <= set(complete("lazyshim", "''"))
+    assert "--volume" in complete("lazyshim", "run", "--vo") and "--detach" in complete("lazyshim", "run", "--de")
+    assert complete("lazyshim", "stop", "-") == ["--help", "--time", "-h", "-t"]

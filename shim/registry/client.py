@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import random
 import threading
 import time
@@ -105,7 +104,9 @@ def is_loopback(registry: str) -> bool:
 
 
 def _env_insecure(registry: str) -> bool:
-    names = [n.strip() for n in os.environ.get(INSECURE_ENV, "").split(",") if n.strip()]
+    from .. import config
+
+    names = [n.strip() for n in (config.get("insecure_registries") or "").split(",") if n.strip()]
     return registry in names or _split_host(registry) in names
 
 

@@ -24,7 +24,9 @@ from .. import errors
 
 
 def default_root() -> Path:
-    env = os.environ.get("LAZYSHIM_ROOT")
+    from .. import config
+
+    env = config.get("root")
     if env:
         return Path(env)
     from ..userns import host_root
