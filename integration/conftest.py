@@ -6,6 +6,7 @@ one-line reason, because a silently skipped integration suite looks exactly like
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,16 @@ import pytest
 from integration.images import BuildStats, ImageBuildError, build_and_push, check_tools
 from integration.lazyenv import Env
 from integration.registry import Registry, RegistryError
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_node_mirrors() -> Iterator[None]:
+    """Keep the node's own mirror configuration (registries.conf, containerd certs.d) out of
+    every lazyshim the tests start: tests name their mirrors themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAZYSHIM_REGISTRIES_CONF", os.environ.get("LAZYSHIM_REGISTRIES_CONF") or os.devnull)
+        mp.setenv("LAZYSHIM_HOSTS_DIR", os.environ.get("LAZYSHIM_HOSTS_DIR", ""))
+        yield
 
 
 @pytest.fixture(scope="session")

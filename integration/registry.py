@@ -64,13 +64,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config_yaml(port: int, storage: Path) -> str:
+def _config_yaml(port: int, storage: Path, proxy_remote: str | None = None) -> str:
     """A minimal registry config: loopback only, filesystem storage, delete on, access log on.
 
     The health checker and upload purging are off because they only add background goroutines
-    and log noise during a short test session.
+    and log noise during a short test session.  With `proxy_remote` it is a pull-through cache
+    of that registry (read-only: it fetches what it lacks from there and keeps a copy).
     """
-    return (
+    proxy = f"proxy:\n  remoteurl: {proxy_remote}\n" if proxy_remote else ""
+    return proxy + (
         "version: 0.1\n"
         "log:\n"
         "  level: info\n"
@@ -107,13 +109,16 @@ class Registry:
         binary: str = REGISTRY_BIN,
         prefix_cmd: Sequence[str] = (),
         call_in: Callable[[Callable[[], Any]], Any] | None = None,
+        proxy_remote: str | None = None,
     ) -> None:
         """``prefix_cmd`` (e.g. ``["nsenter", "--net=/run/netns/X"]``) runs the registry inside another
         network namespace; ``call_in(func)`` must then run ``func`` where it can reach that namespace's
         loopback (see ``integration.netem.in_netns``): the readiness probe goes through it. Clients
-        talking to such a registry run with the same ``prefix_cmd``.
+        talking to such a registry run with the same ``prefix_cmd``.  ``proxy_remote``
+        (``http://127.0.0.1:PORT``) makes it a pull-through cache of that registry.
         """
         self._binary = binary
+        self.proxy_remote = proxy_remote
         self._start_timeout = start_timeout
         self.prefix_cmd = list(prefix_cmd)
         self._call_in = call_in or (lambda func: func())
@@ -133,7 +138,7 @@ class Registry:
         for _attempt in range(3):  # another process may grab the port between probe and bind
             self.port = _free_port()
             config = self._workdir / "config.yml"
-            config.write_text(_config_yaml(self.port, self.storage_dir))
+            config.write_text(_config_yaml(self.port, self.storage_dir, self.proxy_remote))
             with open(self.access_log_path, "ab") as out, open(self.error_log_path, "ab") as err:
                 self._proc = subprocess.Popen(
                     [*self.prefix_cmd, self._binary, "serve", str(config)],

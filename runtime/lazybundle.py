@@ -112,16 +112,17 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
     try:
         config = found.config
         reason = agent_policy.foreign_reason(config)
-        store_root, layers = found.store_root, found.layers
+        store_root, layers, sources = found.store_root, found.layers, None
         if found.image is not None:
-            store_root, layers = _mount_image(found, container_id, state)
+            store_root, layers, sources = _mount_image(found, container_id, state)
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
         if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
             agent_policy.complete_for_agent(config, reason, Path(store_root), list(layers),
                                             f"container {container_id}")
         else:
-            attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state)
+            attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
+                          sources=sources)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))
@@ -132,7 +133,8 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
         raise
 
 
-def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str]]:
+def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str]]:
+    """Mount the annotated image on root.path; returns the store, its layers and its references."""
     from shim import api
 
     from . import overlay
@@ -152,7 +154,7 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     lowers = api.layer_trees(store, image) + [Path(found.rootfs)]
     overlay.mount_overlay(lowers, scratch / "upper", scratch / "work", Path(found.rootfs))
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
-    return str(store.root), list(image.layers)
+    return str(store.root), list(image.layers), api.image_sources(store, image, found.image)
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:

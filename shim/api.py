@@ -49,6 +49,14 @@ def store_layout(store: Store) -> str:
     return str(getattr(store, "layout_version", "v1 (placeholder trees)"))
 
 
+def image_sources(store: Store, image: ImageRecord, asked: str | None = None) -> list[str]:
+    """The references a container of `image` fills from (the supervisor's `--sources`);
+    `asked`: the name the user gave, tried first."""
+    from .sources import image_references
+
+    return image_references(store, image, asked)
+
+
 def layer_trees(store: Store, image: ImageRecord) -> list[Path]:
     """The image's placeholder trees, bottom layer first."""
     return [store.layer_dir(d) / "tree" for d in image.layers]
@@ -78,9 +86,10 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
 
     if isinstance(image_or_layers, ImageRecord):
         label, layers = image_or_layers.name, image_or_layers.layers
+        sources = image_sources(store, image_or_layers)
     else:
-        label, layers = "image", list(image_or_layers)
-    root = LazyRoot(store, layers)
+        label, layers, sources = "image", list(image_or_layers), []
+    root = LazyRoot(store, layers, sources)
     plan = root.prefetch_plan(everything=True)
     total = sum(1 for f, indices, _ in plan for i in indices if not f.filled[i])
     t0 = time.monotonic()
@@ -135,7 +144,7 @@ def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field:
 
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        LazyRoot(store, image.layers).fill_path(root_fd, path)
+        LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
         try:
             fd = openat2(root_fd, path.encode(), os.O_RDONLY, RESOLVE_IN_ROOT)
         except OSError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LazyshimError
@@ -18,7 +19,8 @@ from .store.metadata import load_layer
 
 
 class LazyRoot:
-    def __init__(self, store: Store, layer_digests: list[str]) -> None:
+    def __init__(self, store: Store, layer_digests: list[str], sources: Sequence[str] = ()) -> None:
+        """`sources`: references of the image(s) the container runs, where fills go first."""
         self.fillers: list[LayerFiller] = []
         # inode -> (filler, entry index, size)
         self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
@@ -31,7 +33,8 @@ class LazyRoot:
             if meta.complete:  # unpacked in full (legacy layer)
                 mark_complete(d)
                 continue
-            filler = LayerFiller(d, meta, _source_factory(meta.registry, meta.repository, digest))
+            filler = LayerFiller(d, meta, _source_factory(store, sources, layer_digests, digest,
+                                                           meta.registry, meta.repository))
             self.fillers.append(filler)
             entries = meta.toc.entries
             for i, ino in enumerate(meta.inodes):
@@ -108,11 +111,14 @@ class LazyRoot:
         }
 
 
-def _source_factory(registry: str, repository: str, digest: str):
+def _source_factory(store: Store, sources: Sequence[str], layers: list[str], digest: str,
+                    first_registry: str, first_repository: str):
+    """The layer's blob source, made on its first fill: the image's own registries (and
+    mirrors), then the other images holding the layer, then where it was first pulled."""
     def make() -> BlobSource:
-        from .sources import RegistryBlobSource
+        from .sources import fill_sources
 
-        return RegistryBlobSource(registry, repository, digest)
+        return fill_sources(store, sources, layers).source(digest, first_registry, first_repository)
 
     return make
 

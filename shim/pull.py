@@ -35,13 +35,15 @@ PullProgress = Callable[[int, int, Descriptor, "LayerMeta | None"], None]
 
 def pull(ref_str: str, store: Store, client: RegistryClient | None = None,
          progress: PullProgress | None = None) -> ImageRecord:
+    """Pull through the image's mirrors and then its origin (see shim.sources), unless the
+    caller brings its own client."""
     ref = parse_reference(ref_str)
     store.ensure()
     own = client is None
     if client is None:
-        from .sources import new_client
+        from .sources import pull_client
 
-        client = new_client(ref.registry)
+        client = pull_client(ref.registry, ref.repository, digested=ref.digest is not None)
     try:
         with store.lock("gc", shared=True):  # no collection may delete our layers before the record
             return _pull(ref, ref_str, store, client, progress)

@@ -1,6 +1,6 @@
 """Entry point of the per-container supervisor process (started by the runtime).
 
-    python -m shim.supervisor --store ROOT --layers D1,D2 --listen-fd N --state-dir DIR
+    python -m shim.supervisor --store ROOT --layers D1,D2 --listen-fd N --state-dir DIR [--sources REF,...]
 
 The runtime binds and listens on the `listenerPath` socket itself and hands us the fd, so
 the socket is ready before `runc create` connects to it, without any waiting.
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lazyshim-supervisor")
     p.add_argument("--store", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer digests, bottom first")
+    p.add_argument("--sources", default="",
+                   help="comma-separated references of the image the container runs: where fills go first")
     p.add_argument("--listen-fd", type=int, required=True)
     p.add_argument("--state-dir", required=True)
     p.add_argument("--ready-fd", type=int, default=-1, help="closed once loaded and prefilled")
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(a.state_dir)
     log = open(state / "supervisor.log", "a", buffering=1)
     try:
-        root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d])
+        root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d],
+                        [r for r in a.sources.split(",") if r])
         vpath = state / "verdicts.json"
         verdicts = Verdicts.from_json(vpath.read_text()) if vpath.exists() else Verdicts.allow_all()
     except (LazyshimError, OSError, ValueError) as e:
