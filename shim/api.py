@@ -242,6 +242,24 @@ def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
     return layers_complete(store, layer_digests)
 
 
+def fill_files_in_layers(store: Store, layer_digests: list[str], paths: list[str]) -> int:
+    """Fill the files at `paths` in each of these layers that holds one (each layer's tree on
+    its own, symlinks kept inside it); returns how many were filled now.  For readers no
+    supervisor watches that need a few known files of a lazy rootfs: containerd reads the
+    /etc/passwd and /etc/group of a container snapshot to resolve the container's user."""
+    from .lazyroot import LazyRoot
+
+    root = LazyRoot(store, layer_digests)
+    filled = 0
+    for digest in layer_digests:
+        fd = os.open(layer_lowerdir(store, digest), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            filled += sum(root.fill_path(fd, path) for path in paths)
+        finally:
+            os.close(fd)
+    return filled
+
+
 def release_unused_layers(store: Store, keep: set[str]) -> list[str]:
     """Delete every layer of the store that is not in `keep` (digests), not listed by an image
     record and not a lower dir of a mounted overlay; returns the digests deleted.  For owners

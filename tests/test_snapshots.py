@@ -25,6 +25,7 @@ class FakeLayers:
         self.root, self.lazy = root, lazy
         self.ensured: list[str] = []
         self.filled: list[list[str]] = []
+        self.files_filled: list[tuple[list[str], tuple[str, ...]]] = []
         self.released: list[str] = []
         self.layers: set[str] = set()
 
@@ -41,6 +42,10 @@ class FakeLayers:
 
     def fill(self, digests: list[str]) -> None:
         self.filled.append(list(digests))
+
+    def fill_files(self, digests: list[str], paths: tuple[str, ...]) -> None:
+        if digests:
+            self.files_filled.append((list(digests), paths))
 
     def release_unused(self, keep: set[str]) -> list[str]:
         gone = sorted(self.layers - keep)
@@ -237,6 +242,8 @@ def test_a_labelled_prepare_commits_the_target_and_says_already_exists(client: C
     assert mounts[0].type == "overlay" and f"lowerdir={layers.lowerdir(LAYER)}" in mounts[0].options
     assert client.call("Mounts", key="ctr").mounts == mounts
     assert layers.filled == []  # an active snapshot's reader is the container, under its supervisor
+    # ... but containerd itself reads the user files of a new container snapshot
+    assert layers.files_filled == [([LAYER], ("/etc/passwd", "/etc/group"))]
     assert client.call("Mounts", key="chain1").mounts[0].type == "bind"
     assert layers.filled == [[LAYER]]
     layers.filled.clear()

@@ -83,6 +83,13 @@ class StoreLayers:
         if digests and not api.layers_complete_in(self.store, digests):
             api.fill_image(self.store, digests)
 
+    def fill_files(self, digests: list[str], paths: tuple[str, ...]) -> None:
+        """Fill these few files of these layers now, where they hold them."""
+        from .. import api
+
+        if digests:
+            api.fill_files_in_layers(self.store, digests, list(paths))
+
     def release_unused(self, keep: set[str]) -> list[str]:
         """Free the store's layers that no snapshot (`keep`), image or mount uses."""
         from .. import api

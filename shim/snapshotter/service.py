@@ -31,6 +31,7 @@ _CODES = {
 }
 _KINDS = {VIEW: proto.VIEW, ACTIVE: proto.ACTIVE, COMMITTED: proto.COMMITTED}
 LIST_BATCH = 100
+USER_FILES = ("/etc/passwd", "/etc/group")
 
 
 class Layers(Protocol):
@@ -39,6 +40,7 @@ class Layers(Protocol):
     def ensure(self, src: LayerSource) -> str | None: ...
     def lowerdir(self, digest: str) -> Path: ...
     def fill(self, digests: list[str]) -> None: ...
+    def fill_files(self, digests: list[str], paths: tuple[str, ...]) -> None: ...
     def release_unused(self, keep: set[str]) -> list[str]: ...
 
 
@@ -101,7 +103,19 @@ class SnapshotService:
             if digest is not None:
                 raise SnapshotError("already_exists", f"target snapshot {src.target!r} already exists")
         mounts = self.snaps.create(ACTIVE, req.key, req.parent, labels)
+        if req.parent:
+            self._fill_user_files(req.key)
         return proto.MESSAGES["PrepareSnapshotResponse"](mounts=_mounts(mounts))
+
+    def _fill_user_files(self, key: str) -> None:
+        """containerd resolves a container's user (CRI `run_as_username`, an image `User` name,
+        supplementary groups) by reading these files from a temporary mount of the new snapshot,
+        which no supervisor watches: they must be complete before it looks.  Two small files,
+        filled once per layer; if the registry fails, containerd reports the lookup itself."""
+        try:
+            self.layers.fill_files(self.snaps.lazy_layers_below(key), USER_FILES)
+        except EXPECTED as e:
+            print(f"lazyshim: snapshotter: {key[:60]}: {e}", file=sys.stderr)
 
     def View(self, req):  # noqa: N802
         mounts = self.snaps.create(VIEW, req.key, req.parent, dict(req.labels))

@@ -79,7 +79,9 @@ def _serve(a: argparse.Namespace, handover) -> int:
             os.close(a.ready_fd)
         if handover is not None:
             handover.ready()
-    sup.serve_control(state / "control.sock")
+    from .control import NAME
+
+    sup.serve_control(state / NAME)
     if a.background != "none":
         sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=os.dup(a.listen_fd))  # the keeper keeps the original for a successor

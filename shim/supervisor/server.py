@@ -115,11 +115,10 @@ class Supervisor:
     # ---- control -------------------------------------------------------------------
     def serve_control(self, path: Path) -> None:
         """Answer `lazyshim stats` on a socket of our own: connect, read one JSON document."""
+        from . import control
+
         try:
-            path.unlink(missing_ok=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(str(path))
-            sock.listen(4)
+            sock = control.bind(path)
         except OSError as e:
             self._log(f"no control socket: {e}")
             return

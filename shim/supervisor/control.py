@@ -1,0 +1,48 @@
+"""The supervisor's control socket (`STATE/control.sock`, answered with one JSON document).
+
+sun_path holds 107 bytes, and a state dir keyed by a containerd --root and a 64-hex CRI
+container id is longer than that (`/run/lazyshim/oci/%2Frun%2Fcontainerd%2Frunc%2Fk8s.io/<id>`).
+Both ends therefore reach the socket through an O_PATH fd of its dir (`/proc/self/fd/N/NAME`),
+which keeps it in the state dir whatever the dir's length.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+NAME = "control.sock"
+
+
+def _via_dir_fd(path: Path, op) -> None:
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        op(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
+def bind(path: Path, backlog: int = 4) -> socket.socket:
+    """A listening socket at `path` (an old one there is replaced)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _via_dir_fd(path, sock.bind)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect(path: Path, timeout: float) -> socket.socket:
+    """A connection to the socket at `path`; FileNotFoundError if no one ever bound it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        _via_dir_fd(path, sock.connect)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
