@@ -61,10 +61,11 @@ def lazyshim(store: Path, *args: str, check: bool = True, timeout: float = 120,
 PROGRESS_LINE = re.compile(r"layer \d+/\d+ ")  # pull's and fetch's per-layer progress on stderr
 
 
-def assert_one_line_failure(p: subprocess.CompletedProcess, *words: str) -> str:
-    """One line of error, after any progress lines of the layers done before it."""
+def assert_one_line_failure(p: subprocess.CompletedProcess, *words: str, code: int = 1) -> str:
+    """One line of error, after any progress lines of the layers done before it; `code` is
+    the exit status (125 for `lazyshim run`'s own errors, as podman's)."""
     err = "\n".join(line for line in p.stderr.strip().splitlines() if not PROGRESS_LINE.match(line))
-    assert p.returncode == 1, f"exit {p.returncode}: {err}"
+    assert p.returncode == code, f"exit {p.returncode}: {err}"
     assert "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err
     assert any(w in err.lower() for w in words), err
