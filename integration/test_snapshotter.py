@@ -118,6 +118,17 @@ class Node:
     def state(self) -> dict:
         return json.loads((self.snap_root / "state.json").read_text())
 
+    def mounts(self) -> list[str]:
+        """Mount points under this node's dir but the store's metadata tmpfs (layout v2), which
+        stays for as long as the store does; the layers' views on it go with their layers."""
+        from shim.store.layout import Store
+        from shim.store.layouts import view_root
+
+        own = os.path.realpath(view_root(Store(self.store)))
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+        return [p for p in points if p.startswith(f"{self.dir}/") and p != own]
+
     def stop(self) -> None:
         stop_group(self.containerd, 20)
         stop_group(self.snapshotter, 20)
@@ -316,3 +327,4 @@ def test_image_removal_frees_snapshots_and_layers(node: Node, pulled: dict) -> N
     assert node.state()["snapshots"] == {}
     assert list((node.snap_root / "snapshots").iterdir()) == []
     assert list((node.store / "layers").iterdir()) == []
+    assert node.mounts() == [], "a removed snapshot or layer is still mounted"
