@@ -204,11 +204,22 @@ def test_ctr_run_through_lazyshim_prints_verified_bytes(node: Node, pulled: dict
     assert _filled(node.store) > before, "the supervisor filled nothing: the rootfs was not seen as lazy"
 
 
+def _dead_staging(store: Path) -> Path:
+    """A layer staging dir, as a builder killed mid-Prepare leaves it: its pid has exited."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    staging = store / "tmp" / f"sha256-{'0' * 64}.{proc.pid}"
+    (staging / "tree").mkdir(parents=True)
+    return staging
+
+
 def test_restart_keeps_snapshots(node: Node, pulled: dict) -> None:
     keys = node.snapshot_keys()
     assert len(keys) >= len(pulled["layers"])
     node.stop_snapshotter()
+    staging = _dead_staging(node.store)
     node.start_snapshotter()
+    assert not staging.exists(), "a staging dir of a dead builder survived the snapshotter's start"
     assert node.snapshot_keys() == keys
     p = node.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, "--runc-binary", str(LAZYSHIM_BIN),
                  pulled["ref"], "lazy-run-2", "/usr/bin/python3", "-c", "print('again')")
