@@ -27,6 +27,7 @@ from integration import cri
 from integration.images import Entry, ImageSpec, build_and_push, fetch_manifest, register_spec
 from integration.procs import stop_group
 from integration.registry import Registry
+from integration.storeview import release_store_mounts_below
 
 LAZYSHIM_BIN = Path(sys.executable).parent / "lazyshim"
 SNAPSHOTTER = "lazyshim"
@@ -135,11 +136,29 @@ class Node:
                                                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
         _wait_for_socket(self.sock, self.containerd, log, "containerd")
 
-    def mounts(self) -> list[str]:
+    def _mount_points(self) -> list[str]:
         """Mount points under this node's dirs, from the kernel's own table."""
         with open("/proc/self/mountinfo") as f:
             points = [line.split()[4] for line in f]
         return [p for p in points if p.startswith((f"{self.dir}/", f"{self.run}/"))]
+
+    def _store_own(self) -> str:
+        """Where the store mounts for itself (v2: its metadata tmpfs, with a read-only view per
+        layer that lasts as long as the layer does); no pod or container mounts there."""
+        from shim.store.layout import Store
+        from shim.store.layouts import view_root
+
+        return os.path.realpath(view_root(Store(self.store)))
+
+    def mounts(self) -> list[str]:
+        """Mounts under this node's dirs but for the store's own: pods' and containers' mounts."""
+        own = self._store_own()
+        return [p for p in self._mount_points() if p != own and not p.startswith(f"{own}/")]
+
+    def layer_views(self) -> list[str]:
+        """The store's own mounts of its layers (v2's read-only views; gone with their layers)."""
+        own = self._store_own()
+        return [p for p in self._mount_points() if p.startswith(f"{own}/")]
 
     def lazyshim(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(LAZYSHIM_BIN), *args], env=self.env, capture_output=True, text=True, timeout=60)
@@ -165,6 +184,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry, pause: st
     finally:
         n.stop()
         shutil.rmtree(run, ignore_errors=True)
+        release_store_mounts_below(n.dir)  # the store's metadata tmpfs (layout v2), before the dir goes
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +354,4 @@ def test_remove_image_frees_its_layers(client: cri.CRIClient, node: Node, pulled
         with pytest.raises(LazyshimError):
             api.layer_lowerdir(store, layer["digest"])
     assert node.mounts() == []
+    assert node.layer_views() == [], "a removed layer's view is still mounted"

@@ -260,6 +260,16 @@ def fill_files_in_layers(store: Store, layer_digests: list[str], paths: list[str
     return filled
 
 
+def sweep_store(store: Store) -> list[str]:
+    """Remove what builders killed mid-way left in the store (staging dirs and temporary files
+    whose pid is gone); one line per thing removed.  For a long-lived owner of a store of its
+    own (containerd's snapshotter, `--store`): the sweep before every `lazyshim` command reaches
+    only the LAZYSHIM_ROOT store."""
+    from .store.sweep import sweep_temporaries
+
+    return sweep_temporaries(store)
+
+
 def release_unused_layers(store: Store, keep: set[str]) -> list[str]:
     """Delete every layer of the store that is not in `keep` (digests), not listed by an image
     record and not a lower dir of a mounted overlay; returns the digests deleted.  For owners

@@ -90,6 +90,12 @@ class StoreLayers:
         if digests:
             api.fill_files_in_layers(self.store, digests, list(paths))
 
+    def sweep(self) -> list[str]:
+        """Remove what a killed snapshotter (or pull) left half-built in the store."""
+        from .. import api
+
+        return api.sweep_store(self.store)
+
     def release_unused(self, keep: set[str]) -> list[str]:
         """Free the store's layers that no snapshot (`keep`), image or mount uses."""
         from .. import api

@@ -20,6 +20,8 @@ def serve(address: Path, root: Path, store_root: Path) -> None:
     layers = StoreLayers(store_root)
     snaps = Snapshots(root, layers.lowerdir)
     try:
+        for line in layers.sweep():  # a snapshotter killed mid-Prepare left a staging dir
+            print(f"lazyshim: snapshotter: removed {line}", file=sys.stderr)
         address.parent.mkdir(parents=True, exist_ok=True)
         if address.is_socket():
             address.unlink()  # ours from an earlier run: the root's lock says no one serves it
