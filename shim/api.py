@@ -99,7 +99,7 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
             progress(st["files_filled"], total, st["bytes_fetched"])
 
     for filler, indices, _ in plan:
-        filler.prefetch(indices, report, max_request=8 << 20)
+        filler.prefetch(indices, report, max_request=4 << 20, parallel=4)
         errors += filler.errors
     report()
     if errors or not root.complete():

@@ -101,6 +101,7 @@ class LazyRoot:
         return {
             "files_filled": sum(f.files_filled for f in self.fillers),
             "bytes_fetched": sum(f.bytes_fetched for f in self.fillers),
+            "range_requests": sum(f.requests for f in self.fillers),
         }
 
 

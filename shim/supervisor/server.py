@@ -37,7 +37,12 @@ from seccomp.verdict import KILL, Verdicts
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
+from ..store.filler import SYNCER
 from .execchain import HEADER_READ, MAX_DEPTH, interpreter
+
+#: The start-up set (prioritized files) is fetched in requests of up to this size, this many at once.
+URGENT_REQUEST = 2 << 20
+URGENT_PARALLEL = 4
 
 
 class Stats:
@@ -77,6 +82,7 @@ class Supervisor:
         """Accept runtime connections until the last notify fd hangs up."""
         threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
         self.done.wait()
+        SYNCER.flush()  # what was filled is marked for the next container
         self.write_stats()
 
     def _accept_loop(self, listener: socket.socket) -> None:
@@ -266,17 +272,14 @@ class Supervisor:
             if not urgent and not self._started.is_set():
                 self._started.wait()  # the rest only once the container runs, after its first burst
                 self._last_ondemand = time.monotonic()
-            if urgent:  # the start-up set: as few round trips as possible
-                failed += filler.prefetch(indices, self._wait_for_idle, max_request=8 << 20)
+            if urgent:  # the start-up set: large requests, several at once, beside on-demand fills
+                failed += filler.prefetch(indices, lambda: None, max_request=URGENT_REQUEST,
+                                          parallel=URGENT_PARALLEL)
             else:  # the rest: modest requests, so an on-demand fill never waits long behind one
                 failed += filler.prefetch(indices, self._wait_for_quiet)
         self._log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
         self.complete = self.root.complete()
         self.write_stats()
-
-    def _wait_for_idle(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._ondemand == 0)
 
     #: The rest of the image waits until the workload has not needed a fill for this long:
     #: a start-up burst of opens should have the link to itself.
