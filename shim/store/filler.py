@@ -40,8 +40,8 @@ from .metadata import LayerMeta
 MAX_REQUEST = 32 << 20
 #: Readahead on a miss: the window of neighbouring files (compressed bytes past the missed
 #: file) starts here, doubles on every miss just past the previous window, and is capped.
-READAHEAD_START = 256 << 10
-READAHEAD_MAX = 4 << 20
+READAHEAD_START = 512 << 10
+READAHEAD_MAX = 8 << 20
 #: Files closer than this in the blob share a request (the bytes between are fetched too).
 MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
