@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log)
     if a.record:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+        for filler in root.fillers:  # every file the workload opens must be a miss, to be recorded
+            filler.readahead = False
     if a.rootfs:
         try:
             sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
