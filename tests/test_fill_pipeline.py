@@ -116,3 +116,21 @@ def test_a_commit_is_readable_at_once_and_marked_after_the_flush(tmp_path: Path)
     finally:
         gate.set()
         filler_mod.sync_dir = real_sync
+
+
+def test_needed_libraries_of_an_elf_and_hostile_headers() -> None:
+    from shim.supervisor.execchain import needed_libraries
+
+    with open("/usr/bin/python3.11", "rb") as f:
+        data = f.read()
+
+    def pread(blob: bytes):
+        return lambda n, off: blob[off:off + n]
+
+    assert b"libc.so.6" in needed_libraries(pread(data))
+    assert needed_libraries(pread(b"#!/bin/sh\n")) == []
+    broken = bytearray(data[:4096])  # program headers, but the dynamic section cut off
+    assert needed_libraries(pread(bytes(broken))) == []
+    huge = bytearray(data[:64])
+    huge[54:58] = (56).to_bytes(2, "little") + (0xFFFF).to_bytes(2, "little")  # 65535 headers
+    assert needed_libraries(pread(bytes(huge))) == []

@@ -288,7 +288,8 @@ class LayerFiller:
             limit = end + self._window
             claimed: list[int] = []
             last = end
-            for s, e, j in order[p + 1:]:
+            for q in range(p + 1, len(order)):
+                s, e, j = order[q]
                 if e > limit or s > last + MERGE_GAP:
                     break
                 if self.ready[j] or self.filled[j] or j in self._inflight:

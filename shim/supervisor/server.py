@@ -8,6 +8,7 @@ to a worker pool, so a slow fill never stalls opens of files that are already th
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import select
@@ -38,7 +39,7 @@ from seccomp.verdict import KILL, Verdicts
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
 from ..store.filler import SYNCER
-from .execchain import HEADER_READ, MAX_DEPTH, interpreter
+from .execchain import BINPRM_BUF_SIZE, HEADER_READ, LIBRARY_DIRS, MAX_DEPTH, interpreter, needed_libraries
 
 #: The start-up set (prioritized files) is fetched in requests of up to this size, this many at once.
 URGENT_REQUEST = 2 << 20
@@ -209,11 +210,54 @@ class Supervisor:
                 except OSError:
                     continue
                 self.fill_exec_chain(root_fd, p.encode())
+                libraries = self._prefill_libraries(root_fd, p.encode())
                 break
+            else:
+                libraries = []
             for f in pending:
                 f.result()  # re-raises a failed fill
+            for f in libraries:
+                try:
+                    f.result()
+                except LazyshimError as e:  # the loader's own open will retry it, and report
+                    self._log(f"prefill of a library failed: {e}")
         finally:
             os.close(root_fd)
+
+    def _prefill_libraries(self, root_fd: int, path: bytes) -> list:
+        """Start filling the shared libraries the entrypoint's ELF (after any #! hops) names in
+        DT_NEEDED, found in the image's standard library dirs, all at once: otherwise the
+        loader opens them one miss after another right after the first execve."""
+        names: list[bytes] = []
+        for _ in range(MAX_DEPTH):
+            try:
+                fd = openat2(root_fd, path, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return []
+            try:
+                head = os.pread(fd, BINPRM_BUF_SIZE, 0)
+                if not head.startswith(b"#!"):
+                    names = needed_libraries(functools.partial(_pread_at, fd))
+                    break
+            finally:
+                os.close(fd)
+            found = interpreter(head)
+            if found is None or not found[0].startswith(b"/"):
+                return []
+            path = found[0]
+        pending = []
+        for name in names:
+            for d in LIBRARY_DIRS:
+                lib = d + b"/" + name
+                try:
+                    os.close(openat2(root_fd, lib, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+                except OSError:
+                    continue
+                hit = self.root.lookup_path(root_fd, lib)
+                if hit is not None:
+                    pending.append(self.pool.submit(self._fill, *hit))
+                break
+        return pending
 
     def _answer(self, notifier: Notifier, n: Notification) -> None:
         err = self.verdicts.errno_for(n.nr, n.args)
@@ -375,3 +419,7 @@ class Supervisor:
             print(f"{time.strftime('%H:%M:%S')} {msg}", file=self.log, flush=True)
         else:
             print(msg, file=sys.stderr, flush=True)
+
+
+def _pread_at(fd: int, n: int, offset: int) -> bytes:
+    return os.pread(fd, n, offset)
