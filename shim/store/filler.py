@@ -220,7 +220,7 @@ class LayerFiller:
 
     def is_filled(self, idx: int) -> bool:
         """Entry idx's data is in place (the byte map is shared by every process of the store)."""
-        return bool(self.ready[idx] or self.filled[idx])
+        return bool(self.filled[idx] or self.ready[idx])
 
     def mark_complete(self) -> None:
         """Every file is filled: once each is durably marked, the layer is (the runtime then

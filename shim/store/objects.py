@@ -145,7 +145,7 @@ class ObjectFiller(LayerFiller):
         return None if name is None else self.data_dir / name
 
     def is_filled(self, idx: int) -> bool:
-        if self.ready[idx] or self.filled[idx]:
+        if self.filled[idx] or self.ready[idx]:
             return True
         path = self.object_path(idx)
         if path is None:
