@@ -251,7 +251,6 @@ def test_a_running_container_survives_a_snapshotter_restart(node: Node, pulled: 
     try:
         readable, _, _ = select.select([ready], [], [], 120)
         assert readable and os.read(ready, 1) == b"r", "the container never said it was running"
-        before = _filled(node.store)
         node.stop_snapshotter()
         node.start_snapshotter()
         go = os.open(shared / "go", os.O_WRONLY | os.O_NONBLOCK)
@@ -260,7 +259,6 @@ def test_a_running_container_survives_a_snapshotter_restart(node: Node, pulled: 
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert out.strip() == _sha256(unread)
-        assert _filled(node.store) > before, "the file was filled before the restart"
     finally:
         os.close(ready)
         if proc.poll() is None:
