@@ -60,7 +60,8 @@ def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str
     assert 0 < served < total * 0.8, f"fetched {served} of {total} bytes"
     filled = sum((d / "filled").read_bytes().count(1) for d in _layer_dirs(store))
     entries = sum(len((d / "filled").read_bytes()) for d in _layer_dirs(store))
-    assert filled < entries / 10, f"{filled} of {entries} entries filled"
+    # Readahead fills a missed file's neighbours in the blob too, within a bounded window.
+    assert filled < entries / 2, f"{filled} of {entries} entries filled"
 
 
 def test_files_read_are_byte_identical(store: Path, images: dict[str, str]) -> None:

@@ -86,7 +86,7 @@ def test_hostile_container_cannot_reach_host_files(store: Path, images: dict[str
 def test_many_threads_open_unfilled_files_each_fetched_once(store: Path, images: dict[str, str],
                                                             registry: Registry) -> None:
     """64 threads open every stdlib file (each twice, concurrently): no deadlock, every byte
-    right, and every file fetched with exactly one range request."""
+    right, no byte fetched twice, and readahead makes fewer requests than files."""
     ref = images["python:esgz"]
     lazyshim(store, "pull", ref)
     registry.clear_access_log()
@@ -115,7 +115,9 @@ def test_many_threads_open_unfilled_files_each_fetched_once(store: Path, images:
     filled = [entries[i].digest for i in range(len(entries)) if marks[i]]
     if layout_name(store) == "v2":  # identical files share one data object, fetched once
         filled = list(set(filled))
-    assert len(requests) == len(filled), f"{len(requests)} range requests for {len(filled)} filled files"
+    assert 0 < len(requests) < len(filled), f"{len(requests)} range requests for {len(filled)} filled files"
+    blob_size = registry.blob_path(name, app).stat().st_size
+    assert sum(e.size for e in requests) <= blob_size, "some bytes were fetched twice"
 
 
 @pytest.fixture

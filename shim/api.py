@@ -124,7 +124,7 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
             progress(st["files_filled"], total, st["bytes_fetched"])
 
     for filler, indices, _ in plan:
-        filler.prefetch(indices, report, max_request=8 << 20)
+        filler.prefetch(indices, report, max_request=4 << 20, parallel=4)
         errors += filler.errors
     report()
     if errors or not root.complete():
@@ -257,6 +257,7 @@ def fill_files_in_layers(store: Store, layer_digests: list[str], paths: list[str
             filled += sum(root.fill_path(fd, path) for path in paths)
         finally:
             os.close(fd)
+    root.flush()  # marked for the store's other processes (a supervisor, the next call) now
     return filled
 
 

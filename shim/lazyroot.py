@@ -12,7 +12,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .store.filler import BlobSource, LayerFiller, is_complete, mark_complete
+from .store.filler import SYNCER, BlobSource, LayerFiller, is_complete, mark_complete
 from .store.layout import Store
 from .store.layouts import layer_of_lowerdir, layout_of, load_meta
 
@@ -100,10 +100,17 @@ class LazyRoot:
             f.mark_complete()
         return True
 
+    @staticmethod
+    def flush() -> None:
+        """Return once every file filled so far (by this process) is durable and marked in its
+        layer's byte map, where other processes of the store see it."""
+        SYNCER.flush()
+
     def stats(self) -> dict[str, int]:
         return {
             "files_filled": sum(f.files_filled for f in self.fillers),
             "bytes_fetched": sum(f.bytes_fetched for f in self.fillers),
+            "range_requests": sum(f.requests for f in self.fillers),
         }
 
 

@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import httpx
 
+from ..ranges import merge
 from .auth import Authenticator, AuthError, Credentials, find_credentials
 from .errors import (
     BlobTooLarge,
@@ -124,21 +125,9 @@ def _describe(exc: httpx.HTTPError) -> str:
 def coalesce_ranges(
     ranges: list[tuple[int, int]], gap: int, max_span: int | None = None
 ) -> list[tuple[int, int]]:
-    """Merge sorted/unsorted half-open ranges whose distance is <= `gap` into spans.
-
-    Overlapping ranges always merge.  `max_span` caps a merged span (a single range
-    longer than it stays whole), so coalescing never turns many small reads into one
-    huge download.
-    """
-    spans: list[tuple[int, int]] = []
-    for start, end in sorted(r for r in ranges if r[1] > r[0]):
-        if spans:
-            s0, e0 = spans[-1]
-            if start <= e0 + gap and (max_span is None or max(end, e0) - s0 <= max_span or start < e0):
-                spans[-1] = (s0, max(e0, end))
-                continue
-        spans.append((start, end))
-    return spans
+    """Merge sorted/unsorted half-open ranges whose distance is <= `gap` into spans
+    (`shim.ranges.merge`, the one merger fills and prefetch use too)."""
+    return [(s.start, s.end) for s in merge(((a, b, None) for a, b in ranges), gap, max_span)]
 
 
 class _Retry:

@@ -2,15 +2,23 @@
 
 A fill fetches the compressed ranges of one file, decodes each chunk, checks it against
 its digest and only then writes it in place (same inode: overlayfs and every fd already
-open see it) into the placeholder.  The file is marked filled in the layer's byte map only
-after its data is on disk, so a crash can cost a refetch but never serve a hole.
+open see it) into the placeholder.
 
-Two opens of the same file wait on one fetch (in-process events); two processes filling
-the same layer serialise on an flock of the placeholder itself.
+Durability stays off the answer's path: a committed file is filled in this process's memory
+at once (the opener is answered), and the layer's byte map on disk is marked only after a
+batched `syncfs` in the background (`Syncer`), so a crash can cost a refetch but never
+serve a hole.
+
+A miss reads ahead: the next files in blob order, inside an adaptive window, are claimed
+before one request for their bytes is sent beside the missed file's own, and each is
+committed only once its own digests match.  Two opens of the same file wait on one fetch
+(in-process events); two processes filling the same layer serialise on an flock of the
+placeholder itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import fcntl
 import hashlib
@@ -18,16 +26,26 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import LazyshimError
 from ..formats.chunks import decode_chunk
-from ..formats.toc import Chunk, Entry, FormatError
+from ..formats.toc import Entry, FormatError
+from ..ranges import Span, merge
 from .metadata import LayerMeta
 
 #: One range request fetches at most this much, so a huge file streams in pieces.
 MAX_REQUEST = 32 << 20
+#: Readahead on a miss: the window of neighbouring files (compressed bytes past the missed
+#: file) starts here, doubles on every miss just past the previous window, and is capped.
+READAHEAD_START = 512 << 10
+READAHEAD_MAX = 8 << 20
+#: Files closer than this in the blob share a request (the bytes between are fetched too).
+MERGE_GAP = 64 << 10
+#: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
+PARALLEL_REQUESTS = 8
 _ZERO_BLOCK = bytes(1 << 20)
 
 
@@ -80,12 +98,91 @@ def is_complete(layer_dir: Path) -> bool:
     return (layer_dir / COMPLETE_MARK).exists()
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_GUARD = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's pool for requests beside on-demand fills (readahead, parallel prefetch)."""
+    global _POOL
+    with _POOL_GUARD:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS, thread_name_prefix="readahead")
+        return _POOL
+
+
+class Syncer:
+    """Makes committed fills durable off the answer's path: one background thread batches
+    them, flushes each file system once (`syncfs`) and only then marks them in the layers'
+    byte maps.  A crash before the mark costs a refetch; a mark never precedes its data."""
+
+    #: How long the thread lets commits gather before one flush (a batch, not a timer anyone waits on).
+    BATCH = 0.05
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[LayerFiller, list[int]] = {}
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, filler: LayerFiller, indices: list[int]) -> None:
+        with self._cond:
+            self._pending.setdefault(filler, []).extend(indices)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="syncer")
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once everything committed so far is durable and marked (or failed to be)."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                batch, self._pending = self._pending, {}
+            else:
+                self._cond.wait_for(lambda: not self._pending and not self._busy)
+                return
+        self._sync(batch)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                self._cond.wait(self.BATCH)
+                batch, self._pending = self._pending, {}
+                self._busy = True
+            try:
+                self._sync(batch)
+            except Exception:  # noqa: BLE001, S110 - unmarked files are refetched; the thread must live
+                pass
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _sync(batch: dict[LayerFiller, list[int]]) -> None:
+        synced: set[Path] = set()
+        for filler, indices in batch.items():
+            try:
+                if filler.tree not in synced:
+                    sync_dir(filler.tree)
+                    synced.add(filler.tree)
+                filler._mark_filled(indices)
+            except (OSError, LazyshimError):
+                pass  # left unmarked: a later fill refetches, nothing is served from it
+
+
+SYNCER = Syncer()
+atexit.register(SYNCER.flush)
+
+
 class LayerFiller:
     """Fills the files of one layer's placeholder tree on demand."""
 
-    def __init__(self, layer_dir: Path, meta: LayerMeta, source_factory: Callable[[], BlobSource]) -> None:
+    def __init__(self, layer_dir: Path, meta: LayerMeta, source_factory: Callable[[], BlobSource],
+                 tree: Path | None = None) -> None:
         self.dir = layer_dir
-        self.tree = layer_dir / "tree"
+        self.tree = tree or layer_dir / "tree"  # where the data is written: what a flush syncs
         self.meta = meta
         self._source_factory = source_factory
         self._source: BlobSource | None = None
@@ -94,10 +191,18 @@ class LayerFiller:
             self.filled = mmap.mmap(fd, 0)
         finally:
             os.close(fd)
+        # Filled in this process, durable or not yet: what opens are answered from.
+        self.ready = bytearray(len(self.filled))
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
+        self._order: list[tuple[int, int, int]] | None = None  # (start, end, idx) in blob order
+        self._position: dict[int, int] = {}
+        self._window = READAHEAD_START
+        self._window_end = -1  # where the last readahead ended in the blob
+        self.readahead = True
         self.bytes_fetched = 0
         self.files_filled = 0
+        self.requests = 0
         self.errors: list[str] = []  # the last prefetch's failures
         if not is_complete(layer_dir):
             self._check_marks()
@@ -106,18 +211,24 @@ class LayerFiller:
             self.mark_complete()
 
     def _check_marks(self) -> None:
-        """Drop marks whose data a crash may have lost (v1's data is durable before its mark)."""
+        """Drop marks whose data a crash may have lost (v1 marks only after a flush: none)."""
 
     def count_unfilled(self) -> int:
-        """Regular files with data not yet on disk (fills by other processes included)."""
+        """Regular files with data not yet durable (fills by other processes included)."""
         return sum(1 for i, e in enumerate(self.meta.toc.entries)
                    if e.size and e.type == "reg" and not self.is_filled(i))
 
     def is_filled(self, idx: int) -> bool:
         """Entry idx's data is in place (the byte map is shared by every process of the store)."""
-        return bool(self.filled[idx])
+        return bool(self.filled[idx] or self.ready[idx])
 
     def mark_complete(self) -> None:
+        """Every file is filled: once each is durably marked, the layer is (the runtime then
+        skips the supervisor).  Not yet if a file is filled only in memory."""
+        SYNCER.flush()
+        if any(e.size and e.type == "reg" and not self.filled[i] for i, e in enumerate(self.meta.toc.entries)):
+            return
+        sync_dir(self.tree)
         mark_complete(self.dir)
 
     @property
@@ -126,115 +237,170 @@ class LayerFiller:
             self._source = self._source_factory()
         return self._source
 
+    # ---- on demand -----------------------------------------------------------------------
     def fill(self, idx: int) -> None:
-        """Make entry `idx` complete on disk; returns when it is (or raises FillError)."""
-        self._fill(idx, None, wait=True)
-
-    def _fill(self, idx: int, fetched: tuple[int, bytes] | None, wait: bool) -> None:
-        if self.is_filled(idx):
-            return
-        with self._lock:
-            ev = self._inflight.get(idx)
-            owner = ev is None
-            if owner:
-                ev = self._inflight[idx] = threading.Event()
-        if not owner:
-            if not wait:
-                return  # someone else is on it
-            ev.wait()
-            if not self.is_filled(idx):
-                raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
-            return
-        try:
-            self._fill_locked(idx, fetched)
-        finally:
+        """Make entry `idx` readable; returns when it is (or raises FillError).  Its
+        neighbours in the blob are fetched beside it and committed as they arrive."""
+        for _attempt in (0, 1):
+            if self.is_filled(idx):
+                return
             with self._lock:
-                del self._inflight[idx]
+                ev = self._inflight.get(idx)
+                owner = ev is None
+                if owner:
+                    ev = self._inflight[idx] = threading.Event()
+            if owner:
+                break
+            ev.wait()  # a readahead or another open has it; if that failed, try once ourselves
+        else:
+            if self.is_filled(idx):
+                return
+            raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
+        try:
+            ahead = self._claim_window(idx) if self.readahead else []
+            if ahead:
+                _pool().submit(self._fill_claimed, ahead)
+            self._fill_locked(idx, None)
+        finally:
+            self._release([idx])
+
+    def _blob_order(self) -> list[tuple[int, int, int]]:
+        if self._order is None:
+            order = sorted(_span(e) + (i,) for i, e in enumerate(self.meta.toc.entries)
+                           if e.type == "reg" and e.size and e.chunks)
+            self._position = {t[2]: p for p, t in enumerate(order)}
+            self._order = order
+        return self._order
+
+    def _claim_window(self, idx: int) -> list[int]:
+        """Claim the unfilled files after `idx` in blob order inside the readahead window, and
+        adapt the window: a miss just past the last window doubles it, any other resets it."""
+        order = self._blob_order()
+        p = self._position.get(idx)
+        if p is None:
+            return []
+        start, end, _ = order[p]
+        with self._lock:
+            if self._window_end >= 0 and self._window_end - MERGE_GAP <= start <= self._window_end + self._window:
+                self._window = min(self._window * 2, READAHEAD_MAX)
+            else:
+                self._window = READAHEAD_START
+            limit = end + self._window
+            claimed: list[int] = []
+            last = end
+            for q in range(p + 1, len(order)):
+                s, e, j = order[q]
+                if e > limit or s > last + MERGE_GAP:
+                    break
+                if self.ready[j] or self.filled[j] or j in self._inflight:
+                    continue
+                self._inflight[j] = threading.Event()
+                claimed.append(j)
+                last = e
+            self._window_end = last
+        return claimed
+
+    def _release(self, indices: list[int]) -> None:
+        with self._lock:
+            events = [self._inflight.pop(i) for i in indices if i in self._inflight]
+        for ev in events:
             ev.set()
 
-    def prefetch(self, indices: list[int], pause: Callable[[], None], gap: int = 64 << 10,
-                 max_request: int = 1 << 20) -> int:
-        """Fill many files with few range requests (runs of adjacent payloads).
+    def _fill_claimed(self, claimed: list[int]) -> None:
+        """Fetch the claimed files with one request, commit each that verifies; release all."""
+        try:
+            entries = self.meta.toc.entries
+            live = [i for i in claimed if not self.is_filled(i)]
+            if not live:
+                return
+            spans = [_span(entries[i]) for i in live]
+            start, end = min(s for s, _ in spans), max(e for _, e in spans)
+            fetched = None
+            if end - start <= MAX_REQUEST:
+                try:
+                    fetched = (start, self._read(entries[live[0]], start, end))
+                except FillError as err:
+                    self.errors.append(str(err))
+                    return
+                self.bytes_fetched += end - start
+            for i in live:
+                try:
+                    self._fill_locked(i, fetched)
+                except FillError as err:
+                    self.errors.append(str(err))
+                finally:
+                    self._release([i])  # its opener goes on now, not after the whole run
+        except Exception as err:  # noqa: BLE001 - a pool thread: the claims must still go
+            self.errors.append(f"readahead: {err!r}")
+        finally:
+            self._release(claimed)
+
+    # ---- without being asked ------------------------------------------------------------
+    def prefetch(self, indices: list[int], pause: Callable[[], None], gap: int = MERGE_GAP,
+                 max_request: int = 1 << 20, parallel: int = 1) -> int:
+        """Fill many files with few range requests (runs of adjacent payloads, `shim.ranges`),
+        up to `parallel` requests at once.  Files are claimed before their request is sent,
+        so an open of one waits for those bytes instead of asking again.
 
         `pause` is called before every request and may block: on-demand fills come first.
         Returns the number of files that failed (they stay unfilled; an open retries them).
         """
-        runs: list[list[tuple[int, int, int]]] = []
-        spans = sorted((_span(self.meta.toc.entries[i]) + (i,) for i in indices
-                        if self.meta.toc.entries[i].chunks and not self.is_filled(i)), key=lambda t: t[0])
-        for start, end, i in spans:
-            if end <= start:
-                continue
-            if runs and start <= runs[-1][-1][1] + gap and end - runs[-1][0][0] <= max_request:
-                runs[-1].append((start, end, i))
-            else:
-                runs.append([(start, end, i)])
+        entries = self.meta.toc.entries
+        spans = merge(((*_span(entries[i]), i) for i in indices
+                       if entries[i].chunks and not self.is_filled(i)), gap, max_request)
         self.errors = []
-        for run in runs:
-            todo = [t for t in run if not self.is_filled(t[2])]
-            if not todo:
-                continue
-            pause()
-            start, end = todo[0][0], max(t[1] for t in todo)
-            try:
-                data = self._read(self.meta.toc.entries[todo[0][2]], start, end)
-            except FillError as err:
-                self.errors.append(str(err))
-                continue
-            self.bytes_fetched += len(data)
-            self._fill_run([t[2] for t in todo], (start, data))
+        if parallel <= 1:
+            for span in spans:
+                self._prefetch_span(span, pause)
+        else:
+            sem = threading.Semaphore(parallel)
+            futures = []
+            for span in spans:
+                sem.acquire()
+                fut = _pool().submit(self._prefetch_span, span, pause)
+                fut.add_done_callback(lambda _f: sem.release())
+                futures.append(fut)
+            for fut in futures:
+                fut.result()
         return len(self.errors)
+
+    def _prefetch_span(self, span: Span, pause: Callable[[], None]) -> None:
+        pause()  # before claiming: an open waiting on a claim must never wait for the pause
+        with self._lock:
+            claimed = [i for i in span.keys if not self.ready[i] and not self.filled[i] and i not in self._inflight]
+            for i in claimed:
+                self._inflight[i] = threading.Event()
+        if claimed:
+            self._fill_claimed(claimed)
 
     def fill_many(self, indices: list[int], max_request: int = MAX_REQUEST) -> None:
         """Fill many files now, in few requests; raises FillError naming the first failure."""
         if self.prefetch(indices, lambda: None, max_request=max_request):
             raise FillError(f"{len(self.errors)} files failed; first: {self.errors[0]}")
+        SYNCER.flush()
 
-    def _fill_run(self, indices: list[int], fetched: tuple[int, bytes]) -> None:
-        """Write a run of files, make them durable with one syncfs, then mark them filled.
-
-        One sync per run instead of one fsync per file; the files stay claimed (in-process
-        waiters keep waiting) until they are marked."""
-        claimed: list[tuple[int, threading.Event]] = []
-        with self._lock:
-            for i in indices:
-                if not self.filled[i] and i not in self._inflight:
-                    ev = self._inflight[i] = threading.Event()
-                    claimed.append((i, ev))
-        written = []
-        try:
-            for i, _ in claimed:
-                try:
-                    if self._fill_locked(i, fetched, durable=False):
-                        written.append(i)
-                except FillError as err:
-                    self.errors.append(str(err))
-            if written:
-                self._commit_run(written)
-        finally:
-            with self._lock:
-                for i, ev in claimed:
-                    del self._inflight[i]
-                    ev.set()
-
-    def _commit_run(self, written: list[int]) -> None:
-        """Make a run of written files durable with one syncfs, then mark them filled."""
-        sync_dir(self.tree)
-        self._mark_filled(written)
+    # ---- committing ---------------------------------------------------------------------
+    def _commit(self, idx: int) -> None:
+        """Entry idx's bytes are verified and in place: readable now, durable later."""
+        self.ready[idx] = 1
+        self.files_filled += 1
+        SYNCER.add(self, [idx])
 
     def _mark_filled(self, indices: list[int]) -> None:
+        """After the flush: the marks every process of the store sees."""
         for i in indices:
             self.filled[i] = 1
-        self.files_filled += len(indices)
         self.unfilled -= len(indices)
         if self.unfilled <= 0:
             self.unfilled = self.count_unfilled()  # shared objects may have filled others
-            if not self.unfilled:
-                self.mark_complete()
+            if not self.unfilled and not any(e.size and e.type == "reg" and not self.filled[i]
+                                             for i, e in enumerate(self.meta.toc.entries)):
+                sync_dir(self.tree)
+                mark_complete(self.dir)
 
-    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
-        """Write entry idx; with `durable`, fsync and mark it filled.  False if another
-        process had already filled it."""
+    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> bool:
+        """Write entry idx in place and commit it.  False if another process had already
+        filled it."""
         e = self.meta.toc.entries[idx]
         path = self.tree / e.name
         try:
@@ -245,17 +411,17 @@ class LayerFiller:
             os.chmod(path, e.mode | 0o200, follow_symlinks=False)
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             restore_mode = e.mode
+        except OSError as err:
+            raise FillError(f"filling {e.name!r}: {err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if self.filled[idx]:
+            if self.filled[idx] or self.ready[idx]:
                 return False  # another process filled it while we waited
             self._write_content(fd, e, fetched)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
                 os.fchmod(fd, e.mode)
-            if durable:
-                os.fsync(fd)  # data on disk before the mark: a crash never serves a hole
-                self._mark_filled([idx])
+            self._commit(idx)
             return True
         except BaseException as err:
             _discard(fd, e)  # verified pieces of a failed file must not linger as data
@@ -266,6 +432,7 @@ class LayerFiller:
             os.close(fd)
 
     def _read(self, e: Entry, start: int, end: int) -> bytes:
+        self.requests += 1
         try:
             return self.source.read_range(start, end)
         except FillError:
@@ -274,36 +441,40 @@ class LayerFiller:
             raise FillError(f"fetching {e.name!r}: {err}") from err
 
     def _write_content(self, fd: int, e: Entry, fetched: tuple[int, bytes] | None) -> None:
-        whole = hashlib.sha256()
-        all_chunk_digests = all(c.digest or c.zeros for c in e.chunks)
+        """Decode, verify and write e's chunks (in file order, so the whole-file hash runs
+        once over the stream); a file of one chunk whose digest is the file's is hashed once."""
+        chunks = e.chunks
+        whole = hashlib.sha256() if e.digest and not (len(chunks) == 1 and chunks[0].digest == e.digest) else None
+        all_chunk_digests = all(c.digest or c.zeros for c in chunks)
         staged: list[tuple[int, bytes]] = []
-        for group in _request_groups(e.chunks):
-            base = group[0].offset
-            data = b""
-            if not group[0].zeros:
-                end = max(c.end for c in group)
-                if fetched is not None and fetched[0] <= base and end <= fetched[0] + len(fetched[1]):
-                    data = fetched[1][base - fetched[0]: end - fetched[0]]  # already downloaded
-                else:
-                    data = self._read(e, base, end)
-                    self.bytes_fetched += len(data)
-            for c in group:
-                if c.zeros:
-                    piece = None
+        spans = merge(((c.offset, c.end, k) for k, c in enumerate(chunks) if not c.zeros), 0, MAX_REQUEST)
+        span_of = {k: s for s in spans for k in s.keys}
+        cur: Span | None = None
+        data = b""
+        for k, c in enumerate(chunks):
+            if c.zeros:
+                if whole is not None:
                     _hash_zeros(whole, c.size)
+                continue
+            span = span_of[k]
+            if span is not cur:
+                cur = span
+                if fetched is not None and fetched[0] <= span.start and span.end <= fetched[0] + len(fetched[1]):
+                    data = fetched[1][span.start - fetched[0]: span.end - fetched[0]]  # already downloaded
                 else:
-                    piece = decode_chunk(self.meta.format, data[c.offset - base: c.end - base],
-                                         c.inner_offset, c.size)
-                    if c.digest and "sha256:" + hashlib.sha256(piece).hexdigest() != c.digest:
-                        raise FillError(f"{e.name!r}: chunk at {c.file_offset} does not match its digest")
-                    whole.update(piece)
-                if piece is None:
-                    continue
-                if all_chunk_digests:
-                    os.pwrite(fd, piece, c.file_offset)
-                else:
-                    staged.append((c.file_offset, piece))
-        if e.digest and "sha256:" + whole.hexdigest() != e.digest:
+                    data = self._read(e, span.start, span.end)
+                    self.bytes_fetched += len(data)
+            piece = decode_chunk(self.meta.format, data[c.offset - span.start: c.end - span.start],
+                                 c.inner_offset, c.size)
+            if c.digest and "sha256:" + hashlib.sha256(piece).hexdigest() != c.digest:
+                raise FillError(f"{e.name!r}: chunk at {c.file_offset} does not match its digest")
+            if whole is not None:
+                whole.update(piece)
+            if all_chunk_digests:
+                os.pwrite(fd, piece, c.file_offset)
+            else:
+                staged.append((c.file_offset, piece))
+        if whole is not None and "sha256:" + whole.hexdigest() != e.digest:
             raise FillError(f"{e.name!r}: content does not match its digest")
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
@@ -343,29 +514,6 @@ def _span(e: Entry) -> tuple[int, int]:
     if not data:
         return 0, 0
     return min(c.offset for c in data), max(c.end for c in data)
-
-
-def _request_groups(chunks: list[Chunk]) -> list[list[Chunk]]:
-    """Chunks in runs of adjacent compressed ranges, each run one range request.
-
-    A zeros chunk has no bytes in the blob and forms a group of its own.
-    """
-    groups: list[list[Chunk]] = []
-    cur: list[Chunk] = []
-    for c in chunks:
-        if c.zeros:
-            if cur:
-                groups.append(cur)
-                cur = []
-            groups.append([c])
-            continue
-        if cur and (c.offset < cur[0].offset or c.offset > cur[-1].end or c.end - cur[0].offset > MAX_REQUEST):
-            groups.append(cur)
-            cur = []
-        cur.append(c)
-    if cur:
-        groups.append(cur)
-    return groups
 
 
 def _hash_zeros(h, n: int) -> None:

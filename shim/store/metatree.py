@@ -28,7 +28,7 @@ import cbor2
 
 from ..errors import LazyshimError
 from ..formats.toc import Entry
-from .filler import BlobSource, LayerFiller
+from .filler import BlobSource, LayerFiller, filled_map_path
 from .layout import digest_dirname
 from .layouts import META_DIR, LayerLayout, MountSpec, load_meta
 from .metadata import LayerMeta
@@ -58,6 +58,7 @@ class MetaLayout(LayerLayout):
         super().__init__(store)
         self.meta_root = store.root / _META
         self.data_root = store.root / _DATA
+        self._recovered = False
 
     def populate(self, meta: LayerMeta, staging: Path, opts) -> None:
         """Build the tree in memory now (the caller holds the layer's lock), so a TOC the tree
@@ -168,7 +169,29 @@ class MetaLayout(LayerLayout):
 
     def filler(self, digest: str, meta: LayerMeta, source_factory: Callable[[], BlobSource]) -> LayerFiller:
         self.data_root.mkdir(mode=0o700, exist_ok=True)
+        if not self._recovered:
+            from .objects import recover_unflushed
+
+            recover_unflushed(self.store.tmp, self._collect_unmarked)
+            self._recovered = True
         return ObjectFiller(self.store.layer_dir(digest), meta, source_factory, self.data_root, self.store.tmp)
+
+    def _collect_unmarked(self) -> tuple[int, int]:
+        """Delete every object no layer marks filled (after a boot that may not have flushed)."""
+        from .objects import collect_unnamed
+
+        names = set()
+        for d in sorted(self.store.layers.iterdir()):
+            try:
+                meta = load_meta(self.store, d.name.replace("-", ":", 1))
+                marks = filled_map_path(d).read_bytes()
+            except (LazyshimError, OSError):
+                continue  # a layer being deleted: it names nothing
+            for i, e in enumerate(meta.toc.entries):
+                name = object_name(meta.digest, i, e)
+                if name is not None and i < len(marks) and marks[i]:
+                    names.add(name)
+        return collect_unnamed(self.data_root, self.store.tmp, names)
 
     def collect_data(self) -> tuple[int, int]:
         from .objects import collect_unnamed

@@ -7,13 +7,19 @@ every layer and image that holds that file.
 
 `STORE/data` is an overlayfs data-only lower layer: its files are reachable only through the
 `trusted.overlay.redirect` of a metacopy file in a metadata tree, never by name.  An object
-is written under a temporary name in STORE/tmp, verified, made durable and renamed into
-place, so it is either absent (the reader's open fails with ENOENT) or complete: no reader
-ever sees a hole.  Empty files need no object (their metadata file is the whole file).
+is written under a temporary name in STORE/tmp, verified and renamed into place, so it is
+either absent (the reader's open fails with ENOENT) or complete: no reader ever sees a hole.
+Empty files need no object (their metadata file is the whole file).
+
+The rename is the commit and does not wait for the disk: a layer's byte map marks an object
+only after a batched flush (`filler.Syncer`).  A boot that did not flush (power loss) may
+leave an object renamed but holding a hole; `recover_unflushed` deletes every object no mark
+names, once, before the first unflushed object of a new boot.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import threading
@@ -21,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
-from .filler import BlobSource, FillError, LayerFiller, sync_dir
+from .filler import SYNCER, BlobSource, FillError, LayerFiller
 from .layout import digest_dirname
 from .metadata import LayerMeta
 
@@ -83,6 +89,41 @@ def collect_unnamed(data_dir: Path, tmp_dir: Path, names: set[str]) -> tuple[int
     return files, size
 
 
+_BOOT_MARK = "unflushed-boot"
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def recover_unflushed(tmp_dir: Path, collect: Callable[[], object]) -> None:
+    """Before this boot renames its first unflushed object into the store: if an earlier boot
+    may have left unflushed objects (its id is recorded and differs), `collect` deletes every
+    object no layer's byte map marks (a refetch, never a hole).  Then this boot is recorded
+    (durably: a crash of this boot must be seen by the next)."""
+    try:
+        with open(_BOOT_ID) as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    mark = tmp_dir / _BOOT_MARK
+    fd = os.open(mark, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        recorded = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if recorded == boot and boot:
+            return
+        if recorded:
+            collect()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, boot.encode(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class ObjectFiller(LayerFiller):
     """Fills a layer whose tree is metadata only: a fill creates the file's data object.
 
@@ -94,9 +135,7 @@ class ObjectFiller(LayerFiller):
         self.data_dir = data_dir
         self.tmp_dir = tmp_dir
         self._names: dict[int, str | None] = {}
-        self._pending: dict[int, Path] = {}
-        super().__init__(layer_dir, meta, source_factory)
-        self.tree = data_dir  # what _commit_run syncs: the file system of the objects
+        super().__init__(layer_dir, meta, source_factory, tree=data_dir)
 
     def object_path(self, idx: int) -> Path | None:
         try:
@@ -106,7 +145,7 @@ class ObjectFiller(LayerFiller):
         return None if name is None else self.data_dir / name
 
     def is_filled(self, idx: int) -> bool:
-        if self.filled[idx]:
+        if self.filled[idx] or self.ready[idx]:
             return True
         path = self.object_path(idx)
         if path is None:
@@ -117,33 +156,28 @@ class ObjectFiller(LayerFiller):
             return False
         if st.st_size != self.meta.toc.entries[idx].size:
             return False
-        self.filled[idx] = 1  # another layer, image or container brought it in
+        self.ready[idx] = 1  # another layer, image or container brought it in
+        SYNCER.add(self, [idx])  # marked once flushed: it may not be on disk yet
         return True
 
-    def mark_complete(self) -> None:
-        sync_dir(self.data_dir)  # the objects' renames are durable before the mark
-        super().mark_complete()
-
     def _check_marks(self) -> None:
-        """A crash after a mark but before the rename reached the disk: refetch those."""
+        """A mark whose object is gone (deleted by gc or by recovery): refetch those."""
         for i, e in enumerate(self.meta.toc.entries):
             if self.filled[i] and e.type == "reg" and e.size:
                 path = self.object_path(i)
                 if path is None or not path.exists():
                     self.filled[i] = 0
 
-    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None, durable: bool = True) -> bool:
+    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> bool:
         final = self.object_path(idx)
         if final is None or self.is_filled(idx):
             return False
-        if not durable:  # a run: its bytes are fetched already, published after one sync
-            return self._write_object(idx, fetched, durable)
         with _object_lock(final):
             if self.is_filled(idx):
                 return False  # an entry with the same content was filled meanwhile
-            return self._write_object(idx, fetched, durable)
+            return self._write_object(idx, fetched)
 
-    def _write_object(self, idx: int, fetched: tuple[int, bytes] | None, durable: bool) -> bool:
+    def _write_object(self, idx: int, fetched: tuple[int, bytes] | None) -> bool:
         e = self.meta.toc.entries[idx]
         tmp = self.tmp_dir / f".object.{os.getpid()}.{next(_TMP_SEQ)}"
         try:
@@ -155,34 +189,16 @@ class ObjectFiller(LayerFiller):
             try:
                 os.ftruncate(fd, e.size)  # zero chunks stay holes: they read as the zeros they are
                 self._write_content(fd, e, fetched)
-                if durable:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
-            if durable:
-                self._publish(idx, tmp)
-                self._mark_filled([idx])
-            else:
-                self._pending[idx] = tmp
-            return True
+            self._publish(idx, tmp)
         except BaseException as err:
             tmp.unlink(missing_ok=True)  # verified pieces of a failed file never become an object
             if isinstance(err, OSError | FormatError):
                 raise FillError(f"filling {e.name!r}: {err}") from err
             raise
-
-    def _commit_run(self, written: list[int]) -> None:
-        sync_dir(self.tmp_dir)
-        done = []
-        for i in written:
-            tmp = self._pending.pop(i)
-            try:
-                self._publish(i, tmp)
-                done.append(i)
-            except FillError as err:
-                tmp.unlink(missing_ok=True)
-                self.errors.append(str(err))
-        self._mark_filled(done)
+        self._commit(idx)
+        return True
 
     def _publish(self, idx: int, tmp: Path) -> None:
         final = self.object_path(idx)

@@ -65,6 +65,8 @@ def _serve(a: argparse.Namespace, handover) -> int:
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log, handover=handover)
     if a.record:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+        for filler in root.fillers:  # every file the workload opens must be a miss, to be recorded
+            filler.readahead = False
     if resumed:
         sup.resume()  # the container runs already: no prefill, nobody waits for readiness
     else:
@@ -73,6 +75,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
                 sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
             except (LazyshimError, OSError) as e:
                 print(f"supervisor: prefill: {e}", file=log)
+                sup.fills.flush()  # what prefill did fill stays marked
                 return 1
         if a.ready_fd >= 0:
             os.write(a.ready_fd, b"1")

@@ -10,6 +10,7 @@ itself once the fill is done: CONTINUE, or EIO if the fill failed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -25,13 +26,16 @@ from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
 from .decide import Fill, chain_key
-from .execchain import HEADER_READ, MAX_DEPTH, interpreter
+from .execchain import BINPRM_BUF_SIZE, HEADER_READ, LIBRARY_DIRS, MAX_DEPTH, interpreter, needed_libraries
 from .notify_loop import fail_quietly
 
 #: How often the statistics file is rewritten at most while fills happen.
 STATS_INTERVAL = 0.2
 #: The exec-chain cache forgets everything beyond this many executables (a bound, not a tuning).
 MAX_CHAINS = 4096
+#: The start-up set (prioritized files) is fetched in requests of up to this size, this many at once.
+URGENT_REQUEST = 2 << 20
+URGENT_PARALLEL = 4
 
 
 class Stats:
@@ -201,11 +205,54 @@ class FillService:
                     continue
                 if self.fill_exec_chain(root_fd, p.encode()):
                     self._remember_entrypoint(root_fd, p.encode())
+                libraries = self._prefill_libraries(root_fd, p.encode())
                 break
+            else:
+                libraries = []
             for f in pending:
                 self._recorded(f.result())  # re-raises a failed fill
+            for f in libraries:
+                try:
+                    self._recorded(f.result())
+                except LazyshimError as e:  # the loader's own open will retry it, and report
+                    self.log(f"prefill of a library failed: {e}")
         finally:
             os.close(root_fd)
+
+    def _prefill_libraries(self, root_fd: int, path: bytes) -> list:
+        """Start filling the shared libraries the entrypoint's ELF (after any #! hops) names in
+        DT_NEEDED, found in the image's standard library dirs, all at once: otherwise the
+        loader opens them one miss after another right after the first execve."""
+        names: list[bytes] = []
+        for _ in range(MAX_DEPTH):
+            try:
+                fd = openat2(root_fd, path, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                return []
+            try:
+                head = os.pread(fd, BINPRM_BUF_SIZE, 0)
+                if not head.startswith(b"#!"):
+                    names = needed_libraries(functools.partial(_pread_at, fd))
+                    break
+            finally:
+                os.close(fd)
+            found = interpreter(head)
+            if found is None or not found[0].startswith(b"/"):
+                return []
+            path = found[0]
+        pending = []
+        for name in names:
+            for d in LIBRARY_DIRS:
+                lib = d + b"/" + name
+                try:
+                    os.close(openat2(root_fd, lib, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+                except OSError:
+                    continue
+                hit = self.root.lookup_path(root_fd, lib)
+                if hit is not None:
+                    pending.append(self.pool.submit(self._fill, *hit))
+                break
+        return pending
 
     def _remember_entrypoint(self, root_fd: int, path: bytes) -> None:
         """The container's first execve is of this file, in this root (the rootfs as the host
@@ -228,8 +275,9 @@ class FillService:
     QUIET = 0.25
 
     def start_background(self, everything: bool) -> None:
-        """Fill the prioritized files (and, if `everything`, the rest) without being asked,
-        one modest range request at a time, always after any on-demand fill."""
+        """Fill the prioritized files without being asked, in large requests several at once
+        beside on-demand fills; then, if `everything`, the rest, one modest range request at a
+        time once the workload has been quiet."""
         plan = self.root.prefetch_plan(everything)
         if plan:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
@@ -241,17 +289,14 @@ class FillService:
             if not urgent and not self.started.is_set():
                 self.started.wait()  # the rest only once the container runs, after its first burst
                 self._last_ondemand = time.monotonic()
-            if urgent:  # the start-up set: as few round trips as possible
-                failed += filler.prefetch(indices, self._wait_for_idle, max_request=8 << 20)
+            if urgent:  # the start-up set: large requests, several at once, beside on-demand fills
+                failed += filler.prefetch(indices, lambda: None, max_request=URGENT_REQUEST,
+                                          parallel=URGENT_PARALLEL)
             else:  # the rest: modest requests, so an on-demand fill never waits long behind one
                 failed += filler.prefetch(indices, self._wait_for_quiet)
         self.log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
         self.complete = self.root.complete()
         self.write_stats()
-
-    def _wait_for_idle(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._ondemand == 0)
 
     def _wait_for_quiet(self) -> None:
         with self._idle:
@@ -261,6 +306,13 @@ class FillService:
                 if left <= 0:
                     return
                 self._idle.wait(left)
+
+    # ---- durability ------------------------------------------------------------------
+    def flush(self) -> None:
+        """Mark what was filled in the layers' byte maps (after one flush of the data), for the
+        next container and the next supervisor.  A supervisor ends with os._exit (the keeper's
+        fork), where no atexit hook runs: it must call this itself."""
+        self.root.flush()
 
     # ---- statistics ------------------------------------------------------------------
     def stats_doc(self) -> dict:
@@ -289,3 +341,7 @@ class FillService:
             self._stats_dirty.clear()
             self.write_stats()
             time.sleep(STATS_INTERVAL)  # a rate limit, not a synchronisation
+
+
+def _pread_at(fd: int, n: int, offset: int) -> bytes:
+    return os.pread(fd, n, offset)

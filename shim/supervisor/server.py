@@ -71,6 +71,7 @@ class Supervisor:
         """Accept runtime connections until the last notify fd hangs up."""
         threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
         self.done.wait()
+        self.fills.flush()  # what was filled is marked for the next container
         self.fills.write_stats()
 
     def _accept_loop(self, listener: socket.socket) -> None:

@@ -1,0 +1,136 @@
+"""The fill pipeline in-process: one range merger, readahead across files, commits that are
+readable at once and marked on disk only after a flush."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import reg
+from test_convert_store import _lazy_layer
+
+from shim.ranges import merge
+from shim.store import filler as filler_mod
+from shim.store.filler import SYNCER, FileBlobSource, FillError
+
+
+def test_merge_joins_near_and_overlapping_ranges_and_caps_spans() -> None:
+    spans = merge([(0, 10, "a"), (12, 20, "b"), (100, 110, "c"), (105, 108, "d")], gap=2)
+    assert [(s.start, s.end, s.keys) for s in spans] == [(0, 20, ["a", "b"]), (100, 110, ["c", "d"])]
+    capped = merge([(0, 10, 1), (10, 20, 2), (20, 30, 3)], gap=0, max_span=20)
+    assert [(s.start, s.end) for s in capped] == [(0, 20), (20, 30)]
+    assert [(s.start, s.end) for s in merge([(0, 50, 1)], max_span=10)] == [(0, 50)]  # never split
+    assert merge([(5, 5, 1)]) == []
+
+
+class _CountingSource(FileBlobSource):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def read_range(self, start: int, end: int) -> bytes:
+        with self._lock:
+            self.reads.append((start, end))
+        return super().read_range(start, end)
+
+
+def _files(n: int = 40) -> list:
+    return [reg(f"lib/m{i:03d}.py", os.urandom(3000) + b"x" * 5000) for i in range(n)]
+
+
+def _filler_with(tmp_path: Path, entries):
+    _, meta, filler = _lazy_layer(tmp_path, "estargz", entries)
+    source = _CountingSource(tmp_path / "blob")
+    filler._source = source
+    regs = {e.name: i for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size}
+    return meta, filler, source, regs
+
+
+def _wait_idle(filler) -> None:
+    filler_mod._pool().submit(lambda: None).result()  # readahead tasks queued before this ran
+    while filler._inflight:
+        for ev in list(filler._inflight.values()):
+            ev.wait(5)
+
+
+def test_a_miss_reads_its_neighbours_ahead_in_one_request(tmp_path: Path) -> None:
+    entries = _files()
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    filler.fill(regs["lib/m000.py"])
+    _wait_idle(filler)
+    ahead = [n for n, i in regs.items() if filler.is_filled(i)]
+    assert len(ahead) > 5 and len(source.reads) == 2, (ahead, source.reads)
+    for ti, data in entries:
+        if ti.name in ahead:
+            assert (tmp_path / "layer/tree" / ti.name).read_bytes() == data
+    # The next miss just past the window reads a bigger window: fewer requests than files.
+    opened = 0
+    for name in sorted(regs):
+        if not filler.is_filled(regs[name]):
+            filler.fill(regs[name])
+            _wait_idle(filler)
+        opened += 1
+    assert len(source.reads) < opened / 4, (len(source.reads), opened)
+
+
+def test_a_corrupt_neighbour_fails_alone(tmp_path: Path) -> None:
+    entries = _files(10)
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    bad = meta.toc.entries[regs["lib/m002.py"]]
+    blob = bytearray((tmp_path / "blob").read_bytes())
+    c = bad.chunks[0]
+    blob[(c.offset + c.end) // 2] ^= 0xFF
+    (tmp_path / "blob").write_bytes(bytes(blob))
+    filler.fill(regs["lib/m000.py"])
+    _wait_idle(filler)
+    assert (tmp_path / "layer/tree/lib/m000.py").read_bytes() == entries[0][1]
+    assert not filler.is_filled(regs["lib/m002.py"])
+    assert (tmp_path / "layer/tree/lib/m002.py").stat().st_blocks == 0, "an unverified byte stayed"
+    assert filler.is_filled(regs["lib/m003.py"])
+    with pytest.raises(FillError):
+        filler.fill(regs["lib/m002.py"])
+
+
+def test_a_commit_is_readable_at_once_and_marked_after_the_flush(tmp_path: Path) -> None:
+    entries = _files(3)
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    filler.readahead = False
+    gate = threading.Event()
+    real_sync = filler_mod.sync_dir
+
+    def slow_sync(path: Path) -> None:
+        gate.wait(10)
+        real_sync(path)
+
+    filler_mod.sync_dir = slow_sync
+    try:
+        i = regs["lib/m001.py"]
+        filler.fill(i)
+        assert filler.is_filled(i) and not filler.filled[i], "marked before the flush"
+        gate.set()
+        SYNCER.flush()
+        assert filler.filled[i]
+    finally:
+        gate.set()
+        filler_mod.sync_dir = real_sync
+
+
+def test_needed_libraries_of_an_elf_and_hostile_headers() -> None:
+    from shim.supervisor.execchain import needed_libraries
+
+    with open("/usr/bin/python3.11", "rb") as f:
+        data = f.read()
+
+    def pread(blob: bytes):
+        return lambda n, off: blob[off:off + n]
+
+    assert b"libc.so.6" in needed_libraries(pread(data))
+    assert needed_libraries(pread(b"#!/bin/sh\n")) == []
+    broken = bytearray(data[:4096])  # program headers, but the dynamic section cut off
+    assert needed_libraries(pread(bytes(broken))) == []
+    huge = bytearray(data[:64])
+    huge[54:58] = (56).to_bytes(2, "little") + (0xFFFF).to_bytes(2, "little")  # 65535 headers
+    assert needed_libraries(pread(bytes(huge))) == []
