@@ -39,8 +39,9 @@ CASES = [
     ("503-once", Fault("status", count=1, status=503), "ok"),
     ("503", Fault("status", status=503), "eio"),
     ("429-retry-after", Fault("status", count=1, status=429, headers={"Retry-After": "1"}), "ok"),
-    # Longer than the fill's whole budget: fail now rather than sleep past it.
-    ("429-retry-after-too-long", Fault("status", count=1, status=429, headers={"Retry-After": "3600"}), "eio"),
+    # Longer than the fill's whole budget: fail now rather than sleep past it.  Two requests: the
+    # miss's own and its readahead's are in flight at once, in either order; a retry is a third.
+    ("429-retry-after-too-long", Fault("status", count=2, status=429, headers={"Retry-After": "3600"}), "eio"),
     ("truncated-once", Fault("truncate", count=1), "ok"),
     ("truncated", Fault("truncate"), "eio"),
     ("wrong-bytes", Fault("corrupt"), "eio"),

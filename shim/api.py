@@ -7,6 +7,7 @@ a wire format.  Keep this the only door between the two.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,19 +119,24 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
     t0 = time.monotonic()
     errors: list[str] = []
 
+    shown = threading.Lock()  # the prefetch's parallel requests report from their own threads
+
     def report() -> None:
         if progress is not None:
-            st = root.stats()
-            progress(st["files_filled"], total, st["bytes_fetched"])
+            with shown:
+                st = root.stats()
+                progress(st["files_filled"], total, st["bytes_fetched"])
 
     for filler, indices, _ in plan:
         filler.prefetch(indices, report, max_request=4 << 20, parallel=4)
         errors += filler.errors
-    report()
     if errors or not root.complete():
+        report()
         first = errors[0] if errors else "files remain unfilled"
         raise LazyshimError(f"{label}: {len(errors)} files could not be fetched; first: {first}")
     st = root.stats()
+    if progress is not None:  # all done, those whose content another file brought in too
+        progress(total, total, st["bytes_fetched"])
     return FillResult(st["files_filled"], st["bytes_fetched"], time.monotonic() - t0)
 
 

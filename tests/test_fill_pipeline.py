@@ -134,3 +134,41 @@ def test_needed_libraries_of_an_elf_and_hostile_headers() -> None:
     huge = bytearray(data[:64])
     huge[54:58] = (56).to_bytes(2, "little") + (0xFFFF).to_bytes(2, "little")  # 65535 headers
     assert needed_libraries(pread(bytes(huge))) == []
+
+
+class _DeadSource:
+    def read_range(self, start: int, end: int) -> bytes:
+        raise OSError("the registry is gone")
+
+
+def test_a_lost_mark_is_recovered_from_the_verified_bytes_in_place(tmp_path: Path) -> None:
+    """v1: a process killed after its fill but before its flush leaves the bytes in place and
+    no mark.  The next filler checks them against the TOC and keeps them without a fetch (a
+    refetch that failed would make the file sparse under readers that already hold it open);
+    bytes that do not verify are fetched again."""
+    entries = _files(3)
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    filler.readahead = False
+    good, bad = regs["lib/m000.py"], regs["lib/m001.py"]
+    gate = threading.Event()
+    real_sync = filler_mod.sync_dir
+    filler_mod.sync_dir = lambda path: gate.wait(10) or real_sync(path)
+    try:
+        filler.fill(good)
+        filler.fill(bad)
+        assert not filler.filled[good] and not filler.filled[bad]  # the flush has not run: "killed"
+        tree = tmp_path / "layer/tree"
+        with open(tree / "lib/m001.py", "r+b") as f:
+            f.write(b"not the image's bytes")
+        after = filler_mod.LayerFiller(tmp_path / "layer", meta, _DeadSource)
+        after.readahead = False
+        after.fill(good)
+        assert (tree / "lib/m000.py").read_bytes() == entries[0][1]
+        with pytest.raises(FillError):
+            after.fill(bad)
+        assert (tree / "lib/m001.py").stat().st_blocks == 0, "unverified bytes stayed in place"
+        assert after.requests == 1  # only the file whose bytes did not verify
+    finally:
+        gate.set()
+        filler_mod.sync_dir = real_sync
+        SYNCER.flush()

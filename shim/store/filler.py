@@ -200,6 +200,8 @@ class LayerFiller:
         self._window = READAHEAD_START
         self._window_end = -1  # where the last readahead ended in the blob
         self.readahead = True
+        # Counted by on-demand, readahead and prefetch threads at once: `+=` is no atomic step.
+        self._counts = threading.Lock()
         self.bytes_fetched = 0
         self.files_filled = 0
         self.requests = 0
@@ -322,7 +324,8 @@ class LayerFiller:
                 except FillError as err:
                     self.errors.append(str(err))
                     return
-                self.bytes_fetched += end - start
+                with self._counts:
+                    self.bytes_fetched += end - start
             for i in live:
                 try:
                     self._fill_locked(i, fetched)
@@ -383,7 +386,8 @@ class LayerFiller:
     def _commit(self, idx: int) -> None:
         """Entry idx's bytes are verified and in place: readable now, durable later."""
         self.ready[idx] = 1
-        self.files_filled += 1
+        with self._counts:
+            self.files_filled += 1
         SYNCER.add(self, [idx])
 
     def _mark_filled(self, indices: list[int]) -> None:
@@ -404,12 +408,12 @@ class LayerFiller:
         e = self.meta.toc.entries[idx]
         path = self.tree / e.name
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             restore_mode = None
         except PermissionError:
             # Rootless stores own the files with their image modes (e.g. 0444).
-            os.chmod(path, e.mode | 0o200, follow_symlinks=False)
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.chmod(path, e.mode | 0o600, follow_symlinks=False)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             restore_mode = e.mode
         except OSError as err:
             raise FillError(f"filling {e.name!r}: {err}") from err
@@ -417,6 +421,9 @@ class LayerFiller:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if self.filled[idx] or self.ready[idx]:
                 return False  # another process filled it while we waited
+            if self._verified_in_place(fd, e):
+                self._commit(idx)  # its mark was lost (a process killed before its flush): no refetch
+                return True
             self._write_content(fd, e, fetched)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
@@ -431,8 +438,36 @@ class LayerFiller:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _verified_in_place(fd: int, e: Entry) -> bool:
+        """The placeholder already holds e's bytes, checked against the TOC once more.
+
+        A process killed after a fill but before its flush leaves the verified bytes in place
+        unmarked; readers it had answered may hold the file open, so refilling it (and, if
+        that fetch failed, making it sparse again) could take bytes from under them.  A
+        sparse placeholder (no data block) holds nothing: the usual case costs one fstat."""
+        data_chunks = [c for c in e.chunks if not c.zeros]
+        if not data_chunks or os.fstat(fd).st_blocks == 0:
+            return False
+        if e.digest:
+            h = hashlib.sha256()
+            for off in range(0, e.size, 1 << 20):
+                piece = os.pread(fd, min(1 << 20, e.size - off), off)
+                if not piece:
+                    return False
+                h.update(piece)
+            return "sha256:" + h.hexdigest() == e.digest
+        if not all(c.digest for c in data_chunks):
+            return False
+        for c in data_chunks:
+            piece = os.pread(fd, c.size, c.file_offset)
+            if "sha256:" + hashlib.sha256(piece).hexdigest() != c.digest:
+                return False
+        return True
+
     def _read(self, e: Entry, start: int, end: int) -> bytes:
-        self.requests += 1
+        with self._counts:
+            self.requests += 1
         try:
             return self.source.read_range(start, end)
         except FillError:
@@ -463,7 +498,8 @@ class LayerFiller:
                     data = fetched[1][span.start - fetched[0]: span.end - fetched[0]]  # already downloaded
                 else:
                     data = self._read(e, span.start, span.end)
-                    self.bytes_fetched += len(data)
+                    with self._counts:
+                        self.bytes_fetched += len(data)
             piece = decode_chunk(self.meta.format, data[c.offset - span.start: c.end - span.start],
                                  c.inner_offset, c.size)
             if c.digest and "sha256:" + hashlib.sha256(piece).hexdigest() != c.digest:
