@@ -9,7 +9,8 @@ Run on every `lazyshim` command that opens the store (and on demand by `lazyshim
 - standalone state dirs under the runtime dir whose owning container dir is gone;
 - runc-path state dirs (`RUNTIME_DIR/oci/<root>/<id>`) whose supervisor is dead and whose
   container the delegate no longer knows (an engine's `delete` that never came);
-- the store's own temporaries (`shim.store.sweep`).
+- the store's own temporaries (`shim.store.sweep`), with whatever a dead maker left mounted
+  inside them (detached first, never deleted through).
 
 Nothing that a live process owns is touched: ownership is a lock or a live pid, never a
 guess from timestamps.
@@ -18,7 +19,6 @@ guess from timestamps.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -49,13 +49,12 @@ def _sweep_containers(top: Path) -> list[str]:
         names = os.listdir(top)
     except OSError:
         return removed
-    from shim.store.sweep import pid_alive
+    from shim.store.sweep import pid_alive, remove_tree
 
     for name in names:
         if name.startswith(containers.CLAIM_PREFIX):
             pid = name[len(containers.CLAIM_PREFIX):].partition(".")[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(top / name, ignore_errors=True)
+            if pid.isdigit() and not pid_alive(int(pid)) and remove_tree(top / name):
                 removed.append(f"half-made container {top / name}")
     for cdir in containers.list_dirs(top):
         if _sweep_container(cdir):
