@@ -171,6 +171,25 @@ def test_probe_dir_of_a_dead_pid_is_swept_without_deleting_through_its_mounts(en
             subprocess.run(["umount", "-l", str(env.store / "tmp" / f"probe.{dead.pid}" / d)], capture_output=True)
 
 
+def test_gc_keeps_the_store_mounts_while_a_layer_needs_them(env: Env, images: dict[str, str]) -> None:
+    """The metadata tmpfs and its layer views (layout v2) are the store's, not a process's:
+    the sweep leaves them; `gc` detaches them once no layer is left."""
+    from integration.storeview import layout_name
+
+    if layout_name(env.store) != "v2":
+        pytest.skip("layout v1 mounts nothing of its own")
+    assert env.own_mounts(), "a pulled v2 store has its metadata tmpfs mounted"
+    env("gc")
+    assert env.own_mounts(), "gc leaves the mounts of a store that still has layers"
+    env("rmi", images["busybox:esgz"])
+    p = env("gc")
+    assert "metadata tmpfs" in p.stdout, p.stdout
+    assert env.own_mounts() == [] and env.mounts() == []
+    assert env("gc").stdout.strip() == "nothing to remove"
+    env("run", "--rm", images["busybox:esgz"], "true")  # pulled again, mounted again
+    assert env.own_mounts()
+
+
 def test_force_delete_after_the_supervisor_died(tmp_path: Path, new_env, images: dict[str, str]) -> None:
     """The runc path: lazyshim mounted the image on an empty rootfs (annotation); its
     supervisor is killed; `delete --force` still unmounts and removes all of ours."""

@@ -12,6 +12,9 @@ Run on every `lazyshim` command that opens the store (and on demand by `lazyshim
 - the store's own temporaries (`shim.store.sweep`), with whatever a dead maker left mounted
   inside them (detached first, never deleted through).
 
+Not swept: the store's metadata tmpfs and its read-only layer views (layout v2), which belong
+to the store's layers, not to a process; `lazyshim gc` detaches them once no layer is left.
+
 Nothing that a live process owns is touched: ownership is a lock or a live pid, never a
 guess from timestamps.
 """
@@ -146,15 +149,18 @@ def supervisor_alive(sdir: Path) -> bool:
 
 
 def cmd_gc(args) -> int:
-    """`lazyshim gc`: the sweep, then layers no image or mount uses; says what went."""
+    """`lazyshim gc`: the sweep, then layers no image or mount uses, then the store's own
+    mounts once no layer is left; says what went."""
     from shim import api
     from shim.store.gc import collect, collect_data
+    from shim.store.sweep import release_unused_mounts
 
     store = api.open_store()
     removed = sweep(store) + [f"layer {name}" for name in collect(store)]
     files, size = collect_data(store)
     if files:
         removed.append(f"{files} data file(s) no layer names ({size} bytes)")
+    removed += release_unused_mounts(store)
     for line in removed:
         print(f"removed {line}")
     if not removed:

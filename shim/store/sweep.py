@@ -97,3 +97,22 @@ def remove_tree(path: Path) -> bool:
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.lexists(path)
 
+
+def release_unused_mounts(store: Store) -> list[str]:
+    """Detach the store's own mounts (v2's metadata tmpfs and the read-only views on it) once no
+    layer is left to need them; while any layer exists they stay, since a container's overlay,
+    podman's `diff` links and the next run all use them.  Under the `gc` lock held exclusively:
+    a pull builds its trees on the tmpfs holding it shared, before its layer appears."""
+    from .layouts import release, view_root
+
+    root = view_root(store)
+    if not os.path.ismount(root):
+        return []
+    with store.lock("gc"):
+        if any(store.layers.iterdir()) or not os.path.ismount(root):
+            return []
+        try:
+            release(store)
+        except LazyshimError:
+            return []
+    return [f"metadata tmpfs {root} (no layer left)"]
