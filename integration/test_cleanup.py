@@ -171,23 +171,31 @@ def test_probe_dir_of_a_dead_pid_is_swept_without_deleting_through_its_mounts(en
             subprocess.run(["umount", "-l", str(env.store / "tmp" / f"probe.{dead.pid}" / d)], capture_output=True)
 
 
-def test_gc_keeps_the_store_mounts_while_a_layer_needs_them(env: Env, images: dict[str, str]) -> None:
+def test_the_store_mounts_stay_while_a_layer_needs_them(env: Env, images: dict[str, str]) -> None:
     """The metadata tmpfs and its layer views (layout v2) are the store's, not a process's:
-    the sweep leaves them; `gc` detaches them once no layer is left."""
+    the sweep leaves them; they go with the last layer (rmi, or gc once a container that kept
+    the layers of a removed image is gone)."""
     from integration.storeview import layout_name
 
     if layout_name(env.store) != "v2":
         pytest.skip("layout v1 mounts nothing of its own")
+    bb = images["busybox:esgz"]
     assert env.own_mounts(), "a pulled v2 store has its metadata tmpfs mounted"
-    env("gc")
+    assert env("gc").stdout.strip() == "nothing to remove"
     assert env.own_mounts(), "gc leaves the mounts of a store that still has layers"
-    env("rmi", images["busybox:esgz"])
+    name = f"keeper-{os.getpid()}"
+    env("run", "-d", "--rm", "--name", name, bb, "sleep", "300")
+    env("rmi", bb)
+    assert env.own_mounts(), "a running container keeps its layers, and so their tree"
+    env("rm", "-f", name)
     p = env("gc")
-    assert "metadata tmpfs" in p.stdout, p.stdout
+    assert "removed layer" in p.stdout and "metadata tmpfs" in p.stdout, p.stdout
+    assert env.own_mounts() == [] and env.mounts() == []
+    env("run", "--rm", bb, "true")  # pulled again, mounted again
+    assert env.own_mounts()
+    env("rmi", bb)
     assert env.own_mounts() == [] and env.mounts() == []
     assert env("gc").stdout.strip() == "nothing to remove"
-    env("run", "--rm", images["busybox:esgz"], "true")  # pulled again, mounted again
-    assert env.own_mounts()
 
 
 def test_force_delete_after_the_supervisor_died(tmp_path: Path, new_env, images: dict[str, str]) -> None:
