@@ -75,10 +75,13 @@ def new_env(tmp_path: Path) -> Iterator[Callable[[], Env]]:
 
 
 @pytest.fixture(autouse=True)
-def release_store_mounts() -> Iterator[None]:
+def release_store_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Detach the metadata tmpfs (and the read-only views on it) of every store a test made:
-    a mount left under a deleted temp dir would hold memory and confuse later tests."""
+    a mount left under a deleted temp dir would hold memory and confuse later tests.  Only
+    below this session's temp dir: another test session on the host has stores of its own."""
+    mine = f"{os.path.realpath(tmp_path_factory.getbasetemp())}/"
     before = store_mounts()
     yield
     for mp in sorted(store_mounts() - before):
-        subprocess.run(["umount", "-R", "-l", mp], capture_output=True)
+        if mp.startswith(mine):
+            subprocess.run(["umount", "-R", "-l", mp], capture_output=True)

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shim.store.layout import Store
+
 LAZYSHIM = [sys.executable, "-m", "runtime.main"]
 RUNC = shutil.which("runc") or "runc"
 
@@ -48,10 +50,36 @@ class Env:
         if left:
             self("rm", "-f", *left, check=False)
 
-    def mounts(self) -> list[str]:
+    def _store_mounts(self) -> list[tuple[str, bool]]:
+        """(mount point, is the store's own) for every mount under the store, from the kernel's
+        table.  The store's own: its metadata tmpfs (layout v2) and the read-only layer views
+        on it, which stay as long as the store has layers."""
+        from shim.store.layouts import view_root
+        from shim.store.metatree import layer_of_metadir
+
         prefix = str(self.store) + "/"
+        meta = str(view_root(Store(self.store)))
+        out = []
         with open("/proc/self/mountinfo") as f:
-            return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+            for line in f:
+                parts = line.split()
+                point, opts = parts[4], parts[5].split(",")
+                if not point.startswith(prefix):
+                    continue
+                fstype = parts[parts.index("-") + 1]
+                view = layer_of_metadir(Path(point))
+                own = ((point == meta and fstype == "tmpfs")
+                       or (fstype == "overlay" and "ro" in opts and view is not None and view[0] == self.store))
+                out.append((point, own))
+        return out
+
+    def mounts(self) -> list[str]:
+        """Mounts under the store that containers and scratch dirs made (all of them must go
+        with their container): every mount there but the store's own."""
+        return [point for point, own in self._store_mounts() if not own]
+
+    def own_mounts(self) -> list[str]:
+        return [point for point, own in self._store_mounts() if own]
 
     def state_dirs(self) -> list[str]:
         if not self.rundir.exists():

@@ -107,7 +107,7 @@ def test_pull_killed_midway_leaves_no_layer_and_is_swept(new_env, images: dict[s
         """A staging dir that still exists with the pull stopped: the pull is mid-layer."""
         if proc.poll() is not None:
             raise AssertionError("the pull finished before a staging dir was seen")
-        found = [p for p in (tmp.iterdir() if tmp.exists() else []) if p.name.endswith(f".{proc.pid}")]
+        found = [p for p in (tmp.iterdir() if tmp.exists() else []) if _layer_staging(p.name, proc.pid)]
         if not found:
             return None
         os.kill(proc.pid, signal.SIGSTOP)
@@ -125,6 +125,77 @@ def test_pull_killed_midway_leaves_no_layer_and_is_swept(new_env, images: dict[s
     env("pull", images["python:esgz"])
     assert not staging.exists(), "the next pull swept the dead pull's staging dir"
     assert (env.store / "layers" / layer / "meta.cbor").exists()
+
+
+def _layer_staging(name: str, pid: int) -> bool:
+    """`<layer dir name>.<pid>`: a pull's staging tree (not the layout probe's dir beside it)."""
+    from shim.errors import LazyshimError
+    from shim.store.layout import digest_dirname
+
+    layer, _, owner = name.rpartition(".")
+    try:
+        return owner == str(pid) and digest_dirname(layer.replace("-", ":", 1)) == layer
+    except LazyshimError:
+        return False
+
+
+def _zombie() -> subprocess.Popen:
+    """A child that has exited but is not reaped: its pid is dead and cannot be reused."""
+    child = subprocess.Popen(["true"])
+    poll(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(") ", 1)[1][:1] == "Z", "the child to exit")
+    return child
+
+
+def test_probe_dir_of_a_dead_pid_is_swept_without_deleting_through_its_mounts(env: Env, tmp_path: Path) -> None:
+    """A layout probe killed half-way leaves `tmp/probe.<pid>` with mounts inside.  The sweep
+    detaches them before deleting the dir: a bind mount there must not lose its files."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not the store's\n")
+    dead = _zombie()
+    try:
+        probe = env.store / "tmp" / f"probe.{dead.pid}"
+        for d in ("meta", "view", "data"):
+            (probe / d).mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe / "meta")], check=True)
+        (probe / "meta" / "f").write_text("x")
+        subprocess.run(["mount", "--bind", str(outside), str(probe / "data")], check=True)
+        assert len(env.mounts()) == 2
+        env("images")
+        assert not probe.exists(), "the next command swept the dead probe's dir"
+        assert env.mounts() == []
+        assert (outside / "keep").read_text() == "not the store's\n", "nothing was deleted through the bind mount"
+    finally:
+        dead.wait()
+        for d in ("data", "meta"):
+            subprocess.run(["umount", "-l", str(env.store / "tmp" / f"probe.{dead.pid}" / d)], capture_output=True)
+
+
+def test_the_store_mounts_stay_while_a_layer_needs_them(env: Env, images: dict[str, str]) -> None:
+    """The metadata tmpfs and its layer views (layout v2) are the store's, not a process's:
+    the sweep leaves them; they go with the last layer (rmi, or gc once a container that kept
+    the layers of a removed image is gone)."""
+    from integration.storeview import layout_name
+
+    if layout_name(env.store) != "v2":
+        pytest.skip("layout v1 mounts nothing of its own")
+    bb = images["busybox:esgz"]
+    assert env.own_mounts(), "a pulled v2 store has its metadata tmpfs mounted"
+    assert env("gc").stdout.strip() == "nothing to remove"
+    assert env.own_mounts(), "gc leaves the mounts of a store that still has layers"
+    name = f"keeper-{os.getpid()}"
+    env("run", "-d", "--rm", "--name", name, bb, "sleep", "300")
+    env("rmi", bb)
+    assert env.own_mounts(), "a running container keeps its layers, and so their tree"
+    env("rm", "-f", name)
+    p = env("gc")
+    assert "removed layer" in p.stdout and "metadata tmpfs" in p.stdout, p.stdout
+    assert env.own_mounts() == [] and env.mounts() == []
+    env("run", "--rm", bb, "true")  # pulled again, mounted again
+    assert env.own_mounts()
+    env("rmi", bb)
+    assert env.own_mounts() == [] and env.mounts() == []
+    assert env("gc").stdout.strip() == "nothing to remove"
 
 
 def test_force_delete_after_the_supervisor_died(tmp_path: Path, new_env, images: dict[str, str]) -> None:

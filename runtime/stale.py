@@ -9,7 +9,11 @@ Run on every `lazyshim` command that opens the store (and on demand by `lazyshim
 - standalone state dirs under the runtime dir whose owning container dir is gone;
 - runc-path state dirs (`RUNTIME_DIR/oci/<root>/<id>`) whose supervisor is dead and whose
   container the delegate no longer knows (an engine's `delete` that never came);
-- the store's own temporaries (`shim.store.sweep`).
+- the store's own temporaries (`shim.store.sweep`), with whatever a dead maker left mounted
+  inside them (detached first, never deleted through).
+
+Not swept: the store's metadata tmpfs and its read-only layer views (layout v2), which belong
+to the store's layers, not to a process; `lazyshim gc` detaches them once no layer is left.
 
 Nothing that a live process owns is touched: ownership is a lock or a live pid, never a
 guess from timestamps.
@@ -18,7 +22,6 @@ guess from timestamps.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -49,13 +52,12 @@ def _sweep_containers(top: Path) -> list[str]:
         names = os.listdir(top)
     except OSError:
         return removed
-    from shim.store.sweep import pid_alive
+    from shim.store.sweep import pid_alive, remove_tree
 
     for name in names:
         if name.startswith(containers.CLAIM_PREFIX):
             pid = name[len(containers.CLAIM_PREFIX):].partition(".")[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(top / name, ignore_errors=True)
+            if pid.isdigit() and not pid_alive(int(pid)) and remove_tree(top / name):
                 removed.append(f"half-made container {top / name}")
     for cdir in containers.list_dirs(top):
         if _sweep_container(cdir):
@@ -147,15 +149,18 @@ def supervisor_alive(sdir: Path) -> bool:
 
 
 def cmd_gc(args) -> int:
-    """`lazyshim gc`: the sweep, then layers no image or mount uses; says what went."""
+    """`lazyshim gc`: the sweep, then layers no image or mount uses, then the store's own
+    mounts once no layer is left; says what went."""
     from shim import api
     from shim.store.gc import collect, collect_data
+    from shim.store.sweep import release_unused_mounts
 
     store = api.open_store()
     removed = sweep(store) + [f"layer {name}" for name in collect(store)]
     files, size = collect_data(store)
     if files:
         removed.append(f"{files} data file(s) no layer names ({size} bytes)")
+    removed += release_unused_mounts(store)
     for line in removed:
         print(f"removed {line}")
     if not removed:

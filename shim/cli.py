@@ -140,6 +140,7 @@ def cmd_rmi(args) -> int:
     from .api import open_store
     from .store.gc import collect, collect_data
     from .store.refs import load_refs, remove_ref, resolve_image
+    from .store.sweep import release_unused_mounts
 
     store = open_store()
     for name in args.image:
@@ -158,6 +159,7 @@ def cmd_rmi(args) -> int:
     files, size = collect_data(store)
     if removed or files:
         print(f"deleted {len(removed)} unused layer(s), {files} data file(s) ({_human(size)})", file=sys.stderr)
+    release_unused_mounts(store)
     return 0
 
 

@@ -73,7 +73,8 @@ def test_sweep_removes_only_dead_pids_temporaries(tmp_path: Path) -> None:
     mine = store.tmp / f"sha256-ab.{os.getpid()}"
     gone = store.tmp / f"sha256-cd.{dead.pid}"
     trash = store.tmp / f"gc-sha256-ef.{dead.pid}"
-    for d in (mine, gone, trash):
+    probe = store.tmp / f"probe.{dead.pid}"
+    for d in (mine, gone, trash, probe):
         (d / "tree").mkdir(parents=True)
     stray = store.images / f".sha256-01.cbor.{dead.pid}.tmp"
     stray.write_bytes(b"x")
@@ -81,5 +82,5 @@ def test_sweep_removes_only_dead_pids_temporaries(tmp_path: Path) -> None:
     other.mkdir()
     removed = sweep_temporaries(store)
     assert mine.exists() and other.exists()
-    assert not gone.exists() and not trash.exists() and not stray.exists()
-    assert len(removed) == 3
+    assert not gone.exists() and not trash.exists() and not stray.exists() and not probe.exists()
+    assert len(removed) == 4

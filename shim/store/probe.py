@@ -5,14 +5,18 @@ v2 needs overlayfs data-only lower layers (`lowerdir=META::DATA`) with `metacopy
 tiny instance of exactly that shape in the store's tmp dir and checks the two behaviours the
 layout rests on: a file whose data object is absent fails to open (an error, never zeros),
 and one whose object exists reads the object's bytes.
+
+The probe works in `tmp/probe.<pid>` and detaches its mounts when done; if it is killed
+half-way, the store's sweep (`shim.store.sweep`) detaches and deletes what it left.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from ..errors import LazyshimError
+from .sweep import remove_tree
 from .sysmount import MS_RDONLY, detach, try_mount
 
 _PROBE_BYTES = b"lazyshim-probe\n"
@@ -24,7 +28,8 @@ def data_only_lowers_work(tmp: Path) -> bool:
     if not host_root():
         return False
     base = tmp / f"probe.{os.getpid()}"
-    shutil.rmtree(base, ignore_errors=True)
+    if not remove_tree(base):  # a dead process's, whose pid this one reuses
+        raise LazyshimError(f"cannot clear {base}: a mount below it cannot be detached")
     meta, data, view = base / "meta", base / "data", base / "view"
     for d in (meta, data / "o", view):
         d.mkdir(parents=True)
@@ -60,4 +65,4 @@ def data_only_lowers_work(tmp: Path) -> bool:
     finally:
         for m in reversed(mounted):
             detach(m)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_tree(base)
