@@ -77,14 +77,11 @@ def new_env(tmp_path: Path) -> Iterator[Callable[[], Env]]:
 @pytest.fixture(autouse=True)
 def release_store_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Detach the metadata tmpfs (and the read-only views on it) of every store a test made:
-    a mount left under a deleted temp dir would hold memory and confuse later tests.
-
-    Only below this session's own temp dir: the mount table is the machine's, and a store
-    of another test session running meanwhile (its tree half-built, a rootfs mounted from
-    it) must keep its tmpfs; a fixture that makes a store elsewhere releases it itself."""
-    base = os.path.realpath(tmp_path_factory.getbasetemp())
+    a mount left under a deleted temp dir would hold memory and confuse later tests.  Only
+    below this session's temp dir: another test session on the host has stores of its own."""
+    mine = f"{os.path.realpath(tmp_path_factory.getbasetemp())}/"
     before = store_mounts()
     yield
     for mp in sorted(store_mounts() - before):
-        if mp.startswith(f"{base}/"):
+        if mp.startswith(mine):
             subprocess.run(["umount", "-R", "-l", mp], capture_output=True)
