@@ -86,17 +86,20 @@ class LazyRoot:
         and then no file of the container would be known as ours: every unfilled one would
         open as ENOENT.  So, before the container starts, a few files of each lazy layer that
         no layer above holds are looked at through the rootfs; a layer none of whose probes
-        is found, while some are there with their size, is served from another tree."""
+        is found, while some are lower files the index takes for other entries (or does not
+        know, with overlayfs' xino bits set), is served from another tree."""
         from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
         above: set[str] = set()
         fillers = {id(f.meta): f for f in self.fillers}
         for meta in reversed(self._metas):
-            filler = fillers.get(id(meta))
+            if not fillers:
+                return  # no lazy layer below: nothing left to check
+            filler = fillers.pop(id(meta), None)
             if filler is not None:
-                seen = known = 0
+                tried = seen = known = 0
                 for i, e in enumerate(meta.toc.entries):
-                    if seen >= probes:
+                    if tried >= probes:
                         break
                     if e.type != "reg" or not e.size or e.name in above:
                         continue
@@ -108,13 +111,16 @@ class LazyRoot:
                         st = os.fstat(fd)
                     finally:
                         os.close(fd)
+                    tried += 1
                     if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
                         continue
-                    seen += 1
                     hit = self.by_inode.get(st.st_ino) or self.by_inode.get(st.st_ino & 0xFFFFFFFF)
                     if hit is not None and hit[0] is filler and hit[1] == i:
                         known += 1
                         break
+                    if hit is not None or st.st_ino >> 32:
+                        seen += 1  # a lower file the index does not know as this entry
+                    # else: most likely copied up into the container's upper dir: says nothing
                 if seen and not known:
                     raise LazyshimError(f"the rootfs holds another tree of layer {meta.digest[:19]} than the store "
                                         "has now (its metadata was rebuilt after the rootfs was mounted): mount "
