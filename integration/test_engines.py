@@ -214,17 +214,18 @@ def test_containerd_runs_a_lazy_rootfs_with_runc_binary(store: Path, containerd:
 def test_a_rootfs_of_lost_metadata_trees_is_refused_in_one_line(store: Path, containerd: Containerd, tmp_path: Path,
                                                                  images: dict[str, str]) -> None:
     """The store's metadata tmpfs lost under a mounted rootfs, and its trees rebuilt in another
-    order (another image pulled first): the inode numbers the supervisor would look files up
-    by are not the mounted trees' any more.  The container is refused with the reason, never
-    started with files that open as ENOENT."""
+    order (the mounted ones were built after another image's, the rebuild makes only this
+    image's): the inode numbers the supervisor would look files up by are not the mounted
+    trees' any more.  The container is refused with the reason, never started with files
+    that open as ENOENT."""
     ref = images["python:esgz"]
     rootfs = tmp_path / "rootfs"
+    lazyshim(store, "pull", images["busybox:esgz"])  # its trees first on the tmpfs
     lazyshim(store, "mount", ref, str(rootfs))
     try:
         if layout_name(store) != "v2":
             pytest.skip("only v2 keeps its trees on a tmpfs")  # never here as root: the probe passes
         subprocess.run(["umount", "-R", "-l", str(store / "meta")], check=True)
-        lazyshim(store, "pull", images["busybox:esgz"])  # its trees first on the new tmpfs
         env = {"PATH": os.environ["PATH"], "LAZYSHIM_BACKGROUND_FETCH": "none"}
         p = subprocess.run(
             ["ctr", "--address", str(containerd.sock), "-n", "lazyshim-test", "run", "--rm",
