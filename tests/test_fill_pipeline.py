@@ -152,7 +152,12 @@ def test_a_lost_mark_is_recovered_from_the_verified_bytes_in_place(tmp_path: Pat
     good, bad = regs["lib/m000.py"], regs["lib/m001.py"]
     gate = threading.Event()
     real_sync = filler_mod.sync_dir
-    filler_mod.sync_dir = lambda path: gate.wait(10) or real_sync(path)
+
+    def slow_sync(path: Path) -> None:
+        gate.wait(10)
+        real_sync(path)
+
+    filler_mod.sync_dir = slow_sync
     try:
         filler.fill(good)
         filler.fill(bad)
