@@ -12,6 +12,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import LazyshimError
 from .store.filler import BlobSource, LayerFiller, is_complete, mark_complete
 from .store.layout import Store
 from .store.layouts import layer_of_lowerdir, layout_of, load_meta
@@ -24,8 +25,10 @@ class LazyRoot:
         # inode -> (filler, entry index, size)
         self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
         layout = layout_of(store)
+        self._metas = []  # every layer's metadata, bottom first (what shadows what)
         for digest in layer_digests:
             meta = load_meta(store, digest)
+            self._metas.append(meta)
             if meta.complete:  # unpacked in full (legacy layer)
                 mark_complete(store.layer_dir(digest))
                 continue
@@ -74,6 +77,55 @@ class LazyRoot:
             return False
         hit[0].fill(hit[1])
         return True
+
+    def check_rootfs(self, root_fd: int, probes: int = 8) -> None:
+        """Refuse a rootfs whose lazy layers are not the trees this index was read from.
+
+        The index maps inode numbers of the layers' trees; a tree rebuilt after the rootfs
+        was mounted (the store's metadata tmpfs lost and made again) numbers its files anew,
+        and then no file of the container would be known as ours: every unfilled one would
+        open as ENOENT.  So, before the container starts, a few files of each lazy layer that
+        no layer above holds are looked at through the rootfs; a layer none of whose probes
+        is found, while some are lower files the index takes for other entries (or does not
+        know, with overlayfs' xino bits set), is served from another tree."""
+        from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+
+        above: set[str] = set()
+        fillers = {id(f.meta): f for f in self.fillers}
+        for meta in reversed(self._metas):
+            if not fillers:
+                return  # no lazy layer below: nothing left to check
+            filler = fillers.pop(id(meta), None)
+            if filler is not None:
+                tried = seen = known = 0
+                for i, e in enumerate(meta.toc.entries):
+                    if tried >= probes:
+                        break
+                    if e.type != "reg" or not e.size or e.name in above:
+                        continue
+                    try:
+                        fd = openat2(root_fd, ("/" + e.name).encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                    except OSError:
+                        continue  # hidden (a whiteout above) or removed: says nothing
+                    try:
+                        st = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                    tried += 1
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
+                        continue
+                    hit = self.by_inode.get(st.st_ino) or self.by_inode.get(st.st_ino & 0xFFFFFFFF)
+                    if hit is not None and hit[0] is filler and hit[1] == i:
+                        known += 1
+                        break
+                    if hit is not None or st.st_ino >> 32:
+                        seen += 1  # a lower file the index does not know as this entry
+                    # else: most likely copied up into the container's upper dir: says nothing
+                if seen and not known:
+                    raise LazyshimError(f"the rootfs holds another tree of layer {meta.digest[:19]} than the store "
+                                        "has now (its metadata was rebuilt after the rootfs was mounted): mount "
+                                        "the rootfs again")
+            above.update(e.name for e in meta.toc.entries)
 
     def prefetch_plan(self, everything: bool) -> list[tuple[LayerFiller, list[int], bool]]:
         """What background fetching fills, in order: every layer's prioritized files (those

@@ -35,6 +35,9 @@ class FakeRoot:
     def lookup(self, st):
         return None
 
+    def check_rootfs(self, root_fd: int) -> None:
+        pass
+
     def lookup_path(self, root_fd: int, path: bytes):
         return self.paths.pop(path, None)
 

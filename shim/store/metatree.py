@@ -85,8 +85,39 @@ class MetaLayout(LayerLayout):
             self._build_unlocked(meta or load_meta(self.store, digest))
 
     def _build_unlocked(self, meta: LayerMeta) -> None:
+        """Build the layer's tree on the tmpfs (the caller holds the layer's lock and has
+        mounted the tmpfs).  If the tmpfs is unmounted under the build (an admin, a cleanup
+        of another store gone wrong), the half-built tree went with it: build again once on
+        a fresh tmpfs, and never on the disk dir below the mount point."""
+        lost: BaseException | None = None
+        for attempt in range(2):
+            if attempt:
+                self._ensure_tmpfs()
+            tmpfs = self._tmpfs_dev()
+            try:
+                self._build_once(meta, tmpfs)
+                return
+            except (OSError, LazyshimError) as e:
+                if tmpfs is not None and self._tmpfs_dev() == tmpfs:
+                    raise  # the tmpfs stayed: a real error of this build
+                lost = e
+        raise LazyshimError(f"the store's metadata tmpfs {self.meta_root} was unmounted twice while the tree of "
+                            f"layer {meta.digest[:19]} was built") from lost
+
+    def _tmpfs_dev(self) -> int | None:
+        """The device of the metadata tmpfs now, or None if it is not mounted."""
+        if not os.path.ismount(self.meta_root):
+            return None
+        try:
+            return os.stat(self.meta_root).st_dev
+        except OSError:
+            return None
+
+    def _build_once(self, meta: LayerMeta, tmpfs: int | None) -> None:
         name = digest_dirname(meta.digest)
         final = self.meta_root / name
+        if tmpfs is None:
+            raise LazyshimError(f"the store's metadata tmpfs {self.meta_root} is not mounted")
         if final.is_dir():
             return
         for stale in self.meta_root.glob(f".{name}.*"):  # a build that died half-way
@@ -95,6 +126,8 @@ class MetaLayout(LayerLayout):
         (staging / _TREE).mkdir(parents=True)
         try:
             self._build(meta, staging)
+            if os.stat(staging).st_dev != tmpfs:
+                raise LazyshimError(f"the store's metadata tmpfs {self.meta_root} was unmounted during a build")
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

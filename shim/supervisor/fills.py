@@ -190,6 +190,7 @@ class FillService:
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pending = []
         try:
+            self.root.check_rootfs(root_fd)  # a rootfs of other trees than ours: refuse, never serve ENOENT
             for p in paths:  # fetched alongside the exec chain, not one round trip after another
                 hit = self.root.lookup_path(root_fd, p.encode())
                 if hit is not None:
