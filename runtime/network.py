@@ -9,6 +9,7 @@ starts, with the container state (and so its pid) on stdin.  Uses pyroute2 (netl
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -68,15 +69,27 @@ def _host_ifname(container_id: str) -> str:
 
 
 def _ensure_bridge(ipr) -> int:
+    """The host bridge, made by whichever container gets there first: two containers that
+    start at once may both try, and the loser finds the winner's bridge and address."""
     found = ipr.link_lookup(ifname=BRIDGE)
     if found:
         return found[0]
-    ipr.link("add", ifname=BRIDGE, kind="bridge")
+    _exists_ok(lambda: ipr.link("add", ifname=BRIDGE, kind="bridge"))
     idx = ipr.link_lookup(ifname=BRIDGE)[0]
-    ipr.addr("add", index=idx, address=str(GATEWAY), prefixlen=SUBNET.prefixlen)
+    _exists_ok(lambda: ipr.addr("add", index=idx, address=str(GATEWAY), prefixlen=SUBNET.prefixlen))
     ipr.link("set", index=idx, state="up")
     _masquerade()
     return idx
+
+
+def _exists_ok(op) -> None:
+    from pyroute2 import NetlinkError
+
+    try:
+        op()
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
 
 
 def _masquerade() -> None:

@@ -102,11 +102,9 @@ _IMAGES_COLUMNS = [("IMAGE", "Repository"), ("ID", "ID"), ("LAYERS", "Layers"), 
 
 
 def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    from .progress import human
+
+    return human(n)
 
 
 def cmd_inspect(args) -> int:
