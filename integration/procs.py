@@ -1,10 +1,16 @@
-"""Stopping the service processes the tests start (registry, containerd)."""
+"""Starting and stopping the service processes the tests start (registry, containerd, snapshotter)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
+import time
+from pathlib import Path
+
+import pytest
 
 
 def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
@@ -19,3 +25,18 @@ def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
         proc.wait(timeout=timeout)
     except ProcessLookupError:
         proc.wait(timeout=timeout)
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
+    """Return once `path` accepts a connection (bounded; fails with the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-800:]}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                s.connect(str(path))
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {path} not ready in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
+        time.sleep(0.05)

@@ -11,7 +11,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import pytest
 
 from integration import cri
 from integration.images import Entry, ImageSpec, build_and_push, fetch_manifest, register_spec
-from integration.procs import stop_group
+from integration.procs import stop_group, wait_for_socket
 from integration.registry import Registry
 from integration.storeview import release_store_mounts_below
 
@@ -43,21 +42,6 @@ def pause_spec() -> ImageSpec:
                                                                    source=Path("/bin/busybox")),
                                 Entry("bin/sleep", "symlink", 0o777, linkname="busybox")]],
                      cmd=["/bin/sleep", "2147483647"], env=["PATH=/bin"])
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
-    """Return once `path` accepts a connection (bounded; fails with the log's tail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-800:]}")
-        if path.exists():
-            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
-                s.connect(str(path))
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: {path} not ready in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
-        time.sleep(0.05)
 
 
 def containerd_config(root: Path, state: Path, sock: Path, snap_sock: Path, cni: Path, registry: str,
@@ -124,7 +108,7 @@ class Node:
                 [str(LAZYSHIM_BIN), "snapshotter", "--address", str(snap_sock), "--root", str(self.dir / "snapshots"),
                  "--store", str(self.store)],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
-        _wait_for_socket(snap_sock, self.snapshotter, log, "lazyshim snapshotter")
+        wait_for_socket(snap_sock, self.snapshotter, log, "lazyshim snapshotter")
         cni = self.dir / "cni"
         cni.mkdir()
         cfg = self.dir / "containerd.toml"
@@ -134,7 +118,7 @@ class Node:
         with open(log, "ab") as f:
             self.containerd = subprocess.Popen(["containerd", "--config", str(cfg)], env=self.env,
                                                stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
-        _wait_for_socket(self.sock, self.containerd, log, "containerd")
+        wait_for_socket(self.sock, self.containerd, log, "containerd")
 
     def _mount_points(self) -> list[str]:
         """Mount points under this node's dirs, from the kernel's own table."""

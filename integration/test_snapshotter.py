@@ -4,11 +4,9 @@ snapshotter` (ctr-remote's rpull passes the layer labels), real runc runs it thr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from integration.images import fetch_manifest
-from integration.procs import stop_group
+from integration.procs import stop_group, wait_for_socket
 from integration.registry import Registry
 from integration.storeview import release_store_mounts_below
 
@@ -27,21 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 LAZYSHIM_BIN = Path(sys.executable).parent / "lazyshim"
 NAMESPACE = "lazyshim-snap"
 SNAPSHOTTER = "lazyshim"
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
-    """Return once `path` accepts a connection (bounded; fails with the log's tail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-800:]}")
-        if path.exists():
-            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
-                s.connect(str(path))
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: {path} not ready in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -64,7 +47,7 @@ class Node:
                 [str(LAZYSHIM_BIN), "snapshotter", "--address", str(self.snap_sock), "--root", str(self.snap_root),
                  "--store", str(self.store)],
                 env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
-        _wait_for_socket(self.snap_sock, self.snapshotter, log, "lazyshim snapshotter")
+        wait_for_socket(self.snap_sock, self.snapshotter, log, "lazyshim snapshotter")
 
     def stop_snapshotter(self) -> None:
         proc, self.snapshotter = self.snapshotter, None
@@ -94,7 +77,7 @@ class Node:
             self.containerd = subprocess.Popen(
                 ["containerd", "--config", str(cfg)], stdin=subprocess.DEVNULL, stdout=f, stderr=f,
                 start_new_session=True)
-        _wait_for_socket(self.sock, self.containerd, log, "containerd")
+        wait_for_socket(self.sock, self.containerd, log, "containerd")
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         p = subprocess.run(["ctr-remote", "--address", str(self.sock), "--namespace", NAMESPACE, *args],

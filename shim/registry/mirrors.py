@@ -188,19 +188,24 @@ def _location(value: object, key: str, where: str, wildcard: bool = False) -> st
     return loc
 
 
-def parse_registries_conf(text: str | bytes, source: str = "registries.conf") -> list[RegistryEntry]:
-    """The `[[registry]]` entries of one registries.conf (v2; v1's insecure/block lists are
-    converted).  Unknown keys are ignored, as containers/image does; wrong types and
-    invalid locations raise MirrorConfigError naming the file."""
+def _load_toml(text: str | bytes, source: str) -> dict:
+    """One TOML document of a config file; undecodable or invalid text is one MirrorConfigError."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise MirrorConfigError(f"{source}: not UTF-8 text") from None
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MirrorConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def parse_registries_conf(text: str | bytes, source: str = "registries.conf") -> list[RegistryEntry]:
+    """The `[[registry]]` entries of one registries.conf (v2; v1's insecure/block lists are
+    converted).  Unknown keys are ignored, as containers/image does; wrong types and
+    invalid locations raise MirrorConfigError naming the file."""
+    doc = _load_toml(text, source)
     regs = doc.get("registry", [])
     v1 = doc.get("registries")
     if v1 is not None:
@@ -311,15 +316,7 @@ def _host_url(url: object, where: str, table: Mapping) -> HostUrl | None:
 def parse_hosts_toml(text: str | bytes, namespace: str, source: str = "hosts.toml") -> HostsConfig:
     """One hosts.toml for the registry host `namespace` (the server when none is named).
     Unknown keys (ca, client, header, dial_timeout...) are ignored."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MirrorConfigError(f"{source}: not UTF-8 text") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise MirrorConfigError(f"{source}: not valid TOML: {e}") from None
+    doc = _load_toml(text, source)
     server = _host_url(doc.get("server", namespace), f"{source}: server", doc)
     hosts_raw = doc.get("host", {})
     if not isinstance(hosts_raw, dict):
