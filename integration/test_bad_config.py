@@ -20,8 +20,12 @@ MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 def _push_with_config(registry: Registry, tag: str, config: object) -> str:
     """busybox:esgz's layers under a new manifest whose config is `config`."""
+    return _push_raw_config(registry, tag, json.dumps(config).encode())
+
+
+def _push_raw_config(registry: Registry, tag: str, raw: bytes) -> str:
+    """busybox:esgz's layers under a new manifest whose config blob is `raw`."""
     manifest = fetch_manifest(registry.host, "busybox", "esgz")
-    raw = json.dumps(config).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     manifest["config"] = {"mediaType": MT_CONFIG, "digest": digest, "size": len(raw)}
     with RegistryClient(registry.host) as c:
@@ -69,3 +73,20 @@ def test_bad_run_flags_are_one_line_and_write_nothing_outside_the_store(
     assert_one_line_failure(p, words, code=125)
     outside = [p for p in tmp_path.rglob("*") if p not in (tmp_path / "deep", store) and store not in p.parents]
     assert not outside, outside
+
+
+@pytest.mark.parametrize(("tag", "config"), [
+    ("rootfs-string", {"rootfs": "layers"}),
+    ("diff-ids-numbers", {"rootfs": {"type": "layers", "diff_ids": [5, None]}}),
+])
+def test_a_pull_publishes_a_config_with_odd_rootfs_without_a_traceback(tmp_path: Path, registry: Registry,
+                                                                        images: dict[str, str], tag: str,
+                                                                        config: dict) -> None:
+    p = lazyshim(tmp_path / "store", "pull", _push_with_config(registry, tag, config), check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_deeply_nested_config_is_one_line(tmp_path: Path, registry: Registry, images: dict[str, str]) -> None:
+    ref = _push_raw_config(registry, "nested-config", b"[" * 200_000)
+    p = lazyshim(tmp_path / "store", "pull", ref, check=False)
+    assert_one_line_failure(p, "not json")

@@ -59,8 +59,8 @@ def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
     config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
     try:
         config = json.loads(config_raw)
-    except ValueError as e:
-        raise LazyshimError(f"{ref_str}: image config is not JSON") from e
+    except (ValueError, RecursionError):  # RecursionError: a few MB of `[` fit under MAX_CONFIG
+        raise LazyshimError(f"{ref_str}: image config is not JSON") from None
     if not isinstance(config, dict):
         raise LazyshimError(f"{ref_str}: image config is not a JSON object")
     metas = []

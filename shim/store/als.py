@@ -38,7 +38,7 @@ def ref_dir(store: Store, ref: str) -> Path:
 
 def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[str]) -> None:
     """Write the ALS entries of an image under every name podman may look it up by."""
-    diff_ids = list((rec.config.get("rootfs") or {}).get("diff_ids") or [])
+    diff_ids = _diff_ids(rec.config)
     from .layouts import layout_of
 
     layout = layout_of(store)
@@ -59,7 +59,7 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
                 "diff-size": sum(e.size for e in meta.toc.entries if e.type == "reg"),
                 "compression": COMPRESSION_ZSTD if meta.format == "zstd:chunked" else COMPRESSION_GZIP,
             }
-            if i < len(diff_ids):
+            if i < len(diff_ids) and diff_ids[i] is not None:
                 info["diff-digest"] = diff_ids[i]
             (tmp / "info").write_text(json.dumps(info))
             try:
@@ -68,3 +68,13 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
                 for name in ("diff", "blob", "info"):
                     (tmp / name).unlink(missing_ok=True)
                 tmp.rmdir()
+
+
+def _diff_ids(config: dict) -> list[str | None]:
+    """The config's `rootfs.diff_ids`, from registry-supplied JSON: an entry that is not a
+    digest string is left out of podman's layer record (None), never passed on or raised on."""
+    rootfs = config.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list):
+        return []
+    return [d if isinstance(d, str) and d.startswith("sha256:") else None for d in ids]
