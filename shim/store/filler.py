@@ -371,10 +371,17 @@ class LayerFiller:
         pause()  # before claiming: an open waiting on a claim must never wait for the pause
         with self._lock:
             claimed = [i for i in span.keys if not self.ready[i] and not self.filled[i] and i not in self._inflight]
+            elsewhere = [(i, self._inflight[i]) for i in span.keys if i in self._inflight]
             for i in claimed:
                 self._inflight[i] = threading.Event()
         if claimed:
             self._fill_claimed(claimed)
+        # Files a concurrent fill or readahead had claimed: done only once their bytes are
+        # (a caller such as `fill_many` or `lazyshim fetch` relies on "returned" meaning "in place").
+        for i, ev in elsewhere:
+            ev.wait()
+            if not self.is_filled(i):
+                self.errors.append(f"filling {self.meta.toc.entries[i].name!r} failed")
 
     def fill_many(self, indices: list[int], max_request: int = MAX_REQUEST) -> None:
         """Fill many files now, in few requests; raises FillError naming the first failure."""
