@@ -553,6 +553,34 @@ def skopeo_copy(
     _run([*argv, src, dest], env=penv.env("skopeo"), timeout=900, prefix=prefix)
 
 
+#: Plugins a private test containerd does without (no CRI, no exotic snapshotters, no tracing).
+PRIVATE_DISABLED_PLUGINS = [
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+]
+
+
+def private_containerd_config(root: Path, state: Path, sock: Path, extra: str = "") -> str:
+    """config.toml of a containerd of our own: its root, state and sockets, nothing under /opt;
+    `extra` is appended (e.g. a proxy snapshotter)."""
+    return (
+        "version = 2\n"
+        f'root = "{root}"\nstate = "{state}"\n'
+        f"disabled_plugins = {json.dumps(PRIVATE_DISABLED_PLUGINS)}\n"
+        f'[grpc]\n  address = "{sock}"\n'
+        f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
+        '[debug]\n  address = ""\n'
+        '[metrics]\n  address = ""\n'
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root}/opt"\n'
+        + extra
+    )
+
+
 class Containerd:
     """A private containerd (own root, state, socket) so ctr-remote can convert images.
 
@@ -573,25 +601,7 @@ class Containerd:
         root.mkdir(parents=True)
         state.mkdir(parents=True)
         cfg = self.dir / "config.toml"
-        disabled = [
-            "io.containerd.grpc.v1.cri",
-            "io.containerd.snapshotter.v1.aufs",
-            "io.containerd.snapshotter.v1.btrfs",
-            "io.containerd.snapshotter.v1.devmapper",
-            "io.containerd.snapshotter.v1.zfs",
-            "io.containerd.tracing.processor.v1.otlp",
-            "io.containerd.internal.v1.tracing",
-        ]
-        cfg.write_text(
-            "version = 2\n"
-            f'root = "{root}"\nstate = "{state}"\n'
-            f"disabled_plugins = {json.dumps(disabled)}\n"
-            f'[grpc]\n  address = "{self.sock}"\n'
-            f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-            '[debug]\n  address = ""\n'
-            '[metrics]\n  address = ""\n'
-            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root}/opt"\n'
-        )
+        cfg.write_text(private_containerd_config(root, state, self.sock))
         self.log = self.dir / "containerd.log"
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.images import fetch_manifest
+from integration.images import fetch_manifest, private_containerd_config
 from integration.procs import stop_group, wait_for_socket
 from integration.registry import Registry
 from integration.storeview import release_store_mounts_below
@@ -57,21 +57,9 @@ class Node:
     def start_containerd(self) -> None:
         root, state = self.dir / "root", self.dir / "state"
         cfg = self.dir / "containerd.toml"
-        disabled = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
-                    "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp",
-                    "io.containerd.internal.v1.tracing"]
-        cfg.write_text(
-            "version = 2\n"
-            f'root = "{root}"\nstate = "{state}"\n'
-            f"disabled_plugins = {json.dumps(disabled)}\n"
-            f'[grpc]\n  address = "{self.sock}"\n'
-            f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-            '[debug]\n  address = ""\n'
-            '[metrics]\n  address = ""\n'
-            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root}/opt"\n'
-            f'[proxy_plugins.{SNAPSHOTTER}]\n  type = "snapshot"\n  address = "{self.snap_sock}"\n'
-        )
+        cfg.write_text(private_containerd_config(
+            root, state, self.sock,
+            extra=f'[proxy_plugins.{SNAPSHOTTER}]\n  type = "snapshot"\n  address = "{self.snap_sock}"\n'))
         log = self.dir / "containerd.log"
         with open(log, "ab") as f:
             self.containerd = subprocess.Popen(
