@@ -3,8 +3,10 @@ readable at once and marked on disk only after a flush."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,10 +96,10 @@ def test_a_corrupt_neighbour_fails_alone(tmp_path: Path) -> None:
         filler.fill(regs["lib/m002.py"])
 
 
-def test_a_commit_is_readable_at_once_and_marked_after_the_flush(tmp_path: Path) -> None:
-    entries = _files(3)
-    meta, filler, source, regs = _filler_with(tmp_path, entries)
-    filler.readahead = False
+@contextlib.contextmanager
+def held_flush() -> Iterator[threading.Event]:
+    """The background flush blocks in its sync until the yielded event is set (or the block
+    ends): commits are visible in memory while their durable marks have not landed."""
     gate = threading.Event()
     real_sync = filler_mod.sync_dir
 
@@ -107,15 +109,23 @@ def test_a_commit_is_readable_at_once_and_marked_after_the_flush(tmp_path: Path)
 
     filler_mod.sync_dir = slow_sync
     try:
+        yield gate
+    finally:
+        gate.set()
+        filler_mod.sync_dir = real_sync
+
+
+def test_a_commit_is_readable_at_once_and_marked_after_the_flush(tmp_path: Path) -> None:
+    entries = _files(3)
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    filler.readahead = False
+    with held_flush() as gate:
         i = regs["lib/m001.py"]
         filler.fill(i)
         assert filler.is_filled(i) and not filler.filled[i], "marked before the flush"
         gate.set()
         SYNCER.flush()
         assert filler.filled[i]
-    finally:
-        gate.set()
-        filler_mod.sync_dir = real_sync
 
 
 def test_needed_libraries_of_an_elf_and_hostile_headers() -> None:
@@ -150,30 +160,21 @@ def test_a_lost_mark_is_recovered_from_the_verified_bytes_in_place(tmp_path: Pat
     meta, filler, source, regs = _filler_with(tmp_path, entries)
     filler.readahead = False
     good, bad = regs["lib/m000.py"], regs["lib/m001.py"]
-    gate = threading.Event()
-    real_sync = filler_mod.sync_dir
-
-    def slow_sync(path: Path) -> None:
-        gate.wait(10)
-        real_sync(path)
-
-    filler_mod.sync_dir = slow_sync
     try:
-        filler.fill(good)
-        filler.fill(bad)
-        assert not filler.filled[good] and not filler.filled[bad]  # the flush has not run: "killed"
-        tree = tmp_path / "layer/tree"
-        with open(tree / "lib/m001.py", "r+b") as f:
-            f.write(b"not the image's bytes")
-        after = filler_mod.LayerFiller(tmp_path / "layer", meta, _DeadSource)
-        after.readahead = False
-        after.fill(good)
-        assert (tree / "lib/m000.py").read_bytes() == entries[0][1]
-        with pytest.raises(FillError):
-            after.fill(bad)
-        assert (tree / "lib/m001.py").stat().st_blocks == 0, "unverified bytes stayed in place"
-        assert after.requests == 1  # only the file whose bytes did not verify
+        with held_flush():
+            filler.fill(good)
+            filler.fill(bad)
+            assert not filler.filled[good] and not filler.filled[bad]  # the flush has not run: "killed"
+            tree = tmp_path / "layer/tree"
+            with open(tree / "lib/m001.py", "r+b") as f:
+                f.write(b"not the image's bytes")
+            after = filler_mod.LayerFiller(tmp_path / "layer", meta, _DeadSource)
+            after.readahead = False
+            after.fill(good)
+            assert (tree / "lib/m000.py").read_bytes() == entries[0][1]
+            with pytest.raises(FillError):
+                after.fill(bad)
+            assert (tree / "lib/m001.py").stat().st_blocks == 0, "unverified bytes stayed in place"
+            assert after.requests == 1  # only the file whose bytes did not verify
     finally:
-        gate.set()
-        filler_mod.sync_dir = real_sync
         SYNCER.flush()
