@@ -144,3 +144,59 @@ def test_bad_or_conflicting_layout_is_a_one_line_error(tmp_path: Path, images: d
     p = run(store, "v2", "images", check=False)
     assert p.returncode != 0 and "layout v1" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert run(store, None, "images").returncode == 0  # the recorded layout holds
+
+
+def _objects(store: Path) -> dict[bytes, Path]:
+    return {p.read_bytes(): p for p in (store / "data").rglob("*") if p.is_file()}
+
+
+def test_gc_max_size_evicts_least_recently_used_data_and_never_a_mounted_layers(tmp_path: Path,
+                                                                                 registry: Registry) -> None:
+    """`gc --max-size`: the oldest data of layers no overlay uses goes first and is refetched on
+    the next fill; data a mounted layer names stays whatever the cap; a reader never gets zeros."""
+    shared = os.urandom(300_000)
+    a = build_estargz([(_ti("a"), b"only in a\n"), (_ti("lib/shared.so"), shared)])
+    b = build_estargz([(_ti("b"), b"only in b\n"), (_ti("opt/same-bytes.so"), shared)])
+    refs = [push_image(registry.host, "evict", tag, [(lay.blob, MT_GZIP,
+                                                      {estargz.TOC_DIGEST_ANNOTATION: lay.toc_digest}, lay.diff_id)])
+            for tag, lay in (("a", a), ("b", b))]
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    for ref in refs:
+        run(store, "v2", "pull", ref)
+        run(store, "v2", "fetch", ref)
+    assert all((d / "complete").exists() for d in (store / "layers").iterdir())
+
+    # The shared object was last read days ago: it goes first, and alone fits the cap.
+    old = _objects(store)[shared]
+    os.utime(old, (old.stat().st_atime - 3 * 86400, old.stat().st_mtime))
+    out = run(store, "v2", "gc", "--max-size", "1k").stdout
+    assert "1 least recently used data file(s) (300000 bytes)" in out, out
+    assert set(_objects(store)) == {b"only in a\n", b"only in b\n"}
+    assert not any((d / "complete").exists() for d in (store / "layers").iterdir()), "would run unsupervised"
+
+    # A mounted image pins its data; the other image's goes.  Its reader gets bytes or errors.
+    run(store, "v2", "mount", refs[0], str(mnt))
+    try:
+        p = run(store, "v2", "gc", "--max-size", "0")
+        assert "1 least recently used data file(s) (10 bytes)" in p.stdout, p.stdout
+        assert "data still takes 10 bytes: 10 of them belong to layers in use" in p.stderr, p.stderr
+        assert set(_objects(store)) == {b"only in a\n"}
+        assert (mnt / "a").read_bytes() == b"only in a\n"
+        with pytest.raises(OSError):
+            (mnt / "lib/shared.so").read_bytes()  # evicted before the mount: fails, never zeros
+    finally:
+        run(store, "v2", "umount", str(mnt), check=False)
+
+    # The next fill refetches what was evicted, and the bytes are the image's.
+    registry.clear_access_log()
+    run(store, "v2", "fetch", refs[1])
+    assert registry.access_log(), "nothing refetched"
+    run(store, "v2", "mount", refs[1], str(mnt))
+    try:
+        assert (mnt / "opt/same-bytes.so").read_bytes() == shared
+        assert (mnt / "b").read_bytes() == b"only in b\n"
+    finally:
+        run(store, "v2", "umount", str(mnt), check=False)
+
+    bad = run(store, "v2", "gc", "--max-size", "nan", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--max-size" in bad.stderr, bad.stderr

@@ -100,8 +100,9 @@ def env_file(path: str) -> list[str]:
     return out
 
 
-def memory(value: str) -> int:
-    """`512m`, `1g`, `1048576`: bytes."""
+def memory(value: str, what: str = "size", zero: bool = False) -> int:
+    """`512m`, `1g`, `1048576`: bytes (`0` too where `zero`).  `what` names the flag or
+    setting in the error."""
     v = value.strip().lower()
     num, unit = v.rstrip("bkmg"), v[len(v.rstrip("bkmg")):]
     if unit.endswith("b") and len(unit) == 2:
@@ -110,8 +111,8 @@ def memory(value: str) -> int:
         n = float(num)
     except ValueError:
         n = -1
-    if unit not in _UNITS or n <= 0:
-        raise LazyshimError(f"invalid size {value!r} (e.g. 512m, 1g)")
+    if unit not in _UNITS or not (0 <= n if zero else 0 < n) or not n < 1 << 62:  # also refuses nan and inf
+        raise LazyshimError(f"invalid {what} {value[:40]!r} (e.g. 512m, 1g)")
     return int(n * _UNITS[unit])
 
 

@@ -149,17 +149,34 @@ def supervisor_alive(sdir: Path) -> bool:
 
 
 def cmd_gc(args) -> int:
-    """`lazyshim gc`: the sweep, then layers no image or mount uses, then the store's own
-    mounts once no layer is left; says what went."""
-    from shim import api
-    from shim.store.gc import collect, collect_data
+    """`lazyshim gc [--max-size SIZE]`: the sweep, then layers no image or mount uses, then
+    (with a cap) the least recently used file data no mounted layer names, then the store's
+    own mounts once no layer is left; says what went."""
+    from shim import api, config
+    from shim.store.gc import collect, collect_data, evict_data
     from shim.store.sweep import release_unused_mounts
 
+    from .runflags import memory
+
+    cap_text = args.max_size or config.get("store_max_size")
+    cap = memory(cap_text, what="--max-size" if args.max_size else "store_max_size", zero=True) \
+        if cap_text else None
     store = api.open_store()
     removed = sweep(store) + [f"layer {name}" for name in collect(store)]
     files, size = collect_data(store)
     if files:
         removed.append(f"{files} data file(s) no layer names ({size} bytes)")
+    if cap is not None:
+        ev = evict_data(store, cap)
+        if ev is None:
+            print("lazyshim: --max-size: this store's layout keeps file data in its layer trees; nothing evicted",
+                  file=sys.stderr)
+        else:
+            if ev.files:
+                removed.append(f"{ev.files} least recently used data file(s) ({ev.bytes} bytes)")
+            if ev.kept_bytes > cap:
+                print(f"lazyshim: data still takes {ev.kept_bytes} bytes: {ev.pinned_bytes} of them belong to "
+                      "layers in use by containers", file=sys.stderr)
     removed += release_unused_mounts(store)
     for line in removed:
         print(f"removed {line}")
@@ -170,6 +187,9 @@ def cmd_gc(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("gc", help="remove stale containers, mounts, state and unused layers")
+    p.add_argument("--max-size", metavar="SIZE",
+                   help="also evict least recently used file data until it takes at most SIZE (e.g. 20g); "
+                        "default: the config's store_max_size")
     p.set_defaults(func=cmd_gc)
 
 

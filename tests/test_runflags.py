@@ -49,9 +49,12 @@ def test_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sizes_and_cpus() -> None:
     assert runflags.memory("512m") == 512 << 20 and runflags.memory("1g") == 1 << 30
     assert runflags.memory("1024") == 1024 and runflags.memory("64mb") == 64 << 20
-    for bad in ("", "lots", "-1m", "0", "5t"):
+    for bad in ("", "lots", "-1m", "0", "5t", "nan", "inf", "infg", "1e300"):
         with pytest.raises(LazyshimError):
             runflags.memory(bad)
+    assert runflags.memory("0", zero=True) == 0
+    with pytest.raises(LazyshimError, match="--max-size"):
+        runflags.memory("-1", what="--max-size", zero=True)
     assert runflags.cpus("1.5") == (150000, 100000)
     for bad in ("0", "x", "-2"):
         with pytest.raises(LazyshimError):

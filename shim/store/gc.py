@@ -74,6 +74,21 @@ def collect_data(store: Store) -> tuple[int, int]:
         return layout_of(store).collect_data()
 
 
+def evict_data(store: Store, max_bytes: int):
+    """Evict least recently used file data no mounted layer names, down to max_bytes
+    (`shim.store.evict`); None where the layout keeps data in its trees (v1)."""
+    from .evict import evict_to
+
+    if layout_of(store).name != "v2":
+        return None
+    if not store.layers.is_dir():
+        from .evict import Eviction
+
+        return Eviction()
+    with store.lock("gc"):
+        return evict_to(store, max_bytes, mounted_layers(store))
+
+
 def collect(store: Store, keep_digests: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Delete layer dirs no image lists, no overlay mounts and `keep_digests` (an owner outside
     the image records, e.g. containerd's snapshotter) does not name; return the names deleted."""
