@@ -474,35 +474,15 @@ def spawn_capture(argv: list[str]) -> tuple[int, bytes]:
 
 
 def spawn_forwarding(argv: list[str]) -> int:
-    """Run argv in the foreground and pass on signals sent to us with kill(2).
-
-    Signals the terminal sends (^C, SIGWINCH) already reach the delegate through the
-    process group: si_code tells them apart, so nothing arrives twice.
-    """
+    """Run argv in the foreground and pass on every signal sent to us with kill(2)."""
     import signal
+
+    from .sigproxy import spawn_forwarding as spawn
 
     forward = set(range(1, signal.NSIG)) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD,
                                              signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
-    forward = {s for s in forward if s not in (32, 33)}  # glibc-internal
-    sigs = forward | {signal.SIGCHLD}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        sys.stdout.flush()
-        pid = os.posix_spawn(argv[0], argv, os.environ, setsigmask=old)
-        while True:
-            info = signal.sigwaitinfo(sigs)
-            if info.si_signo == signal.SIGCHLD:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    return _status(status)
-                continue
-            if info.si_code <= 0:  # SI_USER, SI_QUEUE, SI_TKILL: someone asked us by pid
-                try:
-                    os.kill(pid, info.si_signo)
-                except ProcessLookupError:
-                    pass
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    sys.stdout.flush()
+    return spawn(argv, {s for s in forward if s not in (32, 33)})  # 32, 33: glibc-internal
 
 
 def _wait(pid: int) -> int:

@@ -60,39 +60,60 @@ def run_forwarding(argv: list[str], kill: Callable[[], bool], stdin_null: bool) 
     """Run argv (the delegate's `run`) and wait for it, forwarding proxied signals; its exit
     status as a shell reports it (128+N for a signal).  `kill` SIGKILLs the container (False
     if the delegate had none to kill yet)."""
-    sigs = set(PROXIED) | {signal.SIGCHLD}
+    last: float | None = None
+
+    def escalate(signo: int, pid: int) -> bool:
+        nonlocal last
+        if signo not in ESCALATING:
+            return False
+        t = time.monotonic()
+        if last is None or t - last >= ESCALATE_WINDOW:
+            last = t
+            return False
+        if not kill():  # not created yet: stop the delegate itself
+            _send(pid, signal.SIGKILL)
+        return True
+
+    return spawn_forwarding(argv, set(PROXIED), stdin_null=stdin_null, intercept=escalate)
+
+
+def spawn_forwarding(argv: list[str], signals: set[int], *, stdin_null: bool = False,
+                     intercept: Callable[[int, int], bool] | None = None) -> int:
+    """Run argv in the foreground, pass on `signals` sent to us with kill(2), and return its
+    exit status as a shell reports it (128+N for a signal).
+
+    The signals are blocked and taken with sigwaitinfo, so none is lost between spawn and
+    wait.  Signals the terminal sends (^C, SIGWINCH) already reach the child through the
+    process group: si_code tells them apart, so nothing arrives twice.  `intercept(signo,
+    pid)` sees every signal first and returns True when it dealt with it."""
+    sigs = set(signals) | {signal.SIGCHLD}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)] if stdin_null else []
         pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsigmask=old)
-        last: float | None = None
         while True:
             info = signal.sigwaitinfo(sigs)
             if info.si_signo == signal.SIGCHLD:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    return _exit_code(status)
+                    return exit_code(status)
                 continue
-            if info.si_signo in ESCALATING:
-                t = time.monotonic()
-                if last is not None and t - last < ESCALATE_WINDOW:
-                    if not kill():  # not created yet: stop the delegate itself
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    continue
-                last = t
-            # A terminal's ^C already reached the delegate through the process group.
-            if info.si_code <= 0:
-                try:
-                    os.kill(pid, info.si_signo)
-                except ProcessLookupError:
-                    pass
+            if intercept is not None and intercept(info.si_signo, pid):
+                continue
+            if info.si_code <= 0:  # SI_USER, SI_QUEUE, SI_TKILL: someone asked us by pid
+                _send(pid, info.si_signo)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _exit_code(status: int) -> int:
+def _send(pid: int, signo: int) -> None:
+    try:
+        os.kill(pid, signo)
+    except ProcessLookupError:
+        pass
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
