@@ -1,0 +1,300 @@
+"""The ptrace trap backend's loop: the same decide and fill path as the notify loop.
+
+Where seccomp user notification is unusable, the filter returns SECCOMP_RET_TRACE for the
+trapped syscalls and this loop is the container's tracer (seccomp/ptrace_tracer.py).  Each
+seccomp stop becomes a `Notification` (its id is ours, its pid the stopped thread) and goes
+through `decide`; Continue resumes the thread, Fail/Kill skip the syscall with an errno,
+and a Fill goes to the fill service, which answers through `TraceAnswers` (a Notifier for
+the fill service: the answer is posted back here, since only the tracer thread may resume
+a tracee).  Other stops (new tasks, exec, signals, group-stops) are passed on untouched.
+
+The loop runs in the supervisor's main thread: it seizes the tasks (when the
+createRuntime hook hands over the container's init), so it must make every later ptrace
+call too, and SIGCHLD, which tells it of stops, reaches a Python program only there.  It
+ends when the last task it traced is gone.  Anything that goes wrong with one stop costs
+that syscall an EIO and one log line; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+from seccomp.notify import Notification
+from seccomp.ptrace_stops import EXEC, GONE, GROUP_STOP, NEW_TASK, SECCOMP, SIGNAL, TRACE_MARK, classify
+from seccomp.ptrace_tracer import AlreadyTraced
+from seccomp.taskview import ProcTaskView, TaskView
+from seccomp.verdict import Verdicts
+
+from .decide import CONTINUE, KILL, Fill, ImageView, decide
+
+_EIO = errno.EIO
+MAX_STATE = 1 << 20
+
+
+class TraceAnswers:
+    """What the fill service answers through: allow/fail post to the tracer thread."""
+
+    fd = -1
+
+    def __init__(self, loop: TraceLoop) -> None:
+        self._loop = loop
+
+    def id_valid(self, nid: int) -> bool:
+        return nid in self._loop.pending
+
+    def allow(self, nid: int) -> None:
+        self._loop.post(("answer", nid, 0))
+
+    def fail(self, nid: int, err: int) -> None:
+        self._loop.post(("answer", nid, err))
+
+
+class TraceLoop:
+    """One tracer over every task of one container.
+
+    tracer: seccomp.ptrace_tracer.Tracer (a fake in tests); verdicts, image, fill, log,
+    counter, task, decide: as for NotifyLoop.
+    """
+
+    def __init__(self, tracer, verdicts: Verdicts, image: ImageView,
+                 fill: Callable[[TraceAnswers, Notification, Fill], None], log: Callable[[str], None],
+                 counter=None, task: TaskView | None = None, decide=decide,
+                 on_attach: Callable[[], None] | None = None) -> None:
+        self.tracer = tracer
+        self.verdicts = verdicts
+        self.image = image
+        self.fill = fill
+        self.log = log
+        self.counter = counter
+        self.task = task if task is not None else ProcTaskView()
+        self.decide = decide
+        self.on_attach = on_attach
+        self.answers = TraceAnswers(self)
+        self.tasks: set[int] = set()  # every thread being traced
+        self.pending: dict[int, int] = {}  # notification id -> thread, while its fill runs
+        self.attached = False
+        self._next_id = 0
+        self._posted: collections.deque = collections.deque()
+        self._post_r, self._post_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ---- from other threads ------------------------------------------------------
+    def post(self, item: tuple) -> None:
+        """Queue work for the tracer thread: ("answer", id, errno) or ("attach", pid, reply)."""
+        self._posted.append(item)
+        try:
+            os.write(self._post_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    # ---- the tracer thread -------------------------------------------------------
+    def run(self) -> None:
+        tracer = self.tracer
+        poller = select.poll()
+        poller.register(tracer.wakeup_fd, select.POLLIN)
+        poller.register(self._post_r, select.POLLIN)
+        try:
+            while not (self.attached and not self.tasks):
+                poller.poll()
+                tracer.drain_wakeups()
+                self._drain_posts()
+                while True:
+                    got = tracer.wait()
+                    if got is None:
+                        break
+                    try:
+                        self._stop(*got)
+                    except Exception as e:  # noqa: BLE001 - one stop goes wrong, the container goes on
+                        self.log(f"internal error at a stop of task {got[0]}: {e!r}")
+                        self._resume_after_error(got[0], got[1])
+        finally:
+            self.task.close()
+            os.close(self._post_r)
+            os.close(self._post_w)
+
+    def _drain_posts(self) -> None:
+        try:
+            while os.read(self._post_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        posted = self._posted
+        while posted:
+            kind, a, b = posted.popleft()
+            if kind == "answer":
+                tid = self.pending.pop(a, None)
+                if tid is None:
+                    continue  # the task died while its fill ran
+                if b:
+                    self.tracer.fail(tid, b)
+                else:
+                    self.tracer.cont(tid)
+            else:
+                self._attach(a, b)
+
+    def _attach(self, pid: int, reply: Callable[[str], None]) -> None:
+        try:
+            tids = self.tracer.seize_process(pid)
+        except AlreadyTraced as e:
+            reply(f"{e}: a task has one tracer, and the lazy root needs lazyshim's")
+            return
+        except OSError as e:
+            reply(f"cannot trace the container's init (pid {pid}): {e.strerror or e}")
+            return
+        if not tids:
+            reply(f"the container's init (pid {pid}) is gone")
+            return
+        self.tasks |= tids
+        self.attached = True
+        self.log(f"tracing pid {pid} ({len(tids)} threads)")
+        if self.on_attach is not None:
+            self.on_attach()
+        reply("ok")
+
+    def _stop(self, tid: int, status: int) -> None:
+        kind, sig = classify(status)
+        tracer = self.tracer
+        if kind is SECCOMP:
+            self.tasks.add(tid)
+            self._seccomp(tid)
+        elif kind is GONE:
+            self.tasks.discard(tid)
+            if self.pending:
+                for nid in [nid for nid, t in self.pending.items() if t == tid]:
+                    del self.pending[nid]
+        elif kind is NEW_TASK:
+            self.tasks.add(tracer.event_msg(tid))  # counted before its first stop is seen
+            tracer.cont(tid)
+        elif kind is EXEC:
+            former = tracer.event_msg(tid)  # a thread other than the leader exec'd: its id is gone
+            if former != tid:
+                self.tasks.discard(former)
+            self.tasks.add(tid)
+            tracer.cont(tid)
+        elif kind is SIGNAL:
+            tracer.cont(tid, sig)
+        elif kind is GROUP_STOP:
+            tracer.listen(tid)
+        else:
+            self.tasks.add(tid)  # a new task's first stop can come before its parent's event
+            tracer.cont(tid)
+
+    def _seccomp(self, tid: int) -> None:
+        tracer = self.tracer
+        info = tracer.syscall(tid)
+        if info is None:
+            tracer.cont(tid)  # gone, or not in a seccomp stop after all: nothing to answer
+            return
+        arch, nr, args, data = info
+        if data != TRACE_MARK:
+            tracer.fail(tid, errno.ENOSYS)  # the user's own TRACE rule, and no tracer of theirs
+            return
+        if self.counter is not None:
+            self.counter.notifications += 1
+        self._next_id += 1
+        n = Notification(self._next_id, tid, nr, arch, args)
+        try:
+            verdict = self.decide(n, self.task, self.verdicts, self.image)
+        except Exception as e:  # noqa: BLE001 - one syscall fails, the container goes on
+            self.log(f"internal error for pid {tid} syscall {nr}: {e!r}")
+            tracer.fail(tid, _EIO)
+            return
+        if verdict is CONTINUE:
+            tracer.cont(tid)
+        elif verdict.__class__ is Fill:
+            self.pending[n.id] = tid
+            self.fill(self.answers, n, verdict)
+        elif verdict is KILL:
+            # The original profile kills the caller; ours only traps, so we do.
+            try:
+                os.kill(tid, signal.SIGKILL)
+            except OSError:
+                pass
+            tracer.fail(tid, errno.EPERM)
+        else:
+            tracer.fail(tid, verdict.errno)
+
+    def _resume_after_error(self, tid: int, status: int) -> None:
+        """Never leave a task stopped: a syscall stop fails with EIO, any other resumes."""
+        try:
+            if classify(status)[0] is SECCOMP:
+                self.tracer.fail(tid, _EIO)
+            elif classify(status)[0] is not GONE:
+                self.tracer.cont(tid)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"cannot resume task {tid}: {e!r}")
+
+
+# ---- the hook's connections ---------------------------------------------------------
+def accept_hooks(listener: socket.socket, loop: TraceLoop, log: Callable[[str], None]) -> None:
+    """Accept the createRuntime hook's connections (a thread of its own): each sends the
+    container state, the tracer thread seizes its pid and the hook gets the answer."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=_hook_connection, args=(conn, loop, log), daemon=True).start()
+
+
+def _hook_connection(conn: socket.socket, loop: TraceLoop, log: Callable[[str], None]) -> None:
+    data = b""
+    try:
+        while len(data) <= MAX_STATE:
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            data += piece
+    except OSError:
+        conn.close()
+        return
+    pid = _pid_of(data)
+
+    def reply(line: str) -> None:
+        if line != "ok":
+            log(f"hook: {line}")
+        try:
+            conn.sendall(line.encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+    if pid is None:
+        reply("the hook sent no container state with a pid")
+        return
+    loop.post(("attach", pid, reply))
+
+
+def _pid_of(data: bytes) -> int | None:
+    try:
+        state = json.loads(data) if len(data) <= MAX_STATE else None
+    except ValueError:
+        return None
+    pid = state.get("pid") if isinstance(state, dict) else None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+
+def serve_traced(sup, listener: socket.socket) -> None:
+    """The ptrace backend's Supervisor.serve: trace the container this socket's hook names,
+    until its last task is gone; then mark what was filled, as the notify path does."""
+    from seccomp.ptrace_tracer import Tracer
+
+    tracer = Tracer()
+    tracer.watch_children()
+    fills = sup.fills
+    loop = TraceLoop(tracer, sup.verdicts, fills, fills.submit, sup._log, counter=fills.stats,
+                     on_attach=fills.started.set)
+    threading.Thread(target=accept_hooks, args=(listener, loop, sup._log), daemon=True, name="hooks").start()
+    try:
+        loop.run()
+    finally:
+        tracer.close()
+    fills.flush()
+    fills.write_stats()
