@@ -23,6 +23,7 @@ import pytest
 
 from integration.images import RANDOM_FILE_SIZE
 from integration.storeview import file_filled
+from integration.test_lazy_run import trap  # noqa: F401 - a fixture
 from runtime import overlay, spec
 from runtime.paths import oci_state_dir
 
@@ -150,6 +151,7 @@ def alive(pid: int) -> bool:
 
 
 # ---- (a) runc-style lifecycle on a lazy bundle --------------------------------------------
+@pytest.mark.usefixtures("trap")
 def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     rootfs = busybox.rootfs(tmp_path / "c")
     script = "cat /app/hello.txt > /result.txt; sha256sum /app/random.bin >> /result.txt"
@@ -181,6 +183,7 @@ def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, r
     assert gone.returncode == 1 and "does not exist" in gone.stderr
 
 
+@pytest.mark.usefixtures("trap")
 def test_runc_style_run_of_a_lazy_python_bundle(tmp_path: Path, images: dict[str, str], rt: Runtime) -> None:
     """`run --bundle` in the foreground: stdout and the exit code are the container's."""
     store = Store(tmp_path / "store", images["python:esgz"])
@@ -269,6 +272,7 @@ def test_errors_are_one_line_and_logged_as_json(tmp_path: Path, rt: Runtime) -> 
 
 
 # ---- (e) exec, kill and delete --force on a running lazy container ------------------------
+@pytest.mark.usefixtures("trap")
 def test_exec_fills_files_kill_and_force_delete(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     rootfs = busybox.rootfs(tmp_path / "c")
     b = bundle(tmp_path, rootfs, ["sleep", "1000"])
@@ -298,6 +302,7 @@ def test_exec_fills_files_kill_and_force_delete(tmp_path: Path, busybox: Store, 
     assert not Path(oci_state_dir(str(rt.root), "e1")).exists()
 
 
+@pytest.mark.usefixtures("trap")
 def test_delete_force_of_a_running_lazy_container(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     b = bundle(tmp_path, busybox.rootfs(tmp_path / "c"), ["sleep", "1000"])
     ok(rt("create", "--bundle", str(b), "f1"))

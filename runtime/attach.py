@@ -21,6 +21,7 @@ from shim import config as settings
 from shim.errors import LazyshimError
 
 from . import paths
+from .traced_exec import TRAP_FILE
 from .trap import choose as choose_trap
 
 
@@ -72,6 +73,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
         profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
     linux["seccomp"] = profile
     (sdir / "verdicts.json").write_text(verdicts.to_json())
+    (sdir / TRAP_FILE).write_text(trap)  # `exec` must know: under ptrace it needs the tracer first
 
     with _bound_socket(sock_path) as listener:
         ready_r, ready_w = os.pipe()

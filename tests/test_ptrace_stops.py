@@ -229,3 +229,18 @@ def test_auto_asks_the_delegates_features(tmp_path, monkeypatch) -> None:
     assert trap.choose(garbage) == "ptrace"
     monkeypatch.setattr(trap, "kernel_notifies", lambda: False)
     assert trap.choose(with_notify) == "ptrace", "no user_notif in the kernel: ptrace whatever the delegate"
+
+
+def test_a_second_tracer_rules_the_ptrace_backend_out(monkeypatch) -> None:
+    """A task has one tracer: a profile with TRACE rules, or a lazyshim that is itself
+    traced, means the image in full and no supervisor, and only under ptrace."""
+    from runtime import agent_policy
+
+    monkeypatch.setenv("LAZYSHIM_TRAP", "ptrace")
+    own = {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW",
+                                 "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_TRACE"}]}}}
+    assert "SCMP_ACT_TRACE" in agent_policy.foreign_reason(own)
+    monkeypatch.setattr("seccomp.ptrace_stops.tracer_of", lambda pid: 4321)
+    assert "tracer (pid 4321)" in agent_policy.foreign_reason({})
+    monkeypatch.setenv("LAZYSHIM_TRAP", "notify")
+    assert agent_policy.foreign_reason(own) is None and agent_policy.foreign_reason({}) is None
