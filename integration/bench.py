@@ -367,7 +367,7 @@ def micro(b: Bench, image: str) -> dict[str, float | str]:
 
     # `state`: runc vs lazyshim on a running runc container.
     cid = f"lzb-state-{os.getpid()}"
-    runc_run(["sleep", "30"], cid, detach=True)
+    runc_run(["python3", "-c", "import time; time.sleep(30)"], cid, detach=True)  # the python image has no sleep
     try:
         out["state_ms_runc"] = _loop_ms(["runc", "--root", str(state), "state", cid])
         probe = subprocess.run([*LAZYSHIM, "--root", str(state), "state", cid], capture_output=True, text=True,

@@ -65,7 +65,7 @@ class Tracer:
 
     def drain_wakeups(self) -> None:
         try:
-            while os.read(self.wakeup_fd, 512):
+            while len(os.read(self.wakeup_fd, 512)) == 512:  # a short read emptied it: no EAGAIN to raise
                 pass
         except BlockingIOError:
             pass

@@ -97,14 +97,17 @@ class TraceLoop:
     # ---- the tracer thread -------------------------------------------------------
     def run(self) -> None:
         tracer = self.tracer
+        wakeup, posts = tracer.wakeup_fd, self._post_r
         poller = select.poll()
-        poller.register(tracer.wakeup_fd, select.POLLIN)
-        poller.register(self._post_r, select.POLLIN)
+        poller.register(wakeup, select.POLLIN)
+        poller.register(posts, select.POLLIN)
         try:
             while not (self.attached and not self.tasks):
-                poller.poll()
-                tracer.drain_wakeups()
-                self._drain_posts()
+                for fd, _ev in poller.poll():
+                    if fd == wakeup:
+                        tracer.drain_wakeups()
+                    elif fd == posts:
+                        self._drain_posts()
                 while True:
                     got = tracer.wait()
                     if got is None:
@@ -121,7 +124,7 @@ class TraceLoop:
 
     def _drain_posts(self) -> None:
         try:
-            while os.read(self._post_r, 4096):
+            while len(os.read(self._post_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
