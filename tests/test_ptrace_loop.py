@@ -23,6 +23,7 @@ from shim.supervisor.ptrace_loop import TraceLoop
 from tests.supervisor_fakes import FakeImage, FakeTask, fstat
 
 ALLOW = Verdicts.allow_all()
+MKDIR = 83  # not one of ours
 EXITED = 0
 
 
@@ -33,9 +34,9 @@ def stopped(sig: int, event: int = 0) -> int:
 SECCOMP_STOP = stopped(signal.SIGTRAP, PTRACE_EVENT_SECCOMP)
 
 
-def trapped(name: str, *args: int, data: int = TRACE_MARK):
+def trapped(name: str | int, *args: int, data: int = TRACE_MARK):
     full = tuple(args) + (0,) * (6 - len(args))
-    return (SECCOMP_STOP, (AUDIT_ARCH_X86_64, NUMBERS[name], full, data))
+    return (SECCOMP_STOP, (AUDIT_ARCH_X86_64, NUMBERS[name] if isinstance(name, str) else name, full, data))
 
 
 class FakeTracer:
@@ -120,13 +121,15 @@ def test_trapped_syscalls_are_decided_and_resumed_once_each() -> None:
     tracer = FakeTracer({100: [
         trapped("openat", 0xFFFFFF9C, 1, 0),          # a filled file: runs
         trapped("chmod", 1, 0o600),                   # the user's profile denies it
-        trapped("openat", 0xFFFFFF9C, 1, 0, data=1),  # the user's own TRACE rule: ENOSYS
+        trapped(MKDIR, 1, 0o755, data=1),             # the user's own TRACE rule: ENOSYS
+        trapped("openat", 0xFFFFFF9C, 1, 0, data=1),  # ours, from a delegate that dropped the mark
         (EXITED, None),
     ]})
     loop, counter = _loop(tracer, task=task, verdicts=profile)
     assert _run(loop) == ["ok"]
-    assert tracer.calls == [("cont", 100, 0), ("fail", 100, errno.EROFS), ("fail", 100, errno.ENOSYS)]
-    assert counter.notifications == 2
+    assert tracer.calls == [("cont", 100, 0), ("fail", 100, errno.EROFS), ("fail", 100, errno.ENOSYS),
+                            ("cont", 100, 0)]
+    assert counter.notifications == 3
     assert task.closed and not loop.tasks
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from seccomp.notify import Notification
 from seccomp.ptrace_stops import EXEC, GONE, GROUP_STOP, NEW_TASK, SECCOMP, SIGNAL, TRACE_MARK, classify
 from seccomp.ptrace_tracer import AlreadyTraced
+from seccomp.syscalls import NUMBERS, TRAPPED_NAMES, native_nr
 from seccomp.taskview import ProcTaskView, TaskView
 from seccomp.verdict import Verdicts
 
@@ -37,6 +38,7 @@ from .decide import CONTINUE, KILL, Fill, ImageView, decide
 
 _EIO = errno.EIO
 MAX_STATE = 1 << 20
+_TRAPPED = frozenset(NUMBERS[name] for name in TRAPPED_NAMES)
 
 
 class TraceAnswers:
@@ -196,8 +198,11 @@ class TraceLoop:
             tracer.cont(tid)  # gone, or not in a seccomp stop after all: nothing to answer
             return
         arch, nr, args, data = info
-        if data != TRACE_MARK:
-            tracer.fail(tid, errno.ENOSYS)  # the user's own TRACE rule, and no tracer of theirs
+        if data != TRACE_MARK and native_nr(arch, nr) not in _TRAPPED:
+            # The user's own TRACE rule, and no tracer of theirs.  (A trapped syscall is ours
+            # whatever its data: patch_profile takes our names out of every rule of the user's,
+            # so a delegate that drops a TRACE rule's errnoRet still works.)
+            tracer.fail(tid, errno.ENOSYS)
             return
         if self.counter is not None:
             self.counter.notifications += 1
@@ -226,10 +231,11 @@ class TraceLoop:
 
     def _resume_after_error(self, tid: int, status: int) -> None:
         """Never leave a task stopped: a syscall stop fails with EIO, any other resumes."""
+        kind = classify(status)[0]
         try:
-            if classify(status)[0] is SECCOMP:
+            if kind is SECCOMP:
                 self.tracer.fail(tid, _EIO)
-            elif classify(status)[0] is not GONE:
+            elif kind is not GONE:
                 self.tracer.cont(tid)
         except Exception as e:  # noqa: BLE001
             self.log(f"cannot resume task {tid}: {e!r}")
