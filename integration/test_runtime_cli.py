@@ -356,3 +356,47 @@ def test_podman_lazy_rootfs_fills_on_open(tmp_path: Path, podman: list[str], bus
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["hello from the app layer", f"{RANDOM_SHA}  /app/random.bin"]
     assert busybox.filled("/app/random.bin")
+
+
+def _supervisors_of(rootfs: Path) -> list[bytes]:
+    """The command lines of the supervisors serving `rootfs` (it is in their argv)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"shim.supervisor" in argv and b"\0" + os.fsencode(rootfs) + b"\0" in argv:
+            out.append(argv)
+    return out
+
+
+def test_podman_lazy_rootfs_under_the_ptrace_backend(tmp_path: Path, podman: list[str], busybox: Store) -> None:
+    """podman passes no environment on: the runtime it is given sets LAZYSHIM_TRAP (as the
+    config file would).  create, the hook, start and exec all go through podman's conmon."""
+    rootfs = busybox.rootfs(tmp_path / "c")
+    runtime = tmp_path / "lazyshim-ptrace"
+    runtime.write_text(f"#!/bin/sh\nLAZYSHIM_TRAP=ptrace exec {LAZYSHIM} \"$@\"\n")
+    runtime.chmod(0o755)
+    argv = [a if a != LAZYSHIM else str(runtime) for a in podman]
+    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}
+    name = f"pt{os.getpid()}"
+    proc = subprocess.Popen([*argv, *RUN_FLAGS, "-i", "--name", name, "--rootfs", str(rootfs), "sh", "-c",
+                             "cat /app/hello.txt; echo ready; read x; sha256sum /app/random.bin"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "hello from the app layer\n"
+        assert proc.stdout.readline() == "ready\n"
+        sups = _supervisors_of(rootfs)
+        assert len(sups) == 1 and b"--trap\0ptrace" in sups[0], sups
+        p = sh(*argv, "exec", name, "cat", "/app/hello.sh", env=env)
+        assert (p.returncode, p.stdout) == (0, "#!/bin/sh\necho hello from busybox sh\n"), p.stderr
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == f"{RANDOM_SHA}  /app/random.bin\n"
+    assert busybox.filled("/app/random.bin")
