@@ -42,7 +42,7 @@ from seccomp.ptrace_stops import (
 from seccomp.syscalls import AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, NUMBERS, TRAPPED_NAMES
 from seccomp.verdict import patch_profile
 from shim.errors import LazyshimError
-from shim.supervisor.ptrace_loop import _pid_of
+from shim.supervisor.ptrace_server import _pid_of
 
 
 def stopped(sig: int, event: int = 0) -> int:

@@ -94,7 +94,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
         sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=os.dup(a.listen_fd))  # the keeper keeps the original for a successor
     if a.trap == "ptrace":
-        from .ptrace_loop import serve_traced
+        from .ptrace_server import serve_traced
 
         serve_traced(sup, listener)
     else:

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import os
 import select
 import signal
-import socket
-import threading
 from collections.abc import Callable
 
 from seccomp.notify import Notification
@@ -37,7 +34,6 @@ from seccomp.verdict import Verdicts
 from .decide import CONTINUE, KILL, Fill, ImageView, decide
 
 _EIO = errno.EIO
-MAX_STATE = 1 << 20
 _TRAPPED = frozenset(NUMBERS[name] for name in TRAPPED_NAMES)
 
 
@@ -239,71 +235,3 @@ class TraceLoop:
                 self.tracer.cont(tid)
         except Exception as e:  # noqa: BLE001
             self.log(f"cannot resume task {tid}: {e!r}")
-
-
-# ---- the hook's connections ---------------------------------------------------------
-def accept_hooks(listener: socket.socket, loop: TraceLoop, log: Callable[[str], None]) -> None:
-    """Accept the createRuntime hook's connections (a thread of its own): each sends the
-    container state, the tracer thread seizes its pid and the hook gets the answer."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        threading.Thread(target=_hook_connection, args=(conn, loop, log), daemon=True).start()
-
-
-def _hook_connection(conn: socket.socket, loop: TraceLoop, log: Callable[[str], None]) -> None:
-    data = b""
-    try:
-        while len(data) <= MAX_STATE:
-            piece = conn.recv(65536)
-            if not piece:
-                break
-            data += piece
-    except OSError:
-        conn.close()
-        return
-    pid = _pid_of(data)
-
-    def reply(line: str) -> None:
-        if line != "ok":
-            log(f"hook: {line}")
-        try:
-            conn.sendall(line.encode() + b"\n")
-        except OSError:
-            pass
-        conn.close()
-
-    if pid is None:
-        reply("the hook sent no container state with a pid")
-        return
-    loop.post(("attach", pid, reply))
-
-
-def _pid_of(data: bytes) -> int | None:
-    try:
-        state = json.loads(data) if len(data) <= MAX_STATE else None
-    except ValueError:
-        return None
-    pid = state.get("pid") if isinstance(state, dict) else None
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
-
-
-def serve_traced(sup, listener: socket.socket) -> None:
-    """The ptrace backend's Supervisor.serve: trace the container this socket's hook names,
-    until its last task is gone; then mark what was filled, as the notify path does."""
-    from seccomp.ptrace_tracer import Tracer
-
-    tracer = Tracer()
-    tracer.watch_children()
-    fills = sup.fills
-    loop = TraceLoop(tracer, sup.verdicts, fills, fills.submit, sup._log, counter=fills.stats,
-                     on_attach=fills.started.set)
-    threading.Thread(target=accept_hooks, args=(listener, loop, sup._log), daemon=True, name="hooks").start()
-    try:
-        loop.run()
-    finally:
-        tracer.close()
-    fills.flush()
-    fills.write_stats()
