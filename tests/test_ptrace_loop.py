@@ -224,3 +224,21 @@ def test_a_container_with_a_tracer_already_gets_a_one_line_refusal() -> None:
     tracer.seize_error = PermissionError(errno.EPERM, "Operation not permitted")
     loop._attach(100, replies.append)
     assert replies[1] == "cannot trace the container's init (pid 100): Operation not permitted"
+
+
+def test_a_resume_that_fails_after_a_fill_costs_one_log_line() -> None:
+    tracer = FakeTracer({})
+
+    def broken(tid: int, sig: int = 0) -> None:
+        raise RuntimeError("ptrace said no")
+
+    tracer.cont = broken
+    logs: list[str] = []
+    loop, _ = _loop(tracer, logs=logs)
+    loop.pending = {5: 100, 6: 101}
+    loop.post(("answer", 5, 0))
+    loop.post(("answer", 6, errno.EIO))
+    loop._drain_posts()
+    assert tracer.calls == [("fail", 101, errno.EIO)], "the next answer is still sent"
+    assert len(logs) == 1 and "task 100" in logs[0]
+    assert not loop.pending

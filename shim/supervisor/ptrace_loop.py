@@ -129,16 +129,19 @@ class TraceLoop:
         posted = self._posted
         while posted:
             kind, a, b = posted.popleft()
-            if kind == "answer":
-                tid = self.pending.pop(a, None)
-                if tid is None:
-                    continue  # the task died while its fill ran
+            if kind != "answer":
+                self._attach(a, b)
+                continue
+            tid = self.pending.pop(a, None)
+            if tid is None:
+                continue  # the task died while its fill ran
+            try:
                 if b:
                     self.tracer.fail(tid, b)
                 else:
                     self.tracer.cont(tid)
-            else:
-                self._attach(a, b)
+            except Exception as e:  # noqa: BLE001 - one answer lost, the loop (and the container) goes on
+                self.log(f"cannot resume task {tid} after its fill: {e!r}")
 
     def _attach(self, pid: int, reply: Callable[[str], None]) -> None:
         try:
@@ -148,6 +151,9 @@ class TraceLoop:
             return
         except OSError as e:
             reply(f"cannot trace the container's init (pid {pid}): {e.strerror or e}")
+            return
+        except Exception as e:  # noqa: BLE001 - the hook gets one line, the loop goes on
+            reply(f"cannot trace the container's init (pid {pid}): {e!r}")
             return
         if not tids:
             reply(f"the container's init (pid {pid}) is gone")
