@@ -59,6 +59,8 @@ class Tracer:
         """Make SIGCHLD (every tracee stop and exit) write to a pipe; returns its read end."""
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, _ignore)
+        # SA_RESTART: a stop must not make a syscall of another thread (a fill's) fail with EINTR.
+        signal.siginterrupt(signal.SIGCHLD, False)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         self.wakeup_fd, self._wakeup_w = r, w
         return r
