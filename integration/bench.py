@@ -24,8 +24,9 @@ the bytes the registry served (its access log). Variants:
 Each sample also records ``pull``: the time the pull step took (``podman pull`` / ``lazyshim pull``),
 so ``exit - pull`` is the time of the ``run`` step.
 
-``--micro`` adds steady-state numbers: per-open cost after fill vs plain runc, ``state`` latency,
-and the supervisor's RSS.
+``--micro`` adds steady-state numbers: per-open cost after fill vs plain runc (supervised under
+each trap backend, notify and ptrace, and once fully filled), ``state`` latency, and the
+supervisor's RSS.
 """
 
 from __future__ import annotations
@@ -333,6 +334,12 @@ def micro(b: Bench, image: str) -> dict[str, float | str]:
                                "python3", "-c", OPEN_LOOP], env).strip()) for _ in range(3)]
         out["open_ns_lazyshim"] = statistics.median(lazy_ns)
         out["open_ratio"] = out["open_ns_lazyshim"] / out["open_ns_runc"]
+        # The same under the ptrace trap backend (SECCOMP_RET_TRACE, the supervisor as tracer).
+        traced = dict(env, LAZYSHIM_TRAP="ptrace")
+        ptrace_ns = [int(_check([*b.ns.prefix, *LAZYSHIM, "run", "--rm", "--no-background-fetch", ref_lazy,
+                                 "python3", "-c", OPEN_LOOP], traced).strip()) for _ in range(3)]
+        out["open_ns_lazyshim_ptrace"] = statistics.median(ptrace_ns)
+        out["open_ratio_ptrace"] = out["open_ns_lazyshim_ptrace"] / out["open_ns_runc"]
 
         # Supervisor RSS while a container runs (after python has started, i.e. after its fills).
         cid = f"lzbrss{os.getpid()}"
@@ -360,7 +367,7 @@ def micro(b: Bench, image: str) -> dict[str, float | str]:
 
     # `state`: runc vs lazyshim on a running runc container.
     cid = f"lzb-state-{os.getpid()}"
-    runc_run(["sleep", "30"], cid, detach=True)
+    runc_run(["python3", "-c", "import time; time.sleep(30)"], cid, detach=True)  # the python image has no sleep
     try:
         out["state_ms_runc"] = _loop_ms(["runc", "--root", str(state), "state", cid])
         probe = subprocess.run([*LAZYSHIM, "--root", str(state), "state", cid], capture_output=True, text=True,

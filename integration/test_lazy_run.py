@@ -34,6 +34,13 @@ def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture(params=["notify", "ptrace"])
+def trap(request, monkeypatch) -> str:
+    """Run the test under each trap backend (LAZYSHIM_TRAP reaches every lazyshim it starts)."""
+    monkeypatch.setenv("LAZYSHIM_TRAP", request.param)
+    return request.param
+
+
 def test_pull_builds_sparse_placeholders(store: Path, images: dict[str, str]) -> None:
     lazyshim(store, "pull", images["python:esgz"])
     py = next(p for t in layer_trees(store) for p in [t / "usr/bin/python3.11"] if p.exists())
@@ -44,6 +51,7 @@ def test_pull_builds_sparse_placeholders(store: Path, images: dict[str, str]) ->
     assert os.readlink(py.parent / "python3") in ("python3.11", "/usr/bin/python3.11")
 
 
+@pytest.mark.usefixtures("trap")
 def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str, str],
                                                     registry: Registry) -> None:
     ref = images["python:esgz"]
@@ -64,6 +72,7 @@ def test_run_prints_before_the_image_is_downloaded(store: Path, images: dict[str
     assert filled < entries / 2, f"{filled} of {entries} entries filled"
 
 
+@pytest.mark.usefixtures("trap")
 def test_files_read_are_byte_identical(store: Path, images: dict[str, str]) -> None:
     ref = images["python:esgz"]
     script = (
@@ -78,6 +87,7 @@ def test_files_read_are_byte_identical(store: Path, images: dict[str, str]) -> N
     assert got["/usr/lib/python3.11/json/decoder.py"] == _sha256("/usr/lib/python3.11/json/decoder.py")
 
 
+@pytest.mark.usefixtures("trap")
 def test_shebang_script_with_unfilled_interpreter_runs(store: Path, images: dict[str, str]) -> None:
     ref = images["python:esgz"]
     lazyshim(store, "pull", ref)
@@ -85,6 +95,7 @@ def test_shebang_script_with_unfilled_interpreter_runs(store: Path, images: dict
     assert p.returncode == 0 and p.stdout.strip()
 
 
+@pytest.mark.usefixtures("trap")
 def test_corrupt_blob_fails_the_open_and_stores_nothing(tmp_path: Path, images: dict[str, str],
                                                          registry: Registry) -> None:
     """A byte flipped in the registry's copy of a file: the open fails with EIO; nothing is

@@ -56,11 +56,15 @@ def _as_user(env: dict[str, str], *args: str, timeout: float = 120, program: lis
                           capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
 
 
-def test_rootless_pull_and_run_lazily(rootless_user: dict[str, str], images: dict[str, str], registry) -> None:
+@pytest.mark.parametrize("trap", ["notify", "ptrace"])
+def test_rootless_pull_and_run_lazily(rootless_user: dict[str, str], images: dict[str, str], registry,
+                                      trap: str) -> None:
+    # Each backend its own store (XDG data dir), so each run starts with nothing filled.
+    rootless_user = dict(rootless_user, LAZYSHIM_TRAP=trap, XDG_DATA_HOME=f"{rootless_user['HOME']}/data-{trap}")
     ref = images["busybox:esgz"]
     p = _as_user(rootless_user, "pull", ref)
     assert p.returncode == 0, p.stderr
-    store = Path(rootless_user["HOME"]) / ".local/share/lazyshim"
+    store = Path(rootless_user["XDG_DATA_HOME"]) / "lazyshim"
     assert (store / "layers").is_dir(), "a rootless store lives under the user's XDG data dir"
     registry.clear_access_log()
     script = ("cat /app/hello.txt; ls -ln /app/hello.txt; "

@@ -23,6 +23,7 @@ import pytest
 
 from integration.images import RANDOM_FILE_SIZE
 from integration.storeview import file_filled
+from integration.test_lazy_run import trap  # noqa: F401 - a fixture
 from runtime import overlay, spec
 from runtime.paths import oci_state_dir
 
@@ -150,6 +151,7 @@ def alive(pid: int) -> bool:
 
 
 # ---- (a) runc-style lifecycle on a lazy bundle --------------------------------------------
+@pytest.mark.usefixtures("trap")
 def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     rootfs = busybox.rootfs(tmp_path / "c")
     script = "cat /app/hello.txt > /result.txt; sha256sum /app/random.bin >> /result.txt"
@@ -181,6 +183,7 @@ def test_lazy_bundle_create_state_start_delete(tmp_path: Path, busybox: Store, r
     assert gone.returncode == 1 and "does not exist" in gone.stderr
 
 
+@pytest.mark.usefixtures("trap")
 def test_runc_style_run_of_a_lazy_python_bundle(tmp_path: Path, images: dict[str, str], rt: Runtime) -> None:
     """`run --bundle` in the foreground: stdout and the exit code are the container's."""
     store = Store(tmp_path / "store", images["python:esgz"])
@@ -269,6 +272,7 @@ def test_errors_are_one_line_and_logged_as_json(tmp_path: Path, rt: Runtime) -> 
 
 
 # ---- (e) exec, kill and delete --force on a running lazy container ------------------------
+@pytest.mark.usefixtures("trap")
 def test_exec_fills_files_kill_and_force_delete(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     rootfs = busybox.rootfs(tmp_path / "c")
     b = bundle(tmp_path, rootfs, ["sleep", "1000"])
@@ -298,6 +302,7 @@ def test_exec_fills_files_kill_and_force_delete(tmp_path: Path, busybox: Store, 
     assert not Path(oci_state_dir(str(rt.root), "e1")).exists()
 
 
+@pytest.mark.usefixtures("trap")
 def test_delete_force_of_a_running_lazy_container(tmp_path: Path, busybox: Store, rt: Runtime) -> None:
     b = bundle(tmp_path, busybox.rootfs(tmp_path / "c"), ["sleep", "1000"])
     ok(rt("create", "--bundle", str(b), "f1"))
@@ -350,4 +355,48 @@ def test_podman_lazy_rootfs_fills_on_open(tmp_path: Path, podman: list[str], bus
            env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["hello from the app layer", f"{RANDOM_SHA}  /app/random.bin"]
+    assert busybox.filled("/app/random.bin")
+
+
+def _supervisors_of(rootfs: Path) -> list[bytes]:
+    """The command lines of the supervisors serving `rootfs` (it is in their argv)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"shim.supervisor" in argv and b"\0" + os.fsencode(rootfs) + b"\0" in argv:
+            out.append(argv)
+    return out
+
+
+def test_podman_lazy_rootfs_under_the_ptrace_backend(tmp_path: Path, podman: list[str], busybox: Store) -> None:
+    """podman passes no environment on: the runtime it is given sets LAZYSHIM_TRAP (as the
+    config file would).  create, the hook, start and exec all go through podman's conmon."""
+    rootfs = busybox.rootfs(tmp_path / "c")
+    runtime = tmp_path / "lazyshim-ptrace"
+    runtime.write_text(f"#!/bin/sh\nLAZYSHIM_TRAP=ptrace exec {LAZYSHIM} \"$@\"\n")
+    runtime.chmod(0o755)
+    argv = [a if a != LAZYSHIM else str(runtime) for a in podman]
+    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}
+    name = f"pt{os.getpid()}"
+    proc = subprocess.Popen([*argv, *RUN_FLAGS, "-i", "--name", name, "--rootfs", str(rootfs), "sh", "-c",
+                             "cat /app/hello.txt; echo ready; read x; sha256sum /app/random.bin"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "hello from the app layer\n"
+        assert proc.stdout.readline() == "ready\n"
+        sups = _supervisors_of(rootfs)
+        assert len(sups) == 1 and b"--trap\0ptrace" in sups[0], sups
+        p = sh(*argv, "exec", name, "cat", "/app/hello.sh", env=env)
+        assert (p.returncode, p.stdout) == (0, "#!/bin/sh\necho hello from busybox sh\n"), p.stderr
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == f"{RANDOM_SHA}  /app/random.bin\n"
     assert busybox.filled("/app/random.bin")

@@ -17,7 +17,7 @@ import pytest
 from integration.images import RANDOM_FILE_SIZE, build_and_push, fetch_manifest
 from integration.registry import Registry
 from integration.storeview import layer_trees, layout_name
-from integration.test_lazy_run import LAZYSHIM, lazyshim
+from integration.test_lazy_run import LAZYSHIM, lazyshim, trap  # noqa: F401 - a fixture
 from shim.store.layout import Store
 from shim.store.layouts import load_meta
 
@@ -35,6 +35,7 @@ def _run(store: Path, ref: str, script: str, *extra: str, check: bool = True) ->
     return lazyshim(store, "run", "--rm", "--no-background-fetch", *extra, ref, "sh", "-c", script, check=check)
 
 
+@pytest.mark.usefixtures("trap")
 def test_copy_up_syscalls_never_copy_an_empty_placeholder(store: Path, images: dict[str, str]) -> None:
     """chmod/touch/rename/truncate make overlayfs copy a lower file up: each must see the
     file filled first, or the zeros would be copied and the content lost for good."""
@@ -53,11 +54,13 @@ def test_copy_up_syscalls_never_copy_an_empty_placeholder(store: Path, images: d
     assert lines[3] == "hello"
 
 
+@pytest.mark.usefixtures("trap")
 def test_absolute_symlinks_resolve_inside_the_container(store: Path, images: dict[str, str]) -> None:
     p = _run(store, images["busybox:esgz"], "cat /app/passwd-abs-link")
     assert p.stdout == IMAGE_PASSWD  # the image's file, never the host's
 
 
+@pytest.mark.usefixtures("trap")
 def test_hostile_container_cannot_reach_host_files(store: Path, images: dict[str, str], tmp_path: Path) -> None:
     """Links the container makes to host paths resolve in the container; nothing outside the
     store is read or written by the supervisor on its behalf."""
@@ -83,6 +86,7 @@ def test_hostile_container_cannot_reach_host_files(store: Path, images: dict[str
             assert (tree / "app/hello.txt").exists()
 
 
+@pytest.mark.usefixtures("trap")
 def test_many_threads_open_unfilled_files_each_fetched_once(store: Path, images: dict[str, str],
                                                             registry: Registry) -> None:
     """64 threads open every stdlib file (each twice, concurrently): no deadlock, every byte
@@ -245,6 +249,7 @@ def _all_regular_filled(layer_dir: Path) -> bool:
     return all(filled[i] for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size)
 
 
+@pytest.mark.usefixtures("trap")
 def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str], tmp_path: Path) -> None:
     """Syscalls we trap are answered with the user's own verdicts: reads allowed, creating
     opens denied by an argument condition, chmod denied outright."""
@@ -268,6 +273,7 @@ def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str],
     assert "Permission denied" in p.stdout + p.stderr
 
 
+@pytest.mark.usefixtures("trap")
 def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[str, str]) -> None:
     ref = images["busybox:esgz"]
     lazyshim(store, "pull", ref)
@@ -284,6 +290,7 @@ def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[st
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.usefixtures("trap")
 def test_paths_through_proc_magic_links_are_filled_too(store: Path, images: dict[str, str]) -> None:
     """/proc/self/root/x, /proc/self/cwd/x, /proc/1/root/x and an image-side symlink into
     /proc all reach placeholders; each must be filled, never read as zeros."""
@@ -315,6 +322,7 @@ print(hashlib.sha256(os.read(os.open('scanner.py', os.O_RDONLY, dir_fd=d), 1 << 
 """
 
 
+@pytest.mark.usefixtures("trap")
 def test_a_task_that_chroots_gets_its_files_filled_in_its_new_root(store: Path, images: dict[str, str]) -> None:
     """chroot is trapped: absolute, cwd- and dirfd-relative paths resolve in the new root,
     so an unfilled file opened there is filled first, never served as a placeholder."""

@@ -38,9 +38,30 @@ def agent_policy(config: dict) -> str:
 
 
 def foreign_reason(config: dict) -> str | None:
-    """Why this config's seccomp profile belongs to someone else's agent, or None."""
+    """Why this config's seccomp profile belongs to someone else's agent, or None; under the
+    ptrace backend also why the container would have someone else's tracer."""
     linux = config.get("linux")
-    return foreign_agent(linux.get("seccomp")) if isinstance(linux, dict) else None
+    profile = linux.get("seccomp") if isinstance(linux, dict) else None
+    return foreign_agent(profile) or _foreign_tracer(profile)
+
+
+def _foreign_tracer(profile: object) -> str | None:
+    """A task has one tracer: a profile with SCMP_ACT_TRACE rules expects its own, and a
+    lazyshim that is itself traced (strace -f) passes its tracer on to runc and the
+    container.  Either rules out the ptrace backend (checked first: no delegate probe when
+    neither holds)."""
+    from seccomp.ptrace_profile import uses_trace
+    from seccomp.ptrace_stops import tracer_of
+
+    if uses_trace(profile):
+        why = "its seccomp profile sends syscalls to a tracer of its own (SCMP_ACT_TRACE)"
+    elif tracer_of(os.getpid()):
+        why = f"lazyshim runs under a tracer (pid {tracer_of(os.getpid())}) that would trace the container too"
+    else:
+        return None
+    from .trap import choose
+
+    return why if choose() == "ptrace" else None
 
 
 def check_allowed(config: dict, reason: str, what: str) -> None:
@@ -60,8 +81,8 @@ def complete_for_agent(config: dict, reason: str, store_root: Path, layers: list
     if layers_complete(store, layers):
         return  # nothing to fetch: the container runs natively under either policy
     check_allowed(config, reason, what)
-    print(f"lazyshim: warning: {what}: {reason}; a seccomp filter has one listener, so the image is "
-          "fetched in full before the container starts and runs without lazyshim's supervisor",
+    print(f"lazyshim: warning: {what}: {reason}; a seccomp filter has one listener and a task one tracer, "
+          "so the image is fetched in full before the container starts and runs without lazyshim's supervisor",
           file=sys.stderr, flush=True)
     res = api.fill_image(store, list(layers), progress=_Progress())
     print(f"lazyshim: filled {res.files_filled} files, {_mb(res.bytes_fetched)} in {res.seconds:.1f}s",

@@ -15,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from seccomp.ptrace_profile import add_hook, trace_profile
 from seccomp.verdict import OWN_METADATA, patch_profile
 from shim import config as settings
 from shim.errors import LazyshimError
 
 from . import paths
+from .traced_exec import TRAP_FILE
+from .trap import choose as choose_trap
 
 
 def runtime_dir() -> Path:
@@ -48,21 +51,29 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
            metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
-           record: Path | None = None, sources: list[str] | None = None) -> int:
+           record: Path | None = None, sources: list[str] | None = None, trap: str | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
     `sources`: the references of the image the container runs, which its fills read from
-    (without them the supervisor finds the images of `layers` in the store).
+    (without them the supervisor finds the images of `layers` in the store).  `trap`:
+    `notify` or `ptrace` (default: as `runtime.trap` chooses).  Under ptrace the socket
+    takes the createRuntime hook's connection instead of the delegate's listener fd.
     """
     mode = background_mode(config, background)
+    trap = trap or choose_trap()
     sdir = Path(sdir) if sdir is not None else state_dir(container_id)
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock_path = _socket_path(sdir)
     linux = config.setdefault("linux", {})
-    profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
+    if trap == "ptrace":
+        profile, verdicts = trace_profile(linux.get("seccomp"))
+        add_hook(config, str(sock_path))
+    else:
+        profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
     linux["seccomp"] = profile
     (sdir / "verdicts.json").write_text(verdicts.to_json())
+    (sdir / TRAP_FILE).write_text(trap)  # `exec` must know: under ptrace it needs the tracer first
 
     with _bound_socket(sock_path) as listener:
         ready_r, ready_w = os.pipe()
@@ -74,7 +85,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--ready-fd", str(ready_w), "--rootfs", str(rootfs),
             "--prefill", "/etc/passwd:/etc/group",
             "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
-            "--background", mode,
+            "--background", mode, "--trap", trap,
         ] + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         try:
             proc = subprocess.Popen(

@@ -170,6 +170,12 @@ def cmd_exec(args) -> int:
     argv += [rec.id, *args.command]
     sys.stdout.flush()
     sys.stderr.flush()
+    from .attach import state_dir
+    from .traced_exec import run_traced, traced_socket
+
+    sock = traced_socket(state_dir(rec.id))
+    if sock is not None:  # the ptrace backend: the new process must be a tracee before it exists
+        return run_traced(argv, sock)
     os.execv(argv[0], argv)
     return 127  # not reached
 

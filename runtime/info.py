@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 DEFAULTS = {"background_fetch": "all", "insecure_registries": "", "registry_retries": "3",
-            "registry_timeout": "30", "fetch_timeout": "30"}
+            "registry_timeout": "30", "fetch_timeout": "30", "trap": "auto"}
 
 
 def _kernel_at_least(release: str, want: tuple[int, int]) -> bool:
@@ -66,6 +66,7 @@ def gather() -> dict:
         delegate_info = {"path": None, "error": str(e)}
     settings["delegate"]["value"] = delegate_info.get("path")
     k = kernel()
+    supervisor = _trap(delegate_info.get("path"))
     from .oci import VERSION
 
     return {
@@ -74,11 +75,24 @@ def gather() -> dict:
         "settings": settings,
         "store": {"root": str(store.root), "layout": api.store_layout(store)},
         "delegate": delegate_info,
-        "supervisor": "seccomp user notification" if k["seccomp_user_notif"] else "unavailable (no user_notif)",
+        "supervisor": supervisor,
         "rootless": in_user_namespace() or os.geteuid() != 0,
         "cgroups": _cgroup_mode(),
         "kernel": k,
     }
+
+
+def _trap(delegate: str | None) -> str:
+    """The trap backend a lazy container would get now, and why."""
+    from . import trap
+
+    try:
+        mode = trap.configured()
+        chosen = trap.choose(delegate) if delegate else "ptrace"
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return f"unavailable ({e})"
+    what = {"notify": "seccomp user notification", "ptrace": "ptrace (SECCOMP_RET_TRACE)"}[chosen]
+    return what if mode != "auto" else f"{what} (auto)"
 
 
 def cmd_info(args) -> int:

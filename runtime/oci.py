@@ -8,14 +8,16 @@ the first positional, `-x`/`--x`/`--x=v`, the last one wins), and for everything
 paths, the cwd, stdin, the tty and inherited fds (`--preserve-fds`, `exec -p /dev/fd/63`,
 `update -r -`) all pass through, and exit codes are the delegate's.
 
-Only four verbs do anything of their own, and only for lazy bundles:
+Only five verbs do anything of their own, and only for lazy bundles:
 - `create`/`run` on a lazy bundle (see `runtime.lazybundle`): start the supervisor, write
   a patched config.json into a private bundle, run the delegate with `--bundle PRIVATE`;
   if the delegate fails, stop the supervisor again.
 - `state`/`list`: report the caller's bundle, not the private one.
+- `exec` into a lazy container under the ptrace backend: the delegate runs as a tracee of
+  the container's supervisor (runtime.traced_exec); every other exec is a plain `execv`.
 - `delete`: after the delegate deleted the container, stop the supervisor, unmount what we
   mounted, remove our state.
-Everything else (start, kill, exec, ps, pause, resume, update, events, features, spec,
+Everything else (start, kill, ps, pause, resume, update, events, features, spec,
 checkpoint, restore) is a plain `execv`.
 
 This module is imported on every call (podman runs `state` several times per container):
@@ -442,9 +444,30 @@ def _delete(ctx: Ctx) -> int | None:
     return rc
 
 
+def _exec(ctx: Ctx) -> int | None:
+    """exec into a lazy container under the ptrace backend runs the delegate as a tracee of
+    its supervisor (runtime.traced_exec); any other exec is a plain execv."""
+    try:
+        _items, pi = parse_flags(ctx.rest, EXEC_VALUE | {"pidfd-socket"})
+    except Usage:
+        return None
+    from .paths import valid_id
+
+    if pi >= len(ctx.rest) or not valid_id(ctx.rest[pi]):
+        return None
+    from .traced_exec import run_traced, traced_socket
+
+    sock = traced_socket(ctx.state_dir(ctx.rest[pi]))
+    if sock is None:
+        return None
+    sys.stdout.flush()
+    return run_traced(ctx.delegate_argv(), sock)
+
+
 HANDLERS = {
     "create": _create,
     "run": _create,
+    "exec": _exec,
     "state": _state,
     "list": _list,
     "ls": _list,

@@ -1,6 +1,7 @@
 """Entry point of the per-container supervisor process (started by the runtime).
 
     python -m shim.supervisor --store ROOT --layers D1,D2 --listen-fd N --state-dir DIR [--sources REF,...]
+                              [--trap notify|ptrace]
 
 The runtime binds and listens on the `listenerPath` socket itself and hands us the fd, so
 the socket is ready before `runc create` connects to it, without any waiting.  This process
@@ -33,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
                    help="what to fetch without being asked, after start")
     p.add_argument("--no-keeper", action="store_true", help="serve in this process, without a keeper")
+    p.add_argument("--trap", choices=("notify", "ptrace"), default="notify",
+                   help="how trapped syscalls arrive: notify fds over the socket, or as the container's tracer")
     a = p.parse_args(argv)
-    if a.no_keeper:
+    if a.no_keeper or a.trap == "ptrace":
+        # A tracer cannot hand its tracees to a successor (they die with it: EXITKILL), so
+        # under ptrace there is nothing for a keeper to keep.
         return _serve(a, None)
     from .keeper import keep
 
@@ -88,7 +93,12 @@ def _serve(a: argparse.Namespace, handover) -> int:
     if a.background != "none":
         sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=os.dup(a.listen_fd))  # the keeper keeps the original for a successor
-    sup.serve(listener)
+    if a.trap == "ptrace":
+        from .ptrace_server import serve_traced
+
+        serve_traced(sup, listener)
+    else:
+        sup.serve(listener)
     return 0
 
 
