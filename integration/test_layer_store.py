@@ -28,6 +28,7 @@ from integration.procs import stop_group, wait_for_line
 from integration.registry import Registry
 from integration.storeview import release_store_mounts_below
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
+from integration.test_lazy_run import lazyshim
 from integration.test_runtime_cli import LAZYSHIM, RANDOM_SHA, RUN_FLAGS, sh
 from integration.test_store_layouts import image_digests
 
@@ -164,6 +165,20 @@ def test_podman_save_of_a_layer_store_image_has_the_registrys_layers(
     for digest in registry_layers:  # what the layer store's `blob` gave podman: the registry's blob
         kept = layer_store.store / "blobs" / digest.replace(":", "-", 1)
         assert kept.read_bytes() == registry.blob_path(repo, digest).read_bytes()
+
+
+def test_gc_keeps_the_layers_podman_holds_and_frees_them_after_rmi(
+        layer_store: LayerStore, podman, images: dict[str, str]) -> None:
+    ref = images["busybox:esgz"]
+    podman_argv, env = podman
+    assert sh(*podman_argv, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+    layers = sorted(p.name for p in (layer_store.store / "layers").iterdir())
+    assert len(layers) == len(_manifest(ref)["layers"])
+    lazyshim(layer_store.store, "gc")
+    assert sorted(p.name for p in (layer_store.store / "layers").iterdir()) == layers  # podman holds them
+    assert sh(*podman_argv, "rmi", ref, env=env).returncode == 0
+    lazyshim(layer_store.store, "gc")
+    assert not list((layer_store.store / "layers").iterdir())
 
 
 def test_hostile_and_unknown_names_are_enoent(layer_store: LayerStore, images: dict[str, str]) -> None:
