@@ -52,6 +52,11 @@ class _Health:
             with self._lock:
                 self._down[key] = time.monotonic() + MIRROR_COOLDOWN
 
+    def distrust(self, ep: Endpoint, blob: str) -> None:
+        """`ep` served bytes of `blob` that failed verification: try it last for that blob."""
+        with self._lock:
+            self._down[(ep.key, blob)] = time.monotonic() + MIRROR_COOLDOWN
+
     def answered(self, ep: Endpoint, blob: str | None = None) -> None:
         if self._down:
             with self._lock:
@@ -205,7 +210,11 @@ class MirroredClient:
 
 class MirroredBlobSource:
     """A layer blob's ranges from the first endpoint that serves them: the endpoints of the
-    container's own image first, the fallbacks (computed only when those all failed) next."""
+    container's own image first, the fallbacks (computed only when those all failed) next.
+
+    An endpoint can answer with bytes that only the caller can find wrong (chunk digests):
+    `last_origin()` names the endpoint of this thread's last read and `reject()` sets it
+    aside for this blob, so the caller's next read goes to the next endpoint."""
 
     def __init__(self, digest: str, primary: Callable[[], list[Endpoint]],
                  fallback: Callable[[], list[Endpoint]],
@@ -218,6 +227,13 @@ class MirroredBlobSource:
         self._lists: list[list[Endpoint] | LazyshimError | None] = [None, None]
         self._lock = threading.Lock()
         self._limit = limit
+        self._last = threading.local()
+
+    def last_origin(self) -> Endpoint | None:
+        return getattr(self._last, "endpoint", None)
+
+    def reject(self, endpoint: Endpoint) -> None:
+        _health.distrust(endpoint, self.digest)
 
     def _group(self, i: int) -> list[Endpoint]:
         """Endpoint group i (deduplicated against the earlier ones), worked out once."""
@@ -252,7 +268,8 @@ class MirroredBlobSource:
                 errors.append(e)
                 continue
             ok, result = _first_answer(
-                eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline, self.digest)
+                eps, lambda ep: (ep, call(self._client_for(ep), ep.repository)), errors, deadline, self.digest)
             if ok:
-                return result  # type: ignore[return-value]
+                self._last.endpoint, data = result  # type: ignore[misc]
+                return data
         raise _all_failed(errors, f"blob {self.digest}")
