@@ -19,6 +19,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,23 @@ def test_gc_keeps_the_layers_podman_holds_and_frees_them_after_rmi(
     assert sh(*podman_argv, "rmi", ref, env=env).returncode == 0
     lazyshim(layer_store.store, "gc")
     assert not list((layer_store.store / "layers").iterdir())
+
+
+def test_lookups_at_once_pull_a_layer_once(layer_store: LayerStore, images: dict[str, str],
+                                           registry: Registry) -> None:
+    ref = images["busybox:esgz"]
+    layer = _manifest(ref)["layers"][-1]
+    registry.clear_access_log()
+
+    def look(name: str) -> bytes:
+        p = layer_store.path(ref, layer["digest"], name)
+        return os.fsencode(os.readlink(p)) if name == "diff" else p.read_bytes()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(look, ["info", "diff"] * 8))
+    assert len(set(got[0::2])) == 1 and len(set(got[1::2])) == 1
+    registry.bytes_served(layer["digest"], min_requests=2)
+    assert [e.status for e in registry.blob_requests(layer["digest"])] == [206, 206]  # one footer, one TOC
 
 
 def test_hostile_and_unknown_names_are_enoent(layer_store: LayerStore, images: dict[str, str]) -> None:

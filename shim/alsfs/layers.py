@@ -66,20 +66,23 @@ class StoreLayers:
         (not lazy, not in the manifest) or LazyshimError (registry, image or store failed)."""
         key = (ref, digest)
         hit = self._entries.get(key)
-        if hit is not None:
+        if hit is not None and self._built(digest):
             return hit
         with self._key_lock(self._locks, key):
             hit = self._entries.get(key)
-            if hit is None:
+            if hit is None or not self._built(digest):  # new, or collected since (`lazyshim gc`)
                 hit = self._from_store(ref, digest) or self._pull(ref, digest)
                 self._entries[key] = hit
             return hit
 
-    def _from_store(self, ref: str, digest: str) -> Entry | None:
+    def _built(self, digest: str) -> bool:
         from ..store.layouts import has_meta
 
+        return has_meta(self.store.layer_dir(digest))
+
+    def _from_store(self, ref: str, digest: str) -> Entry | None:
         info = als.read_info(self.store, ref, digest)
-        if info is None or not has_meta(self.store.layer_dir(digest)):
+        if info is None or not self._built(digest):
             return None
         return Entry(ref, digest, json.dumps(info).encode(), info["compressed-size"])
 
