@@ -141,3 +141,17 @@ def test_use_counts_keep_layers_from_gc(tmp_path: Path) -> None:
     assert als.count_use(store, LAYER, -1) == 0
     assert als.used_layers(store) == set()
     assert collect(store) == [LAYER.replace(":", "-")]
+
+
+def test_an_unexpected_error_in_an_operation_logs_one_line(capsys) -> None:
+    import logging
+
+    from shim.alsfs.server import _one_line_logs
+
+    _one_line_logs()
+    try:
+        raise KeyError("surprise\nsecond line")
+    except KeyError:
+        logging.getLogger("fuse").exception("Uncaught exception from FUSE operation %s", "getattr")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "KeyError" in err, err

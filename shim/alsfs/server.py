@@ -6,6 +6,7 @@ finds no layer store and downloads layers itself)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def _serve(store, target: str) -> None:
     opts = {"foreground": True, "fsname": "lazyshim", "subtype": "lazyshim"}
     if os.geteuid() == 0:
         opts["allow_other"] = True  # podman and CRI-O in other user namespaces look layers up too
+    _one_line_logs()
     fs = LayerStoreFS(StoreLayers(store), f"lazyshim: layer-store serving {target} (store {store.root})")
     try:
         mfusepy.FUSE(fs, target, **opts)
@@ -75,3 +77,20 @@ def _detach_dead(target: str) -> None:
             print(f"lazyshim: layer-store: detaching the dead mount at {target}", file=sys.stderr)
             detach(Path(target))
             return
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        why = f" ({type(exc).__name__}: {str(exc)[:200]})" if exc is not None else ""
+        return f"lazyshim: layer-store: {record.getMessage()}{why}".replace("\n", " ")
+
+
+def _one_line_logs() -> None:
+    """mfusepy logs what an operation raised unexpectedly with its traceback: one line instead."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("fuse")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
