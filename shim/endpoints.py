@@ -20,12 +20,16 @@ from typing import TypeVar
 
 from .errors import LazyshimError
 from .registry.client import RegistryClient
-from .registry.errors import RegistryError, RegistryUnavailable
+from .registry.errors import DigestMismatch, RegistryError, RegistryUnavailable
 from .registry.mirrors import Endpoint
 
 T = TypeVar("T")
 
 MIRROR_COOLDOWN = 30.0
+
+
+class BadContent(DigestMismatch):
+    """An endpoint served bytes the caller's own check refused (wrong footer, wrong TOC)."""
 
 
 class _Health:
@@ -147,6 +151,23 @@ class MirroredClient:
     def get_range(self, repository: str, digest: str, start: int, end: int) -> bytes:
         return self._try(lambda c, repo: c.get_range(repo, digest, start, end), repository, f"blob {digest}",
                          blob=digest)
+
+    def get_checked_range(self, repository: str, digest: str, start: int, end: int,
+                          check: Callable[[bytes], T]) -> T:
+        """check(bytes of [start, end)) from the first endpoint whose bytes it accepts: an
+        endpoint whose bytes it refuses (FormatError: a footer or TOC that does not parse or
+        match its digest) is passed over like one that failed.  If every endpoint's bytes are
+        refused, BadContent."""
+        from .formats.toc import FormatError
+
+        def call(c: RegistryClient, repo: str) -> T:
+            data = c.get_range(repo, digest, start, end)
+            try:
+                return check(data)
+            except FormatError as e:
+                raise BadContent(f"registry {c.registry}: {e}") from e
+
+        return self._try(call, repository, f"blob {digest}", blob=digest)
 
     def get_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]], **kw) -> list[bytes]:
         return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}",
