@@ -40,3 +40,16 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, what: str, ti
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: {path} not ready in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
         time.sleep(0.05)
+
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, what: str, offset: int = 0,
+                  timeout: float = 60) -> None:
+    """Return once `text` appears in `log` past `offset` (bounded; fails with the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_bytes()[offset:].decode(errors="replace"):
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-800:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: no {text!r} in {timeout:.0f}s: {log.read_text(errors='replace')[-800:]}")
+        time.sleep(0.05)

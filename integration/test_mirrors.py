@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.faultproxy import Fault, FaultProxy
 from integration.registry import AccessLogEntry, Registry
 from shim.registry import RegistryClient
 
@@ -115,7 +116,7 @@ def _env(tmp_path: Path, conf: str) -> dict[str, str]:
             "LAZYSHIM_HOSTS_DIR": ""}
 
 
-def _mirror_conf(origin: Registry, mirror: Registry) -> str:
+def _mirror_conf(origin: Registry, mirror: Registry | FaultProxy) -> str:
     return f'[[registry]]\nlocation = "{origin.host}"\n[[registry.mirror]]\nlocation = "{mirror.host}"\n'
 
 
@@ -181,6 +182,32 @@ def test_fills_fall_back_to_the_origin_when_the_mirror_is_stopped(tmp_path: Path
     reg.clear_access_log()
     assert _run_hashes(env, ref) == _expected()  # files the first run did not open
     _wait_for("fill ranges in the origin's log", lambda: len(_ranges(reg, layers)) > 0)
+
+
+@pytest.mark.parametrize("lies_from", ["the pull", "the fills"])
+def test_a_mirror_serving_wrong_bytes_falls_through_to_the_origin(tmp_path: Path, origin, lies_from: str) -> None:
+    """A mirror that answers every range with bytes of the right length but the wrong content
+    (a broken cache, a hostile peer): footers, TOCs and chunks fail their checks, the mirror is
+    set aside for that blob and the bytes come from the origin; the container reads the image's
+    bytes."""
+    reg, ref, layers = origin
+    with FaultProxy(reg.host) as liar:
+        env = _env(tmp_path, _mirror_conf(reg, liar))
+        if lies_from == "the pull":
+            liar.set(Fault("corrupt"))
+        _lazyshim(env, "pull", ref)
+        if lies_from == "the pull":
+            assert liar.faulted > 0 and liar.passed == 0, "the pull asked the mirror first"
+        else:
+            assert liar.passed > 0  # footers and TOCs came through the mirror, unharmed
+            liar.set(Fault("corrupt"))
+        faulted = liar.faulted
+        reg.clear_access_log()
+        assert _run_hashes(env, ref) == _expected()
+        assert lies_from == "the pull" or liar.faulted > faulted, "the fills asked the mirror first"
+        # The origin served ranges of its own, beside those it served the mirror: more ranges
+        # than the mirror passed on.
+        _wait_for("fill ranges in the origin's log", lambda: len(_ranges(reg, layers)) > liar.faulted - faulted)
 
 
 def test_a_shared_layer_fills_from_the_registry_of_the_image_run(tmp_path: Path, registry: Registry,

@@ -47,6 +47,9 @@ def add_parsers(sub) -> None:
     from .snapshotter import add_parser as add_snapshotter
 
     add_snapshotter(sub)
+    from .alsfs import add_parser as add_layer_store
+
+    add_layer_store(sub)
 
 
 def cmd_pull(args) -> int:

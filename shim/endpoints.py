@@ -20,12 +20,16 @@ from typing import TypeVar
 
 from .errors import LazyshimError
 from .registry.client import RegistryClient
-from .registry.errors import RegistryError, RegistryUnavailable
+from .registry.errors import DigestMismatch, RegistryError, RegistryUnavailable
 from .registry.mirrors import Endpoint
 
 T = TypeVar("T")
 
 MIRROR_COOLDOWN = 30.0
+
+
+class BadContent(DigestMismatch):
+    """An endpoint served bytes the caller's own check refused (wrong footer, wrong TOC)."""
 
 
 class _Health:
@@ -51,6 +55,11 @@ class _Health:
         if key is not None:
             with self._lock:
                 self._down[key] = time.monotonic() + MIRROR_COOLDOWN
+
+    def distrust(self, ep: Endpoint, blob: str) -> None:
+        """`ep` served bytes of `blob` that failed verification: try it last for that blob."""
+        with self._lock:
+            self._down[(ep.key, blob)] = time.monotonic() + MIRROR_COOLDOWN
 
     def answered(self, ep: Endpoint, blob: str | None = None) -> None:
         if self._down:
@@ -143,6 +152,23 @@ class MirroredClient:
         return self._try(lambda c, repo: c.get_range(repo, digest, start, end), repository, f"blob {digest}",
                          blob=digest)
 
+    def get_checked_range(self, repository: str, digest: str, start: int, end: int,
+                          check: Callable[[bytes], T]) -> T:
+        """check(bytes of [start, end)) from the first endpoint whose bytes it accepts: an
+        endpoint whose bytes it refuses (FormatError: a footer or TOC that does not parse or
+        match its digest) is passed over like one that failed.  If every endpoint's bytes are
+        refused, BadContent."""
+        from .formats.toc import FormatError
+
+        def call(c: RegistryClient, repo: str) -> T:
+            data = c.get_range(repo, digest, start, end)
+            try:
+                return check(data)
+            except FormatError as e:
+                raise BadContent(f"registry {c.registry}: {e}") from e
+
+        return self._try(call, repository, f"blob {digest}", blob=digest)
+
     def get_ranges(self, repository: str, digest: str, ranges: list[tuple[int, int]], **kw) -> list[bytes]:
         return self._try(lambda c, repo: c.get_ranges(repo, digest, ranges, **kw), repository, f"blob {digest}",
                          blob=digest)
@@ -205,7 +231,11 @@ class MirroredClient:
 
 class MirroredBlobSource:
     """A layer blob's ranges from the first endpoint that serves them: the endpoints of the
-    container's own image first, the fallbacks (computed only when those all failed) next."""
+    container's own image first, the fallbacks (computed only when those all failed) next.
+
+    An endpoint can answer with bytes that only the caller can find wrong (chunk digests):
+    `last_origin()` names the endpoint of this thread's last read and `reject()` sets it
+    aside for this blob, so the caller's next read goes to the next endpoint."""
 
     def __init__(self, digest: str, primary: Callable[[], list[Endpoint]],
                  fallback: Callable[[], list[Endpoint]],
@@ -218,6 +248,13 @@ class MirroredBlobSource:
         self._lists: list[list[Endpoint] | LazyshimError | None] = [None, None]
         self._lock = threading.Lock()
         self._limit = limit
+        self._last = threading.local()
+
+    def last_origin(self) -> Endpoint | None:
+        return getattr(self._last, "endpoint", None)
+
+    def reject(self, endpoint: Endpoint) -> None:
+        _health.distrust(endpoint, self.digest)
 
     def _group(self, i: int) -> list[Endpoint]:
         """Endpoint group i (deduplicated against the earlier ones), worked out once."""
@@ -252,7 +289,8 @@ class MirroredBlobSource:
                 errors.append(e)
                 continue
             ok, result = _first_answer(
-                eps, lambda ep: call(self._client_for(ep), ep.repository), errors, deadline, self.digest)
+                eps, lambda ep: (ep, call(self._client_for(ep), ep.repository)), errors, deadline, self.digest)
             if ok:
-                return result  # type: ignore[return-value]
+                self._last.endpoint, data = result  # type: ignore[misc]
+                return data
         raise _all_failed(errors, f"blob {self.digest}")

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import LazyshimError
 from .formats import estargz
@@ -28,6 +29,7 @@ from .store.metadata import ImageRecord, LayerMeta, dump_image, dump_layer, writ
 from .store.placeholders import TreeOptions
 
 MAX_CONFIG = 4 << 20
+T = TypeVar("T")
 
 
 # progress(index, count, layer, meta): before a layer (meta None) and after it.
@@ -162,19 +164,38 @@ def _lazy_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> Laye
     return None
 
 
+def _checked_range(client: RegistryClient, ref: Reference, desc: Descriptor, start: int, end: int,
+                   check: Callable[[bytes], T]) -> T:
+    """check(the bytes of [start, end)): through mirrors, bytes that `check` refuses
+    (FormatError) are read again from the next endpoint, as a failed request would be."""
+    from .endpoints import BadContent
+
+    get = getattr(client, "get_checked_range", None)
+    if get is None:
+        return check(client.get_range(ref.repository, desc.digest, start, end))
+    try:
+        return get(ref.repository, desc.digest, start, end, check)
+    except BadContent as e:
+        raise FormatError(str(e)) from e
+
+
 def _estargz_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
     size = desc.size
     if size < estargz.FOOTER_SIZE:
         raise FormatError("blob too small for eStargz")
-    tail = client.get_range(ref.repository, desc.digest, size - estargz.FOOTER_SIZE, size)
-    toc_offset, footer_size = estargz.parse_footer(tail)
+    toc_offset, footer_size = _checked_range(client, ref, desc, size - estargz.FOOTER_SIZE, size,
+                                             estargz.parse_footer)
     start, end = estargz.toc_range(size, toc_offset, footer_size)
-    region = client.get_range(ref.repository, desc.digest, start, end)
-    toc_json = estargz.toc_json_from_region(region)
     want = desc.annotations[estargz.TOC_DIGEST_ANNOTATION]
-    got = "sha256:" + hashlib.sha256(toc_json).hexdigest()
-    if got != want:
-        raise FormatError(f"TOC digest {got[:19]} does not match the manifest's {want[:19]}")
+
+    def verified_toc(region: bytes) -> bytes:
+        toc_json = estargz.toc_json_from_region(region)
+        got = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+        if got != want:
+            raise FormatError(f"TOC digest {got[:19]} does not match the manifest's {want[:19]}")
+        return toc_json
+
+    toc_json = _checked_range(client, ref, desc, start, end, verified_toc)
     toc: Toc = estargz.parse_toc(toc_json, toc_offset)
     return LayerMeta(digest=desc.digest, format="estargz", blob_size=size, toc=toc, toc_digest=want)
 
@@ -185,8 +206,8 @@ def _zstd_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> Laye
     loc = zstdchunked.manifest_location(desc.annotations)
     if loc is None or loc.offset + loc.length > desc.size:
         raise FormatError("zstd:chunked manifest position lies outside the blob")
-    region = client.get_range(ref.repository, desc.digest, loc.offset, loc.offset + loc.length)
-    toc_json = zstdchunked.decode_manifest(region, loc)
+    toc_json = _checked_range(client, ref, desc, loc.offset, loc.offset + loc.length,
+                              lambda region: zstdchunked.decode_manifest(region, loc))
     toc = zstdchunked.parse_toc(toc_json, loc.data_end)
     return LayerMeta(digest=desc.digest, format="zstd:chunked", blob_size=desc.size, toc=toc,
                      toc_digest=loc.checksum)

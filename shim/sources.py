@@ -14,7 +14,8 @@ Mirrors (shim.registry.mirrors: registries.conf, hosts.toml; the files are found
 LAZYSHIM_REGISTRIES_CONF, CONTAINERS_REGISTRIES_CONF, HOME, XDG_CONFIG_HOME and
 LAZYSHIM_HOSTS_DIR) are tried in order before the origin, for manifests, configs, TOCs and
 every fill, with fall-through (shim.endpoints).  Whatever endpoint answers, its bytes are
-verified exactly as the origin's are.
+verified exactly as the origin's are; a fill whose bytes fail verification sets that endpoint
+aside for the blob and reads them from the next (shim.store.filler).
 
 A fill reads from the image the container runs (its references, with their mirrors),
 then from the other images in the store that hold the layer, then from the registry that

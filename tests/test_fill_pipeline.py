@@ -178,3 +178,60 @@ def test_a_lost_mark_is_recovered_from_the_verified_bytes_in_place(tmp_path: Pat
             assert after.requests == 1  # only the file whose bytes did not verify
     finally:
         SYNCER.flush()
+
+
+class _LyingMirrorFirst:
+    """Two endpoints with the endpoint API of shim.endpoints.MirroredBlobSource: a mirror that
+    serves wrong bytes of the right length, then the origin."""
+
+    def __init__(self, blob: Path) -> None:
+        good = blob.read_bytes()
+        self.blobs = {"mirror": bytes(b ^ 0x5A for b in good), "origin": good}
+        self.order = ["mirror", "origin"]
+        self.rejected: list[str] = []
+        self.reads: list[str] = []
+        self._lock = threading.Lock()
+        self._last = threading.local()
+
+    def read_range(self, start: int, end: int) -> bytes:
+        with self._lock:
+            ep = self.order[0]
+            self.reads.append(ep)
+        self._last.endpoint = ep
+        return self.blobs[ep][start:end]
+
+    def last_origin(self) -> str:
+        return self._last.endpoint
+
+    def reject(self, endpoint: str) -> None:
+        with self._lock:
+            self.rejected.append(endpoint)
+            self.order.remove(endpoint)
+            self.order.append(endpoint)
+
+
+def test_wrong_bytes_from_a_mirror_are_fetched_again_from_the_next_endpoint(tmp_path: Path) -> None:
+    entries = _files(10)
+    meta, filler, _, regs = _filler_with(tmp_path, entries)
+    source = filler._source = _LyingMirrorFirst(tmp_path / "blob")
+    filler.fill(regs["lib/m000.py"])  # the open gets the image's bytes, not EIO
+    _wait_idle(filler)
+    for name in sorted(regs):
+        if not filler.is_filled(regs[name]):
+            filler.fill(regs[name])
+    data = dict((ti.name, d) for ti, d in entries)
+    assert all((tmp_path / "layer/tree" / n).read_bytes() == data[n] for n in regs)
+    assert source.rejected and set(source.rejected) == {"mirror"}
+    assert source.reads[0] == "mirror" and source.reads[-1] == "origin"
+
+
+def test_wrong_bytes_from_every_endpoint_fail_the_fill(tmp_path: Path) -> None:
+    entries = _files(3)
+    meta, filler, _, regs = _filler_with(tmp_path, entries)
+    source = filler._source = _LyingMirrorFirst(tmp_path / "blob")
+    source.blobs["origin"] = source.blobs["mirror"]
+    filler.readahead = False
+    with pytest.raises(FillError, match="does not match its digest|corrupt"):
+        filler.fill(regs["lib/m001.py"])
+    assert len(source.rejected) == filler_mod.RETRY_SOURCES
+    assert (tmp_path / "layer/tree/lib/m001.py").stat().st_blocks == 0, "an unverified byte stayed"

@@ -81,18 +81,19 @@ def _check(doc_or_raw, content_type: str | None = None) -> None:
             pass
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(list(_paths(MANIFEST))), json_values)
 def test_manifest_field_of_any_type(path, value) -> None:
     _check(_replace(MANIFEST, path, value))
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(list(_paths(INDEX))), json_values)
 def test_index_field_of_any_type(path, value) -> None:
     _check(_replace(INDEX, path, value))
 
 
+@settings(deadline=None)
 @given(json_values, st.sampled_from([None, OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, "text/plain"]))
 def test_any_json_document(value, content_type) -> None:
     _check(value, content_type)

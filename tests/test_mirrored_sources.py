@@ -231,3 +231,22 @@ def test_image_references_lists_every_name_of_the_image(store: Store) -> None:
     assert sources.image_references(store, rec) == ["a.example/py:1", "z.example/py:copy"]
     assert sources.image_references(store, rec, "z.example/py:copy") == ["z.example/py:copy", "a.example/py:1"]
     assert sources.image_references(store, rec, "sha256:111111") == ["a.example/py:1", "z.example/py:copy"]
+
+
+def test_bytes_a_check_refuses_are_read_again_from_the_next_endpoint() -> None:
+    from shim.endpoints import BadContent
+    from shim.formats.toc import FormatError
+
+    def check(data: bytes) -> int:
+        if data != BLOB[10:20]:
+            raise FormatError("not a footer")
+        return len(data)
+
+    liar = serves(bytes(b ^ 0x5A for b in BLOB))
+    fleet = Fleet({"m.example": liar, "o.example": serves()})
+    with _client(fleet, "m.example", "o.example") as c:
+        assert c.get_checked_range("app", DIGEST, 10, 20, check) == 10
+        assert len(fleet.seen["m.example"]) == 1 and len(fleet.seen["o.example"]) == 1
+    fleet = Fleet({"m.example": liar, "o.example": liar})
+    with _client(fleet, "m.example", "o.example") as c, pytest.raises(BadContent, match="not a footer"):
+        c.get_checked_range("app", DIGEST, 10, 20, check)

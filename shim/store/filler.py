@@ -47,14 +47,35 @@ MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
 PARALLEL_REQUESTS = 8
 _ZERO_BLOCK = bytes(1 << 20)
+#: Bytes fetched ahead for several files: (blob offset, data, the source's token for who served them).
+Fetched = tuple[int, bytes, object]
+
+
+#: A file whose bytes fail verification is fetched again from this many further endpoints
+#: (a source that can tell which endpoint served them and can set it aside), then EIO.
+RETRY_SOURCES = 2
 
 
 class FillError(LazyshimError):
     """A file could not be filled (fetch failed, digest mismatch): the opener gets EIO."""
 
 
+class BadBytes(FillError):
+    """Bytes that do not decode or match their digest; `origin` is the source's token for
+    whoever served them (None if the source cannot say)."""
+
+    def __init__(self, message: str, origin: object = None) -> None:
+        super().__init__(message)
+        self.origin = origin
+
+
 class BlobSource(Protocol):
-    """Where a layer's compressed bytes come from (a registry, a local blob file)."""
+    """Where a layer's compressed bytes come from (a registry, a local blob file).
+
+    A source of several endpoints may also offer `last_origin()` (a token for the endpoint
+    that served this thread's last read) and `reject(token)` (set that endpoint aside for
+    this blob): the filler then refetches a file whose bytes failed verification from the
+    next endpoint instead of failing the open."""
 
     def read_range(self, start: int, end: int) -> bytes: ...
 
@@ -320,7 +341,7 @@ class LayerFiller:
             fetched = None
             if end - start <= MAX_REQUEST:
                 try:
-                    fetched = (start, self._read(entries[live[0]], start, end))
+                    fetched = (start, *self._read(entries[live[0]], start, end))
                 except FillError as err:
                     self.errors.append(str(err))
                     return
@@ -409,7 +430,7 @@ class LayerFiller:
                 sync_dir(self.tree)
                 mark_complete(self.dir)
 
-    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> bool:
+    def _fill_locked(self, idx: int, fetched: Fetched | None = None) -> bool:
         """Write entry idx in place and commit it.  False if another process had already
         filled it."""
         e = self.meta.toc.entries[idx]
@@ -431,7 +452,7 @@ class LayerFiller:
             if self._verified_in_place(fd, e):
                 self._commit(idx)  # its mark was lost (a process killed before its flush): no refetch
                 return True
-            self._write_content(fd, e, fetched)
+            self._write_verified(fd, e, fetched)
             os.utime(fd, (e.mtime, e.mtime))  # writing moved mtime; the image's must show
             if restore_mode is not None or os.fstat(fd).st_mode & 0o7777 != e.mode:
                 os.fchmod(fd, e.mode)
@@ -472,17 +493,37 @@ class LayerFiller:
                 return False
         return True
 
-    def _read(self, e: Entry, start: int, end: int) -> bytes:
+    def _read(self, e: Entry, start: int, end: int) -> tuple[bytes, object]:
+        """The bytes of [start, end) and the source's token for who served them."""
         with self._counts:
             self.requests += 1
+        source = self.source
         try:
-            return self.source.read_range(start, end)
+            data = source.read_range(start, end)
         except FillError:
             raise
         except Exception as err:  # the source's own errors (network, registry) end this fill
             raise FillError(f"fetching {e.name!r}: {err}") from err
+        last = getattr(source, "last_origin", None)
+        return data, last() if last is not None else None
 
-    def _write_content(self, fd: int, e: Entry, fetched: tuple[int, bytes] | None) -> None:
+    def _write_verified(self, fd: int, e: Entry, fetched: Fetched | None) -> None:
+        """Write e's verified content; bytes that fail verification set their endpoint aside
+        (a mirror serving wrong bytes) and are fetched again from the next, up to
+        RETRY_SOURCES times.  Nothing unverified stays in the file."""
+        for attempt in range(RETRY_SOURCES + 1):
+            try:
+                self._write_content(fd, e, fetched)
+                return
+            except BadBytes as err:
+                reject = getattr(self.source, "reject", None)
+                if attempt == RETRY_SOURCES or err.origin is None or reject is None:
+                    raise
+                reject(err.origin)
+                _discard(fd, e)
+                fetched = None
+
+    def _write_content(self, fd: int, e: Entry, fetched: Fetched | None) -> None:
         """Decode, verify and write e's chunks (in file order, so the whole-file hash runs
         once over the stream); a file of one chunk whose digest is the file's is hashed once."""
         chunks = e.chunks
@@ -492,7 +533,7 @@ class LayerFiller:
         spans = merge(((c.offset, c.end, k) for k, c in enumerate(chunks) if not c.zeros), 0, MAX_REQUEST)
         span_of = {k: s for s in spans for k in s.keys}
         cur: Span | None = None
-        data = b""
+        data, origin = b"", None
         for k, c in enumerate(chunks):
             if c.zeros:
                 if whole is not None:
@@ -503,14 +544,18 @@ class LayerFiller:
                 cur = span
                 if fetched is not None and fetched[0] <= span.start and span.end <= fetched[0] + len(fetched[1]):
                     data = fetched[1][span.start - fetched[0]: span.end - fetched[0]]  # already downloaded
+                    origin = fetched[2]
                 else:
-                    data = self._read(e, span.start, span.end)
+                    data, origin = self._read(e, span.start, span.end)
                     with self._counts:
                         self.bytes_fetched += len(data)
-            piece = decode_chunk(self.meta.format, data[c.offset - span.start: c.end - span.start],
-                                 c.inner_offset, c.size)
+            try:
+                piece = decode_chunk(self.meta.format, data[c.offset - span.start: c.end - span.start],
+                                     c.inner_offset, c.size)
+            except FormatError as err:
+                raise BadBytes(f"{e.name!r}: chunk at {c.file_offset}: {err}", origin) from err
             if c.digest and "sha256:" + hashlib.sha256(piece).hexdigest() != c.digest:
-                raise FillError(f"{e.name!r}: chunk at {c.file_offset} does not match its digest")
+                raise BadBytes(f"{e.name!r}: chunk at {c.file_offset} does not match its digest", origin)
             if whole is not None:
                 whole.update(piece)
             if all_chunk_digests:
@@ -518,7 +563,7 @@ class LayerFiller:
             else:
                 staged.append((c.file_offset, piece))
         if whole is not None and "sha256:" + whole.hexdigest() != e.digest:
-            raise FillError(f"{e.name!r}: content does not match its digest")
+            raise BadBytes(f"{e.name!r}: content does not match its digest", origin)
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
 

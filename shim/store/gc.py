@@ -1,8 +1,9 @@
 """Garbage collection of layers no image needs and no container is using.
 
-A layer is kept while any image record (images/*.cbor) lists it, or while its tree is a
+A layer is kept while any image record (images/*.cbor) lists it, while its tree is a
 lowerdir of an overlay mount in any mount namespace we can see (a running container whose
-image was removed keeps working).  Collection holds the store's "gc" lock exclusively;
+image was removed keeps working), or while a podman layer uses it through the layer store
+that pulls on lookup (`shim.store.als.used_layers`).  Collection holds the store's "gc" lock exclusively;
 pulls hold it shared, so a layer that a pull has just made but not yet recorded in an
 image is never collected under it.
 """
@@ -13,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .als import used_layers
 from .blobs import forget_blob
 from .layout import Store, digest_dirname
 from .layouts import layout_of
@@ -96,7 +98,8 @@ def collect(store: Store, keep_digests: set[str] | frozenset[str] = frozenset())
     if not store.layers.is_dir():
         return removed
     with store.lock("gc"):
-        keep = referenced_layers(store) | mounted_layers(store) | {digest_dirname(d) for d in keep_digests}
+        keep = (referenced_layers(store) | mounted_layers(store) | used_layers(store)
+                | {digest_dirname(d) for d in keep_digests})
         for d in sorted(store.layers.iterdir()):
             if d.name in keep or not d.is_dir():
                 continue

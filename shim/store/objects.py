@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
-from .filler import SYNCER, BlobSource, FillError, LayerFiller
+from .filler import SYNCER, BlobSource, Fetched, FillError, LayerFiller
 from .layout import digest_dirname
 from .metadata import LayerMeta
 
@@ -168,7 +168,7 @@ class ObjectFiller(LayerFiller):
                 if path is None or not path.exists():
                     self.filled[i] = 0
 
-    def _fill_locked(self, idx: int, fetched: tuple[int, bytes] | None = None) -> bool:
+    def _fill_locked(self, idx: int, fetched: Fetched | None = None) -> bool:
         final = self.object_path(idx)
         if final is None or self.is_filled(idx):
             return False
@@ -177,7 +177,7 @@ class ObjectFiller(LayerFiller):
                 return False  # an entry with the same content was filled meanwhile
             return self._write_object(idx, fetched)
 
-    def _write_object(self, idx: int, fetched: tuple[int, bytes] | None) -> bool:
+    def _write_object(self, idx: int, fetched: Fetched | None) -> bool:
         e = self.meta.toc.entries[idx]
         tmp = self.tmp_dir / f".object.{os.getpid()}.{next(_TMP_SEQ)}"
         try:
@@ -188,7 +188,7 @@ class ObjectFiller(LayerFiller):
         try:
             try:
                 os.ftruncate(fd, e.size)  # zero chunks stay holes: they read as the zeros they are
-                self._write_content(fd, e, fetched)
+                self._write_verified(fd, e, fetched)
             finally:
                 os.close(fd)
             self._publish(idx, tmp)
