@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 # Debian's interpreter, not a per-user one: rootless tests run the venv as an ordinary user.
 PYTHON3   ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 APT_PKGS  := runc crun podman docker-registry stargz-snapshotter containerd skopeo umoci \
-             busybox-static uidmap iptables debootstrap python3-venv
+             busybox-static uidmap iptables debootstrap python3-venv fuse3 python3-numpy
 PYTEST_ARGS ?=
 # The benchmark's peer, stargz-snapshotter's stargz-store, built offline from Debian's Go sources.
 PEER_APT_PKGS := golang-go golang-github-containerd-stargz-snapshotter-dev fuse3

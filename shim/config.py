@@ -14,6 +14,8 @@ Top-level TOML keys (all optional):
     registry_retries = 3                #                                   LAZYSHIM_REGISTRY_RETRIES
     registry_timeout = 30               # seconds per network operation     LAZYSHIM_REGISTRY_TIMEOUT
     fetch_timeout = 30                  # seconds for one fill              LAZYSHIM_FETCH_TIMEOUT
+    big_file_threshold = 16777216       # bytes; bigger chunked files are   LAZYSHIM_BIG_FILE_THRESHOLD
+                                        # served chunk by chunk (0: off)
 
 Values come back as the strings an environment variable would hold, so each reader keeps
 its own parsing and range checks.  Imported on every runc-style call (`state`): os only,
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 
 KEYS = ("root", "runtime_dir", "delegate", "background_fetch", "insecure_registries", "registry_retries",
-        "registry_timeout", "fetch_timeout")
+        "registry_timeout", "fetch_timeout", "big_file_threshold")
 SYSTEM_FILE = "/etc/lazyshim/lazyshim.toml"
 MAX_FILE = 1 << 20
 

@@ -1,0 +1,142 @@
+"""Big files read sparsely cost what they read: the container's FUSE layer of big files.
+
+A 256 MiB weights file (integration/weights_image.py) is mapped with numpy and sampled:
+only the touched 4 MiB chunks may come from the registry, every byte read must equal the
+image's (the legacy image gives the same output), a chunk that fails verification is an
+EIO or SIGBUS for the reader, and no mount or server outlives the container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from integration import weights_image
+from integration.faultproxy import Fault, FaultProxy
+from integration.images import build_and_push, fetch_manifest
+from integration.registry import Registry
+
+LAZYSHIM = [sys.executable, "-m", "runtime.main"]
+CHUNK = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def weights(registry: Registry) -> dict[str, str]:
+    weights_image.register()
+    return build_and_push(registry, names=["weights"], variants=("legacy", "esgz"))
+
+
+@pytest.fixture(scope="module")
+def expected() -> str:
+    return weights_image.expected_output(weights_image.weights_file())
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, LAZYSHIM_ROOT=str(tmp_path / "store"), LAZYSHIM_STORE_LAYOUT="v2",
+                LAZYSHIM_RUNTIME_DIR=str(tmp_path / "run"))
+
+
+def lazyshim(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(LAZYSHIM + list(args), env=env, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lazyshim {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+def _weights_layer(ref: str) -> dict:
+    host, _, rest = ref.partition("/")
+    name, _, tag = rest.partition(":")
+    return fetch_manifest(host, name, tag)["layers"][-1]
+
+
+def _fuse_mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path)) and "fuse" in line]
+
+
+def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
+                                                  registry: Registry) -> None:
+    env = _env(tmp_path)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    layer = _weights_layer(ref)
+    registry.clear_access_log()
+    p = lazyshim(env, "run", "--rm", "--no-background-fetch", ref)
+    assert p.stdout == expected, p.stderr
+    served = registry.bytes_served(layer["digest"])
+    touched = weights_image.WEIGHTS_BYTES // weights_image.STRIDE_BYTES  # the first also holds the header
+    # each chunk compresses a little (the values keep their top bits in range)
+    assert touched * CHUNK * 0.9 <= served <= touched * (CHUNK + (64 << 10)), f"{served} of {layer['size']}"
+    assert layer["size"] > 250 << 20
+    assert _fuse_mounts_under(tmp_path) == []
+    # The legacy image (whole layers, no laziness) reads the same bytes.
+    legacy = lazyshim(env, "run", "--rm", weights["weights:legacy"])
+    assert legacy.stdout == expected
+
+
+def test_second_container_reuses_verified_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
+                                                 registry: Registry) -> None:
+    env = _env(tmp_path)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    layer = _weights_layer(ref)
+    assert lazyshim(env, "run", "--rm", "--no-background-fetch", ref).stdout == expected
+    registry.clear_access_log()
+    assert lazyshim(env, "run", "--rm", "--no-background-fetch", ref).stdout == expected
+    assert registry.bytes_served(layer["digest"]) == 0  # the chunks are in the store, checked again
+
+
+def test_complete_big_file_is_read_natively(tmp_path: Path, weights: dict[str, str]) -> None:
+    """Once every chunk is verified the file becomes the data layer's object: the next
+    container has no FUSE layer at all, and reads the same bytes."""
+    env = _env(tmp_path)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    read_all = "import hashlib;print(hashlib.sha256(open('/model/weights.npy','rb').read()).hexdigest())"
+    want = hashlib.sha256(weights_image.weights_file().read_bytes()).hexdigest()
+    first = lazyshim(env, "run", "--no-background-fetch", "--name", "first", ref, "/usr/bin/python3", "-c", read_all)
+    assert first.stdout.strip() == want
+    size = weights_image.weights_file().stat().st_size
+    assert any(o.stat().st_size == size for o in (tmp_path / "store").glob("data/objects/*/*"))
+    second = lazyshim(env, "run", "--no-background-fetch", "--name", "second", ref, "/usr/bin/python3", "-c",
+                      read_all)
+    assert second.stdout.strip() == want
+    logs = {p.parent.name for p in (tmp_path / "store").rglob("bigfs.log")}
+    assert logs == {"first"}, logs  # the second container started no FUSE server
+
+
+PROBE = """
+import mmap, os, sys
+fd = os.open("/model/weights.npy", os.O_RDONLY)
+try:
+    os.pread(fd, 16, 100 << 20)
+    print("READ-OK")
+except OSError as e:
+    print("READ-ERRNO", e.errno)
+sys.stdout.flush()
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+print("MAPPED", m[200 << 20])
+"""
+
+
+def test_corrupt_chunk_is_eio_or_sigbus_never_wrong_bytes(tmp_path: Path, weights: dict[str, str],
+                                                          registry: Registry) -> None:
+    with FaultProxy(registry.host) as proxy:
+        env = _env(tmp_path)
+        ref = weights["weights:esgz"].replace(registry.host, proxy.host)
+        lazyshim(env, "pull", ref)
+        # python and its libraries filled first, so that only the weights' chunks meet the fault
+        lazyshim(env, "run", "--rm", "--no-background-fetch", ref, "/usr/bin/python3", "-c", "import mmap, os, sys")
+        proxy.set(Fault("corrupt"))
+        p = lazyshim(env, "run", "--rm", "--no-background-fetch", ref, "/usr/bin/python3", "-c", PROBE, check=False)
+        assert proxy.faulted >= 1
+    assert "READ-ERRNO 5" in p.stdout, p.stdout + p.stderr
+    assert "MAPPED" not in p.stdout
+    assert p.returncode == 128 + 7, (p.returncode, p.stderr)  # SIGBUS
+    assert _fuse_mounts_under(tmp_path) == []

@@ -1,0 +1,47 @@
+"""Which files of a container's layers the FUSE layer serves (and whether it is needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..store.layout import Store
+from ..store.metadata import LayerMeta
+from . import is_big
+
+
+@dataclass(frozen=True)
+class Served:
+    """One big file: its object name, the layer that holds it and its entry index."""
+
+    name: str
+    meta: LayerMeta
+    idx: int
+
+
+def served(store: Store, layers: list[str], limit: int) -> list[Served]:
+    """The big files of the lazy layers whose object the data layer does not hold yet (in
+    layout v2 only: placeholder trees fill big files whole).  One per object name."""
+    from ..store.layouts import layout_of, load_meta
+    from ..store.objects import object_name
+    from ..store.partials import object_path
+
+    if not limit or layout_of(store).name != "v2":
+        return []
+    out: dict[str, Served] = {}
+    for digest in layers:
+        meta = load_meta(store, digest)
+        if meta.complete:
+            continue
+        for i, e in enumerate(meta.toc.entries):
+            if not is_big(e, limit):
+                continue
+            name = object_name(digest, i, e)
+            if name is None or name in out:
+                continue
+            try:
+                if object_path(store, name).stat().st_size == e.size:
+                    continue  # complete: read natively
+            except OSError:
+                pass
+            out[name] = Served(name, meta, i)
+    return list(out.values())
