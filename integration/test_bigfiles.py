@@ -28,7 +28,7 @@ CHUNK = 4 << 20
 @pytest.fixture(scope="module")
 def weights(registry: Registry) -> dict[str, str]:
     weights_image.register()
-    return build_and_push(registry, names=["weights"], variants=("legacy", "esgz"))
+    return build_and_push(registry, names=["weights"], variants=("legacy", "esgz", "zstdchunked"))
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,11 @@ def _fuse_mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(path)) and "fuse" in line]
 
 
+@pytest.mark.parametrize("variant", ["esgz", "zstdchunked"])
 def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
-                                                  registry: Registry) -> None:
+                                                  registry: Registry, variant: str) -> None:
     env = _env(tmp_path)
-    ref = weights["weights:esgz"]
+    ref = weights[f"weights:{variant}"]
     lazyshim(env, "pull", ref)
     layer = _weights_layer(ref)
     registry.clear_access_log()
@@ -75,9 +76,8 @@ def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, weights: dict[
     assert touched * CHUNK * 0.9 <= served <= touched * (CHUNK + (64 << 10)), f"{served} of {layer['size']}"
     assert layer["size"] > 250 << 20
     assert _fuse_mounts_under(tmp_path) == []
-    # The legacy image (whole layers, no laziness) reads the same bytes.
-    legacy = lazyshim(env, "run", "--rm", weights["weights:legacy"])
-    assert legacy.stdout == expected
+    if variant == "esgz":  # the legacy image (whole layers, no laziness) reads the same bytes
+        assert lazyshim(env, "run", "--rm", weights["weights:legacy"]).stdout == expected
 
 
 def test_second_container_reuses_verified_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
