@@ -74,6 +74,9 @@ demo: deps peers
 BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 \
               --variants podman,podman-zstd,lazyshim,lazyshim-zstd,stargz,stargz-opt,lazyshim-opt \
               --micro --json docs/bench/py.json --png docs/bench/py.png
+# A 256 MiB weights file mapped and sampled (8 of 64 chunks): sub-file fills through the FUSE layer.
+BENCH_WEIGHTS_ARGS ?= --image weights --link 100mbit:20ms --runs 2 \
+              --variants podman,lazyshim,lazyshim-nobg,stargz --json docs/bench/weights.json
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.lock
@@ -82,6 +85,7 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 bench: deps peers $(VENV)/.bench-stamp
 	@mkdir -p docs/bench
 	$(PY) -m integration.bench $(BENCH_ARGS)
+	$(PY) -m integration.bench $(BENCH_WEIGHTS_ARGS) | tee docs/bench/weights.md
 	$(PY) -m integration.pull_load_bench --runs 3 | tee docs/bench/pull-under-load.md
 
 clean:
