@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,9 +39,17 @@ def expected() -> str:
     return weights_image.expected_output(weights_image.weights_file())
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    """Socket paths hold 107 bytes: a short runtime dir, as /run/lazyshim is."""
+    d = Path(tempfile.mkdtemp(prefix="lzr-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _env(tmp_path: Path, rundir: Path) -> dict[str, str]:
     return dict(os.environ, LAZYSHIM_ROOT=str(tmp_path / "store"), LAZYSHIM_STORE_LAYOUT="v2",
-                LAZYSHIM_RUNTIME_DIR=str(tmp_path / "run"))
+                LAZYSHIM_RUNTIME_DIR=str(rundir))
 
 
 def lazyshim(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,9 +72,9 @@ def _fuse_mounts_under(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("variant", ["esgz", "zstdchunked"])
-def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
+def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, rundir: Path, weights: dict[str, str], expected: str,
                                                   registry: Registry, variant: str) -> None:
-    env = _env(tmp_path)
+    env = _env(tmp_path, rundir)
     ref = weights[f"weights:{variant}"]
     lazyshim(env, "pull", ref)
     layer = _weights_layer(ref)
@@ -80,9 +91,9 @@ def test_mapped_weights_fetch_only_touched_chunks(tmp_path: Path, weights: dict[
         assert lazyshim(env, "run", "--rm", weights["weights:legacy"]).stdout == expected
 
 
-def test_second_container_reuses_verified_chunks(tmp_path: Path, weights: dict[str, str], expected: str,
+def test_second_container_reuses_verified_chunks(tmp_path: Path, rundir: Path, weights: dict[str, str], expected: str,
                                                  registry: Registry) -> None:
-    env = _env(tmp_path)
+    env = _env(tmp_path, rundir)
     ref = weights["weights:esgz"]
     lazyshim(env, "pull", ref)
     layer = _weights_layer(ref)
@@ -92,10 +103,10 @@ def test_second_container_reuses_verified_chunks(tmp_path: Path, weights: dict[s
     assert registry.bytes_served(layer["digest"]) == 0  # the chunks are in the store, checked again
 
 
-def test_complete_big_file_is_read_natively(tmp_path: Path, weights: dict[str, str]) -> None:
+def test_complete_big_file_is_read_natively(tmp_path: Path, rundir: Path, weights: dict[str, str]) -> None:
     """Once every chunk is verified the file becomes the data layer's object: the next
     container has no FUSE layer at all, and reads the same bytes."""
-    env = _env(tmp_path)
+    env = _env(tmp_path, rundir)
     ref = weights["weights:esgz"]
     lazyshim(env, "pull", ref)
     read_all = "import hashlib;print(hashlib.sha256(open('/model/weights.npy','rb').read()).hexdigest())"
@@ -125,10 +136,10 @@ print("MAPPED", m[200 << 20])
 """
 
 
-def test_corrupt_chunk_is_eio_or_sigbus_never_wrong_bytes(tmp_path: Path, weights: dict[str, str],
+def test_corrupt_chunk_is_eio_or_sigbus_never_wrong_bytes(tmp_path: Path, rundir: Path, weights: dict[str, str],
                                                           registry: Registry) -> None:
     with FaultProxy(registry.host) as proxy:
-        env = _env(tmp_path)
+        env = _env(tmp_path, rundir)
         ref = weights["weights:esgz"].replace(registry.host, proxy.host)
         lazyshim(env, "pull", ref)
         # python and its libraries filled first, so that only the weights' chunks meet the fault
@@ -140,3 +151,26 @@ def test_corrupt_chunk_is_eio_or_sigbus_never_wrong_bytes(tmp_path: Path, weight
     assert "MAPPED" not in p.stdout
     assert p.returncode == 128 + 7, (p.returncode, p.stderr)  # SIGBUS
     assert _fuse_mounts_under(tmp_path) == []
+
+
+def test_runc_path_with_the_image_annotation_serves_big_files_and_leaves_nothing(
+        tmp_path: Path, rundir: Path, weights: dict[str, str], expected: str, registry: Registry) -> None:
+    """`lazyshim run --bundle` of an empty rootfs with `run.lazyshim.image` (podman --rootfs):
+    the overlay lazyshim mounts there gets the FUSE layer too, and loses it with the container."""
+    from integration.test_runtime_cli import Runtime, bundle
+
+    env = _env(tmp_path, rundir)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    layer = _weights_layer(ref)
+    empty = tmp_path / "rootfs"
+    empty.mkdir()
+    b = bundle(tmp_path, empty, ["/app/sample.py"],
+               annotations={"run.lazyshim.image": ref, "run.lazyshim.background-fetch": "none"})
+    rt = Runtime(tmp_path / "runc-root", env=env)
+    registry.clear_access_log()
+    p = rt("run", "--bundle", str(b), f"w{os.getpid()}", timeout=300)
+    assert (p.returncode, p.stdout) == (0, expected), p.stderr
+    served = registry.bytes_served(layer["digest"])
+    assert served <= (weights_image.WEIGHTS_BYTES // weights_image.STRIDE_BYTES) * (CHUNK + (64 << 10))
+    assert _fuse_mounts_under(tmp_path) == [] and not os.path.ismount(empty)
