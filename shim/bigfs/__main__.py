@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int, default=-1)
     p.add_argument("--log")
     a = p.parse_args(argv)
+    a.started = time.monotonic()
     log_file = open(a.log, "a", buffering=1) if a.log else sys.stderr  # noqa: SIM115 - the process's log
 
     def log(msg: str) -> None:
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fuse.FUSE(ops, a.mount, foreground=True, ro=True, allow_other=True, kernel_cache=True,
                   fsname="lazyshim-bigfs", subtype="lazyshim")
-    except RuntimeError as e:
-        log(f"mounting {a.mount}: {e}")
-        return 1
+    except RuntimeError as e:  # libfuse's own status: a failed mount, or a stop by signal
+        if a.ready_fd >= 0:
+            log(f"mounting {a.mount} failed (libfuse status {e})")
+            return 1
+    log("stopped")
     return 0
 
 
@@ -95,7 +98,7 @@ def _operations(a: argparse.Namespace, log):
     files: dict[str, BigFile] = {}
     for s in wanted:
         e = s.meta.toc.entries[s.idx]
-        f = BigFile(e, s.meta.format, source_of(s.meta), open_partial(store, s.name, e.size), complete)
+        f = BigFile(e, s.meta.format, source_of(s.meta), open_partial(store, s.name, e.size), complete, log)
         names[id(f)] = s.name
         files[s.name] = f
 
@@ -104,9 +107,13 @@ def _operations(a: argparse.Namespace, log):
             os.write(a.ready_fd, b"1")
             os.close(a.ready_fd)
             a.ready_fd = -1
-        log(f"serving {len(files)} big files on {a.mount}")
+        log(f"serving {len(files)} big files on {a.mount} ({_since(a.started)} after start)")
 
     return BigFS(files, log, on_init=ready)
+
+
+def _since(t: float) -> str:
+    return f"{time.monotonic() - t:.2f} s"
 
 
 if __name__ == "__main__":

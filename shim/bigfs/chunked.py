@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from ..errors import LazyshimError
@@ -33,12 +34,14 @@ class BigFile:
     """The chunks of one regular file, cached in its partial file (`fd`, read-write)."""
 
     def __init__(self, entry: Entry, fmt: str, source: Callable[[], BlobSource], fd: int,
-                 on_complete: Callable[[BigFile], None] | None = None) -> None:
+                 on_complete: Callable[[BigFile], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.entry = entry
         self.fmt = fmt
         self.fd = fd
         self._source = source
         self._on_complete = on_complete
+        self._log = log
         self._starts = [c.file_offset for c in entry.chunks]
         self.verified = bytearray(1 if c.zeros else 0 for c in entry.chunks)  # in this process
         self._missing = self.verified.count(0)
@@ -70,6 +73,7 @@ class BigFile:
                 if _sha256(piece) == c.digest:
                     self._verified(k)
                     return
+            t0 = time.monotonic()
             try:
                 data = self._source().read_range(c.offset, c.end)
             except Exception as err:  # the source's own errors (network, registry)
@@ -78,9 +82,13 @@ class BigFile:
                 piece = decode_chunk(self.fmt, data, c.inner_offset, c.size)
             except ValueError as err:  # FormatError: a corrupt member
                 raise ChunkError(f"chunk {k} of {self.entry.name!r}: {err}") from err
+            t1 = time.monotonic()
             if len(piece) != c.size or _sha256(piece) != c.digest:
                 raise ChunkError(f"chunk {k} of {self.entry.name!r} does not match its digest")
             os.pwrite(self.fd, piece, c.file_offset)
+            if self._log is not None:
+                self._log(f"chunk {k} of {self.entry.name!r}: {len(data)} bytes fetched in {t1 - t0:.3f} s, "
+                          f"verified and cached in {time.monotonic() - t1:.3f} s")
             with self._counts:
                 self.chunks_fetched += 1
                 self.bytes_fetched += c.end - c.offset
