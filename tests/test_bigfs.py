@@ -164,3 +164,21 @@ def test_a_complete_partial_becomes_the_object_and_gc_drops_unnamed_partials(
     publish(store, name)
     assert (store.root / "data" / name).read_bytes() == b"0123456789"
     assert not partial_path(store, name).exists()
+
+
+def test_whether_a_layer_has_big_files_is_remembered(tmp_path: Path) -> None:
+    from shim.store.layout import Store
+    from shim.store.partials import largest_chunked
+
+    store = Store(tmp_path / "store")
+    digest = "sha256:" + "ab" * 32
+    store.layer_dir(digest).mkdir(parents=True)
+    calls: list[int] = []
+
+    def compute() -> int:
+        calls.append(1)
+        return 123
+
+    assert largest_chunked(store, digest, compute) == 123
+    assert largest_chunked(store, digest, compute) == 123
+    assert calls == [1]

@@ -23,15 +23,15 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
     layout v2 only: placeholder trees fill big files whole).  One per object name."""
     from ..store.layouts import layout_of, load_meta
     from ..store.objects import object_name
-    from ..store.partials import object_path
+    from ..store.partials import largest_chunked, object_path
 
     if not limit or layout_of(store).name != "v2":
         return []
     out: dict[str, Served] = {}
     for digest in layers:
-        meta = load_meta(store, digest)
-        if meta.complete:
+        if largest_chunked(store, digest, lambda d=digest: _largest(load_meta(store, d))) < limit:
             continue
+        meta = load_meta(store, digest)
         for i, e in enumerate(meta.toc.entries):
             if not is_big(e, limit):
                 continue
@@ -45,3 +45,10 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
                 pass
             out[name] = Served(name, meta, i)
     return list(out.values())
+
+
+def _largest(meta: LayerMeta) -> int:
+    """The size of the largest file of the layer that is big at any threshold (0: none)."""
+    if meta.complete:
+        return 0
+    return max((e.size for e in meta.toc.entries if is_big(e, 1)), default=0)

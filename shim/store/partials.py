@@ -15,11 +15,13 @@ natively.  The partial name is then removed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .layout import Store
 
 _PARTIAL = "partial"
+_HINT = "largest-chunked"  # in a layer dir: the size of its largest file a FUSE layer could serve
 
 
 def partial_root(store: Store) -> Path:
@@ -35,6 +37,25 @@ def object_path(store: Store, object_name: str) -> Path:
     from .layouts import layout_of
 
     return layout_of(store).data_root / object_name
+
+
+def largest_chunked(store: Store, digest: str, compute: Callable[[], int]) -> int:
+    """The size of the layer's largest file that could be served chunk by chunk (0: none),
+    remembered in the layer dir: most containers have no big file, and this answers that
+    without loading the layer's metadata."""
+    path = store.layer_dir(digest) / _HINT
+    try:
+        return int(path.read_bytes())
+    except (OSError, ValueError):
+        pass
+    n = compute()
+    try:
+        from .metadata import write_atomic
+
+        write_atomic(path, str(n).encode())
+    except OSError:
+        pass  # a read-only or full store: computed again next time
+    return n
 
 
 def open_partial(store: Store, object_name: str, size: int) -> int:
