@@ -174,3 +174,37 @@ def test_runc_path_with_the_image_annotation_serves_big_files_and_leaves_nothing
     served = registry.bytes_served(layer["digest"])
     assert served <= (weights_image.WEIGHTS_BYTES // weights_image.STRIDE_BYTES) * (CHUNK + (64 << 10))
     assert _fuse_mounts_under(tmp_path) == [] and not os.path.ismount(empty)
+
+
+def test_a_killed_run_leaves_its_fuse_layer_to_the_next_command(new_env, weights: dict[str, str]) -> None:
+    """`lazyshim run` killed while its container runs: the next lazyshim command detaches the
+    FUSE mount and stops its server with the rest of the container."""
+    from integration.lazyenv import poll
+
+    env = new_env()
+    env.env["LAZYSHIM_STORE_LAYOUT"] = "v2"
+    ref = weights["weights:esgz"]
+    env("pull", ref)
+    name = f"bigorphan-{os.getpid()}"
+    wait = "open('/ready', 'w').close(); open('/model/weights.npy', 'rb').read(10); import time; time.sleep(300)"
+    proc = env.popen("run", "--rm", "--no-background-fetch", "--name", name, ref, "/usr/bin/python3", "-c", wait,
+                     out=subprocess.DEVNULL)
+    cdir = env.store / "containers" / name
+    poll(lambda: (cdir / "upper" / "ready").exists() or proc.poll() is not None, f"{name} to write /ready")
+    assert proc.poll() is None, "lazyshim run ended early"
+    assert os.path.ismount(cdir / "big")
+    server = int((cdir / "bigfs.pid").read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    env("images")
+    env.assert_nothing_left(name)
+    poll(lambda: not os.path.exists(f"/proc/{server}") or b"shim.bigfs" not in _cmdline(server),
+         "the FUSE server to exit")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
