@@ -182,3 +182,37 @@ def test_whether_a_layer_has_big_files_is_remembered(tmp_path: Path) -> None:
     assert largest_chunked(store, digest, compute) == 123
     assert largest_chunked(store, digest, compute) == 123
     assert calls == [1]
+
+
+def test_the_whole_file_digest_guards_what_becomes_an_object(tmp_path: Path) -> None:
+    entry, src = _layer()
+    f = _bigfile(tmp_path, entry, src)
+    f.read(0, len(DATA))
+    assert f.whole_digest_ok()
+    entry.digest = "sha256:" + "0" * 64  # a TOC whose file digest names another content
+    assert not f.whole_digest_ok()
+
+
+def test_two_entries_claiming_one_digest_with_other_chunks_are_served_by_neither(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    from shim.bigfs import plan
+    from shim.store.layout import Store
+    from shim.store.metadata import LayerMeta
+
+    monkeypatch.setenv("LAZYSHIM_STORE_LAYOUT", "v2")
+    entry, _ = _layer()
+    other, _ = _layer(bytes(len(DATA)))
+    other.digest = entry.digest  # same object name, other content
+    metas = {}
+    for i, e in enumerate((entry, other, entry)):
+        d = f"sha256:{i:064x}"
+        m = LayerMeta.__new__(LayerMeta)
+        m.digest, m.complete = d, False
+        m.toc = type("T", (), {"entries": [e]})()
+        metas[d] = m
+    store = Store(tmp_path / "store")
+    for d in metas:
+        store.layer_dir(d).mkdir(parents=True)
+    monkeypatch.setattr("shim.store.layouts.load_meta", lambda _s, d: metas[d])
+    assert [s.meta.digest for s in plan.served(store, list(metas)[::2], 1)] == [list(metas)[0]]  # one name
+    assert plan.served(store, list(metas), 1) == []

@@ -89,6 +89,9 @@ def _operations(a: argparse.Namespace, log):
 
     def complete(f: BigFile) -> None:
         """In the read that verified the last chunk: the next container reads it natively."""
+        if not f.whole_digest_ok():
+            log(f"{f.entry.name!r}: every chunk verified but not the whole file's digest: not made an object")
+            return
         try:
             publish(store, names[id(f)])
             log(f"{f.entry.name!r} is complete: new containers read it natively")

@@ -4,9 +4,9 @@ Every chunk a reader gets was checked against its TOC digest by this process fir
 chunk fetched now is decoded and hashed before it is written to the partial file; a chunk
 the partial file already holds (another container fetched it) is read back and hashed on
 its first use.  A chunk that fails raises `ChunkError`: the FUSE layer answers EIO, which a
-mapping turns into SIGBUS.  Nothing unverified is ever returned.  Every data byte of such
-a file lies in a chunk with a digest (`shim.bigfs.is_big`), so a file whose chunks are all
-verified is verified whole.
+mapping turns into SIGBUS.  Nothing unverified is ever returned: every data byte of such
+a file lies in a chunk with a digest (`shim.bigfs.is_big`).  Before a complete file becomes
+the data layer's object, it is checked against its whole-file digest too (`whole_digest_ok`).
 """
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ class BigFile:
                 self.chunks_fetched += 1
                 self.bytes_fetched += c.end - c.offset
             self._verified(k)
+
+    def whole_digest_ok(self) -> bool:
+        """The complete file against the TOC's whole-file digest (True when it has none).
+        Chunk digests cover every byte a reader gets; this one guards the data layer, where
+        the object is shared by name with every image that holds the same digest."""
+        if not self.entry.digest:
+            return True
+        h = hashlib.sha256()
+        for off in range(0, self.entry.size, 4 << 20):
+            h.update(os.pread(self.fd, min(4 << 20, self.entry.size - off), off))
+        return "sha256:" + h.hexdigest() == self.entry.digest
 
     def _cached(self, offset: int, size: int) -> bool:
         """The partial file may hold this chunk (it has data there, not a hole)."""

@@ -20,7 +20,9 @@ class Served:
 
 def served(store: Store, layers: list[str], limit: int) -> list[Served]:
     """The big files of the lazy layers whose object the data layer does not hold yet (in
-    layout v2 only: placeholder trees fill big files whole).  One per object name."""
+    layout v2 only: placeholder trees fill big files whole).  One per object name; a name two
+    entries claim with different sizes or chunks is served by none (their opens fail: the
+    supervisor leaves big files to this layer), so no file reads another's bytes."""
     from ..store.layouts import layout_of, load_meta
     from ..store.objects import object_name
     from ..store.partials import largest_chunked, object_path
@@ -28,6 +30,7 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
     if not limit or layout_of(store).name != "v2":
         return []
     out: dict[str, Served] = {}
+    conflicts: set[str] = set()
     for digest in layers:
         if largest_chunked(store, digest, lambda d=digest: _largest(load_meta(store, d))) < limit:
             continue
@@ -36,7 +39,12 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
             if not is_big(e, limit):
                 continue
             name = object_name(digest, i, e)
-            if name is None or name in out:
+            if name is None or name in conflicts:
+                continue
+            if name in out:
+                first = out[name].meta.toc.entries[out[name].idx]
+                if _shape(first) != _shape(e):
+                    conflicts.add(name)  # one digest, two contents: a lying TOC, served by neither
                 continue
             try:
                 if object_path(store, name).stat().st_size == e.size:
@@ -44,7 +52,12 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
             except OSError:
                 pass
             out[name] = Served(name, meta, i)
-    return list(out.values())
+    return [s for n, s in out.items() if n not in conflicts]
+
+
+def _shape(e) -> tuple:
+    """What must agree between two entries that share an object name for either to serve it."""
+    return e.size, tuple((c.file_offset, c.size, c.digest, c.zeros) for c in e.chunks)
 
 
 def _largest(meta: LayerMeta) -> int:
