@@ -216,3 +216,31 @@ def test_two_entries_claiming_one_digest_with_other_chunks_are_served_by_neither
     monkeypatch.setattr("shim.store.layouts.load_meta", lambda _s, d: metas[d])
     assert [s.meta.digest for s in plan.served(store, list(metas)[::2], 1)] == [list(metas)[0]]  # one name
     assert plan.served(store, list(metas), 1) == []
+
+
+def test_the_threshold_is_configured_in_one_place_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim import bigfs, config
+    from shim.errors import LazyshimError
+
+    config.reload()
+    monkeypatch.delenv("LAZYSHIM_BIG_FILE_THRESHOLD", raising=False)
+    monkeypatch.setattr(config, "files", lambda: [])
+    assert bigfs.threshold() == bigfs.DEFAULT_THRESHOLD == 16 << 20
+    monkeypatch.setenv("LAZYSHIM_BIG_FILE_THRESHOLD", "0")
+    assert bigfs.threshold() == 0
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("LAZYSHIM_BIG_FILE_THRESHOLD", bad)
+        with pytest.raises(LazyshimError, match="big_file_threshold"):
+            bigfs.threshold()
+
+
+def test_without_fuse_big_files_are_filled_whole_and_that_is_said_once(monkeypatch, capsys) -> None:
+    from runtime import bigmount
+    from shim import bigfs
+
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
+    assert bigfs.fuse_unavailable() == "/dev/fuse is not usable"
+    monkeypatch.setattr(bigmount, "_said_unavailable", False)
+    bigmount._unavailable("no fuse here")
+    bigmount._unavailable("no fuse here")
+    assert capsys.readouterr().err == "lazyshim: no fuse here: big files are filled whole\n"
