@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 # Debian's interpreter, not a per-user one: rootless tests run the venv as an ordinary user.
 PYTHON3   ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 APT_PKGS  := runc crun podman docker-registry stargz-snapshotter containerd skopeo umoci \
-             busybox-static uidmap iptables debootstrap python3-venv fuse3
+             busybox-static uidmap iptables debootstrap python3-venv fuse3 python3-numpy
 PYTEST_ARGS ?=
 # The benchmark's peer, stargz-snapshotter's stargz-store, built offline from Debian's Go sources.
 PEER_APT_PKGS := golang-go golang-github-containerd-stargz-snapshotter-dev fuse3
@@ -74,6 +74,9 @@ demo: deps peers
 BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 \
               --variants podman,podman-zstd,lazyshim,lazyshim-zstd,stargz,stargz-opt,lazyshim-opt \
               --micro --json docs/bench/py.json --png docs/bench/py.png
+# A 256 MiB weights file mapped and sampled (8 of 64 chunks): sub-file fills through the FUSE layer.
+BENCH_WEIGHTS_ARGS ?= --image weights --link 100mbit:20ms --runs 2 \
+              --variants podman,lazyshim,lazyshim-nobg,stargz --json docs/bench/weights.json
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.lock
@@ -82,6 +85,7 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 bench: deps peers $(VENV)/.bench-stamp
 	@mkdir -p docs/bench
 	$(PY) -m integration.bench $(BENCH_ARGS)
+	$(PY) -m integration.bench $(BENCH_WEIGHTS_ARGS) | tee docs/bench/weights.md
 	$(PY) -m integration.pull_load_bench --runs 3 | tee docs/bench/pull-under-load.md
 
 clean:

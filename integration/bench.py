@@ -82,6 +82,8 @@ WORKLOADS: dict[str, Workload] = {
                           f"{PG}/pg_ctl -D /tmp/pg -s -m fast -w stop"], "42", user="postgres"),
     # `make demo`'s image (integration.demo_image): a model server's start-up check.
     "demo": Workload("demo", ["/app/serve.py", "--check"], "ready"),
+    # integration.weights_image: numpy maps a 256 MiB weights file and samples 8 of its 64 chunks.
+    "weights": Workload("weights", ["/app/sample.py"], "sha256"),
 }
 BIG = ("py", "pysci", "gcc", "pg")
 
@@ -513,6 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from integration import demo_image
 
             demo_image.register()
+        if "weights" in names:
+            from integration import weights_image
+
+            weights_image.register()
         link = Link.parse(args.link)
         tags = {VARIANTS[v] for v in variants} | ({"esgz"} if args.micro else set())
         print(f"# preparing images {names} {sorted(tags)} and link {link} ...", file=sys.stderr, flush=True)

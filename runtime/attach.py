@@ -51,7 +51,8 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
            metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
-           record: Path | None = None, sources: list[str] | None = None, trap: str | None = None) -> int:
+           record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
+           big_threshold: int = 0) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
@@ -59,6 +60,8 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     (without them the supervisor finds the images of `layers` in the store).  `trap`:
     `notify` or `ptrace` (default: as `runtime.trap` chooses).  Under ptrace the socket
     takes the createRuntime hook's connection instead of the delegate's listener fd.
+    `big_threshold`: the container has a FUSE layer of big files (`runtime.bigmount`) that
+    serves the files this big: the supervisor leaves them to it.
     """
     mode = background_mode(config, background)
     trap = trap or choose_trap()
@@ -86,12 +89,13 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--prefill", "/etc/passwd:/etc/group",
             "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
             "--background", mode, "--trap", trap,
-        ] + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
+        ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
+          + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         try:
             proc = subprocess.Popen(
                 argv, pass_fds=(listener.fileno(), ready_w), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                cwd="/", env=_supervisor_env(),
+                cwd="/", env=supervisor_env(),
             )
         finally:
             os.close(ready_w)
@@ -107,7 +111,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     return proc.pid
 
 
-def _supervisor_env() -> dict[str, str]:
+def supervisor_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "REGISTRY_AUTH_FILE",
                     "CONTAINERS_REGISTRIES_CONF")

@@ -199,6 +199,9 @@ def teardown(cdir: Path, record: Record, code: int | None, remove: bool) -> None
             pass
     rootfs = cdir / "rootfs"
     overlay.unmount(rootfs)
+    from . import bigmount
+
+    bigmount.stop(cdir)  # the FUSE layer of big files, once the overlay on it is gone
     if remove:
         if os.path.ismount(rootfs):
             raise LazyshimError(f"{rootfs} is still mounted; not removing the container")

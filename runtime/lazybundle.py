@@ -102,9 +102,9 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
     try:
         config = found.config
         reason = agent_policy.foreign_reason(config)
-        store_root, layers, sources = found.store_root, found.layers, None
+        store_root, layers, sources, big_threshold = found.store_root, found.layers, None, 0
         if found.image is not None:
-            store_root, layers, sources = _mount_image(found, container_id, state)
+            store_root, layers, sources, big_threshold = _mount_image(found, container_id, state)
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
         if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
@@ -112,7 +112,7 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
                                             f"container {container_id}")
         else:
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
-                          sources=sources)
+                          sources=sources, big_threshold=big_threshold)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))
@@ -123,11 +123,12 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
         raise
 
 
-def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str]]:
-    """Mount the annotated image on root.path; returns the store, its layers and its references."""
+def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str], int]:
+    """Mount the annotated image on root.path; returns the store, its layers, its references and
+    the size from which its FUSE layer serves big files (0: it has none)."""
     from shim import api
 
-    from . import overlay
+    from . import agent_policy, bigmount, overlay
     store = api.open_store()
     image = api.ensure_image(store, found.image)
     if not os.path.isdir(found.rootfs):
@@ -142,10 +143,15 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
         (scratch / sub).mkdir(parents=True, mode=0o755)
     # The directory itself is the top lower layer: podman's scaffold (etc/mtab) stays visible.
     spec = api.layer_mount(store, image)
-    overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
-                          data_lowers=spec.data_lowers, options=spec.options)
+    sources = api.image_sources(store, image, found.image)
+    # Recorded first: a cleanup after a failure below finds the FUSE layer to stop.
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
-    return str(store.root), list(image.layers), api.image_sources(store, image, found.image)
+    big = None
+    if spec.data_lowers and agent_policy.foreign_reason(found.config) is None:
+        big = bigmount.start(store.root, list(image.layers), sources, scratch)
+    overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
+                          data_lowers=[*spec.data_lowers, big[0]] if big else spec.data_lowers, options=spec.options)
+    return str(store.root), list(image.layers), sources, big[1] if big else 0
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:
@@ -188,6 +194,9 @@ def cleanup(sdir: str) -> None:
         from . import overlay
 
         overlay.unmount(Path(info["target"]))
+        from . import bigmount
+
+        bigmount.stop(Path(info["scratch"]))  # once the overlay on it is gone
         shutil.rmtree(info["scratch"], ignore_errors=True)
     attach.stop_supervisor(state.name, sdir=state)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from shim import api
 from shim.errors import LazyshimError
 
-from . import agent_policy, attach, containers, overlay, runflags, sigproxy, spec
+from . import agent_policy, attach, bigmount, containers, overlay, runflags, sigproxy, spec
 from .delegate import find_delegate
 
 
@@ -92,8 +92,13 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         from shim.userns import in_user_namespace
 
         lower = api.layer_mount(store, image)
+        sources = api.image_sources(store, image, args.image)
+        # Big files read sparsely go through the container's FUSE layer, the last data-only lower.
+        big = bigmount.start(store.root, image.layers, sources, cdir) \
+            if lazy and agent is None and lower.data_lowers else None
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
-                              userxattr=in_user_namespace(), data_lowers=lower.data_lowers, options=lower.options)
+                              userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big
+                              else lower.data_lowers, options=lower.options)
         args_ = spec.process_args(settings, list(args.command), args.entrypoint)
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
@@ -122,7 +127,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None,
-                          sources=api.image_sources(store, image, args.image))
+                          sources=sources, big_threshold=big[1] if big else 0)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]

@@ -83,7 +83,9 @@ def _sweep_container(cdir: Path) -> bool:
 
 
 def _leftovers(cdir: Path, rec: containers.Record) -> bool:
-    return (rec.rm or containers.exit_code(cdir) is None or os.path.ismount(cdir / "rootfs")
+    from . import bigmount
+
+    return (rec.rm or containers.exit_code(cdir) is None or os.path.ismount(cdir / "rootfs") or bigmount.mounted(cdir)
             or os.path.isdir(rec.state_dir) or containers.delegate_has(rec))
 
 

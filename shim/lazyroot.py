@@ -19,8 +19,11 @@ from .store.layouts import layer_of_lowerdir, layout_of, load_meta
 
 
 class LazyRoot:
-    def __init__(self, store: Store, layer_digests: list[str], sources: Sequence[str] = ()) -> None:
-        """`sources`: references of the image(s) the container runs, where fills go first."""
+    def __init__(self, store: Store, layer_digests: list[str], sources: Sequence[str] = (),
+                 big_threshold: int = 0) -> None:
+        """`sources`: references of the image(s) the container runs, where fills go first.
+        `big_threshold`: files that big (`shim.bigfs.is_big`) are the container's FUSE layer's,
+        never filled whole here (0: none is)."""
         self.fillers: list[LayerFiller] = []
         # inode -> (filler, entry index, size)
         self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
@@ -36,8 +39,12 @@ class LazyRoot:
                                                                   meta.registry, meta.repository))
             self.fillers.append(filler)
             entries = meta.toc.entries
+            if big_threshold:
+                from .bigfs import is_big
+
+                filler.served_elsewhere = {i for i, e in enumerate(entries) if is_big(e, big_threshold)}
             for i, ino in enumerate(layout.inodes(digest, meta)):
-                if ino:
+                if ino and i not in filler.served_elsewhere:
                     self.by_inode[ino] = (filler, i, entries[i].size)
 
     def lookup(self, st: os.stat_result) -> tuple[LayerFiller, int] | None:
@@ -134,7 +141,8 @@ class LazyRoot:
         first: list[tuple[LayerFiller, list[int], bool]] = []
         rest: list[tuple[LayerFiller, list[int], bool]] = []
         for f in self.fillers:
-            regs = [i for i, e in enumerate(f.meta.toc.entries) if e.type == "reg" and e.size]
+            regs = [i for i, e in enumerate(f.meta.toc.entries)
+                    if e.type == "reg" and e.size and i not in f.served_elsewhere]
             n = 0 if f.meta.toc.no_prefetch else f.meta.toc.prioritized
             if n:
                 first.append((f, regs[:n], True))

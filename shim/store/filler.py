@@ -221,6 +221,8 @@ class LayerFiller:
         self._window = READAHEAD_START
         self._window_end = -1  # where the last readahead ended in the blob
         self.readahead = True
+        # Entries another server fills (the container's FUSE layer of big files): never here.
+        self.served_elsewhere: set[int] = set()
         # Counted by on-demand, readahead and prefetch threads at once: `+=` is no atomic step.
         self._counts = threading.Lock()
         self.bytes_fetched = 0

@@ -236,7 +236,11 @@ class MetaLayout(LayerLayout):
                 name = object_name(meta.digest, i, e)
                 if name is not None:
                     names.add(name)
-        return collect_unnamed(self.data_root, self.store.tmp, names)
+        from .partials import collect
+
+        files, size = collect_unnamed(self.data_root, self.store.tmp, names)
+        pfiles, psize = collect(self.store, names)  # big files cached chunk by chunk
+        return files + pfiles, size + psize
 
     def usage(self) -> dict[str, int]:
         import collections

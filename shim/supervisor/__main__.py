@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", help="append the path of every file filled on demand to this file")
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="all",
                    help="what to fetch without being asked, after start")
+    p.add_argument("--big-threshold", type=int, default=0,
+                   help="files this big with verifiable chunks are served by the container's FUSE layer")
     p.add_argument("--no-keeper", action="store_true", help="serve in this process, without a keeper")
     p.add_argument("--trap", choices=("notify", "ptrace"), default="notify",
                    help="how trapped syscalls arrive: notify fds over the socket, or as the container's tracer")
@@ -61,7 +63,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
     resumed = handover is not None and handover.restarts > 0
     try:
         root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d],
-                        [r for r in a.sources.split(",") if r])
+                        [r for r in a.sources.split(",") if r], big_threshold=a.big_threshold)
         vpath = state / "verdicts.json"
         verdicts = Verdicts.from_json(vpath.read_text()) if vpath.exists() else Verdicts.allow_all()
     except (LazyshimError, OSError, ValueError) as e:

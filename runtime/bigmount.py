@@ -1,0 +1,96 @@
+"""The container's FUSE layer of big files: started before its overlay, stopped after it.
+
+`shim.bigfs` serves the big files of the image chunk by chunk; this module runs its
+process for one container (mount point `<container dir>/big`, pid in `bigfs.pid`) and
+tears it down.  The runtime stacks the mount as the last data-only lower layer of the
+container's overlay.  Where FUSE cannot be served (no usable /dev/fuse, no libfuse3), big
+files are filled whole by the supervisor, and that is said once per process on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+MOUNT = "big"
+PID_FILE = "bigfs.pid"
+LOG_FILE = "bigfs.log"
+_said_unavailable = False
+
+
+def start(store_root: Path, layers: list[str], sources: list[str] | None, cdir: Path) -> tuple[Path, int] | None:
+    """Mount the FUSE layer for the container at `cdir`; returns (mount point, threshold),
+    or None when the image has no big file to serve that way (or FUSE is unavailable)."""
+    from shim import bigfs
+    from shim.bigfs.plan import served
+    from shim.store.layout import Store
+
+    from .attach import supervisor_env
+
+    limit = bigfs.threshold()
+    if not served(Store(store_root), layers, limit):
+        return None
+    reason = bigfs.fuse_unavailable()
+    if reason is not None:
+        _unavailable(reason)
+        return None
+    mnt = cdir / MOUNT
+    mnt.mkdir(mode=0o700, exist_ok=True)
+    ready_r, ready_w = os.pipe()
+    argv = [sys.executable, "-m", "shim.bigfs", "--store", str(store_root), "--layers", ",".join(layers),
+            "--mount", str(mnt), "--threshold", str(limit), "--ready-fd", str(ready_w),
+            "--log", str(cdir / LOG_FILE)] + (["--sources", ",".join(sources)] if sources else [])
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(ready_w,), start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=supervisor_env())
+    finally:
+        os.close(ready_w)
+    (cdir / PID_FILE).write_text(str(proc.pid))
+    try:
+        ok = os.read(ready_r, 1) == b"1"
+    finally:
+        os.close(ready_r)
+    if not ok:
+        proc.wait()
+        (cdir / PID_FILE).unlink(missing_ok=True)
+        _unavailable(f"the FUSE layer did not start ({_last_line(cdir / LOG_FILE)})")
+        return None
+    return mnt, limit
+
+
+def stop(cdir: Path) -> None:
+    """Detach the FUSE mount (after the overlay on it) and stop its server; safe to repeat."""
+    from shim.store.sysmount import detach
+
+    mnt = cdir / MOUNT
+    if os.path.ismount(mnt):
+        detach(mnt)
+    try:
+        pid = int((cdir / PID_FILE).read_text())
+        if b"shim.bigfs" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a reused pid
+            os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+    (cdir / PID_FILE).unlink(missing_ok=True)
+
+
+def mounted(cdir: Path) -> bool:
+    return os.path.ismount(cdir / MOUNT)
+
+
+def _unavailable(reason: str) -> None:
+    global _said_unavailable
+    if not _said_unavailable:
+        _said_unavailable = True
+        print(f"lazyshim: {reason}: big files are filled whole", file=sys.stderr)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text().strip().splitlines()
+        return lines[-1].partition("bigfs: ")[2] or lines[-1] if lines else "no log"
+    except OSError:
+        return "no log"

@@ -1,0 +1,127 @@
+"""One big file served chunk by chunk: fetch on first touch, verify, cache, then serve.
+
+Every chunk a reader gets was checked against its TOC digest by this process first: a
+chunk fetched now is decoded and hashed before it is written to the partial file; a chunk
+the partial file already holds (another container fetched it) is read back and hashed on
+its first use.  A chunk that fails raises `ChunkError`: the FUSE layer answers EIO, which a
+mapping turns into SIGBUS.  Nothing unverified is ever returned: every data byte of such
+a file lies in a chunk with a digest (`shim.bigfs.is_big`).  Before a complete file becomes
+the data layer's object, it is checked against its whole-file digest too (`whole_digest_ok`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import LazyshimError
+from ..formats.chunks import decode_chunk
+from ..formats.toc import Entry
+from ..store.filler import BlobSource
+
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+
+
+class ChunkError(LazyshimError):
+    """A chunk could not be fetched or does not match its digest: the reader gets EIO."""
+
+
+class BigFile:
+    """The chunks of one regular file, cached in its partial file (`fd`, read-write)."""
+
+    def __init__(self, entry: Entry, fmt: str, source: Callable[[], BlobSource], fd: int,
+                 on_complete: Callable[[BigFile], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.entry = entry
+        self.fmt = fmt
+        self.fd = fd
+        self._source = source
+        self._on_complete = on_complete
+        self._log = log
+        self._starts = [c.file_offset for c in entry.chunks]
+        self.verified = bytearray(1 if c.zeros else 0 for c in entry.chunks)  # in this process
+        self._missing = self.verified.count(0)
+        self._locks = [threading.Lock() for _ in entry.chunks]
+        self._counts = threading.Lock()
+        self.chunks_fetched = 0
+        self.bytes_fetched = 0
+        self.completed = False
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the file (short at its end), every chunk verified."""
+        end = min(offset + size, self.entry.size)
+        if offset >= end:
+            return b""
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_left(self._starts, end)
+        for k in range(first, last):
+            if not self.verified[k]:
+                self._ensure(k)
+        return os.pread(self.fd, end - offset, offset)
+
+    def _ensure(self, k: int) -> None:
+        with self._locks[k]:
+            if self.verified[k]:
+                return
+            c = self.entry.chunks[k]
+            if self._cached(c.file_offset, c.size):
+                piece = os.pread(self.fd, c.size, c.file_offset)
+                if _sha256(piece) == c.digest:
+                    self._verified(k)
+                    return
+            t0 = time.monotonic()
+            try:
+                data = self._source().read_range(c.offset, c.end)
+            except Exception as err:  # the source's own errors (network, registry)
+                raise ChunkError(f"fetching chunk {k} of {self.entry.name!r}: {err}") from err
+            try:
+                piece = decode_chunk(self.fmt, data, c.inner_offset, c.size)
+            except ValueError as err:  # FormatError: a corrupt member
+                raise ChunkError(f"chunk {k} of {self.entry.name!r}: {err}") from err
+            t1 = time.monotonic()
+            if len(piece) != c.size or _sha256(piece) != c.digest:
+                raise ChunkError(f"chunk {k} of {self.entry.name!r} does not match its digest")
+            os.pwrite(self.fd, piece, c.file_offset)
+            if self._log is not None:
+                self._log(f"chunk {k} of {self.entry.name!r}: {len(data)} bytes fetched in {t1 - t0:.3f} s, "
+                          f"verified and cached in {time.monotonic() - t1:.3f} s")
+            with self._counts:
+                self.chunks_fetched += 1
+                self.bytes_fetched += c.end - c.offset
+            self._verified(k)
+
+    def whole_digest_ok(self) -> bool:
+        """The complete file against the TOC's whole-file digest (True when it has none).
+        Chunk digests cover every byte a reader gets; this one guards the data layer, where
+        the object is shared by name with every image that holds the same digest."""
+        if not self.entry.digest:
+            return True
+        h = hashlib.sha256()
+        for off in range(0, self.entry.size, 4 << 20):
+            h.update(os.pread(self.fd, min(4 << 20, self.entry.size - off), off))
+        return "sha256:" + h.hexdigest() == self.entry.digest
+
+    def _cached(self, offset: int, size: int) -> bool:
+        """The partial file may hold this chunk (it has data there, not a hole)."""
+        try:
+            return os.lseek(self.fd, offset, SEEK_DATA) < offset + size
+        except OSError:
+            return False  # ENXIO: no data after offset
+
+    def _verified(self, k: int) -> None:
+        self.verified[k] = 1
+        with self._counts:
+            self._missing -= 1
+            done = self._missing == 0 and not self.completed
+            if done:
+                self.completed = True
+        if done and self._on_complete is not None:
+            self._on_complete(self)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

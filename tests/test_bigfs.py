@@ -1,0 +1,246 @@
+"""The FUSE layer of big files in-process: which files it serves, and that a chunk reaches a
+reader only verified, fetched once, from the chunks the read touches (no mount needed)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from shim.bigfs import is_big
+from shim.bigfs.chunked import BigFile, ChunkError
+from shim.formats import estargz
+from shim.formats.estargz_writer import build_estargz
+from shim.formats.toc import Chunk, Entry
+
+CHUNK = 64 << 10
+DATA = random.Random(7).randbytes(5 * CHUNK + 123)
+
+
+class CountingSource:
+    """A blob in memory that counts range requests; `tamper` rewrites what it serves."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.requests: list[tuple[int, int]] = []
+        self.tamper = None
+
+    def read_range(self, start: int, end: int) -> bytes:
+        self.requests.append((start, end))
+        data = self.blob[start:end]
+        return self.tamper(data) if self.tamper else data
+
+
+def _layer(data: bytes = DATA) -> tuple[Entry, CountingSource]:
+    ti = tarfile.TarInfo("model/weights.bin")
+    ti.size = len(data)
+    layer = build_estargz([(ti, data)], chunk_size=CHUNK)
+    footer = layer.blob[-51:]
+    toc_offset, _ = estargz.parse_footer(footer)
+    toc = estargz.parse_toc(layer.toc_json, toc_offset)
+    entry = next(e for e in toc.entries if e.type == "reg")
+    return entry, CountingSource(layer.blob)
+
+
+def _bigfile(tmp_path: Path, entry: Entry, source: CountingSource, done=None) -> BigFile:
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, entry.size)
+    return BigFile(entry, "estargz", lambda: source, fd, done)
+
+
+def test_only_chunked_files_with_digests_above_the_threshold_are_big() -> None:
+    entry, _ = _layer()
+    assert len(entry.chunks) == 6 and is_big(entry, 4 * CHUNK)
+    assert not is_big(entry, 0)  # off
+    assert not is_big(entry, len(DATA) + 1)  # too small
+    one = Entry("f", "reg", size=entry.size, chunks=[Chunk(0, 10, 0, 0, entry.size, "sha256:" + "0" * 64)])
+    assert not is_big(one, 1)  # one chunk: a whole-file fill
+    entry.chunks[2].digest = None
+    assert not is_big(entry, 1)  # a chunk that cannot be verified alone
+
+
+def test_a_read_fetches_the_chunks_it_touches_once(tmp_path: Path) -> None:
+    entry, src = _layer()
+    f = _bigfile(tmp_path, entry, src)
+    assert f.read(CHUNK - 10, 20) == DATA[CHUNK - 10: CHUNK + 10]  # across a chunk boundary
+    assert len(src.requests) == 2
+    assert f.read(CHUNK + 5, 100) == DATA[CHUNK + 5: CHUNK + 105]
+    assert len(src.requests) == 2  # cached and verified in this process
+    assert f.read(len(DATA) - 50, 4096) == DATA[-50:]  # short at the end of the file
+    assert f.read(len(DATA), 10) == b""
+    assert len(src.requests) == 3 and f.chunks_fetched == 3
+
+
+@pytest.mark.parametrize("how", ["flipped", "other-content"])
+def test_a_chunk_that_fails_verification_is_an_error_and_never_cached(tmp_path: Path, how: str) -> None:
+    entry, src = _layer()
+    if how == "flipped":
+        src.tamper = lambda data: bytes(b ^ 0x5A for b in data)
+    else:  # a valid member of other bytes of the same size
+        wrong, other = _layer(bytes(len(DATA)))
+        src.tamper = lambda data: other.blob[wrong.chunks[1].offset: wrong.chunks[1].end]
+    f = _bigfile(tmp_path, entry, src)
+    with pytest.raises(ChunkError):
+        f.read(CHUNK + 1, 10)
+    with pytest.raises(OSError) as e:
+        os.lseek(f.fd, 0, os.SEEK_DATA)  # nothing was written: still all hole
+    assert e.value.errno == errno.ENXIO
+    src.tamper = None
+    assert f.read(CHUNK + 1, 10) == DATA[CHUNK + 1: CHUNK + 11]  # the next read tries again
+
+
+def test_a_second_process_reverifies_cached_chunks_instead_of_refetching(tmp_path: Path) -> None:
+    entry, src = _layer()
+    _bigfile(tmp_path, entry, src).read(0, 3 * CHUNK)
+    first = len(src.requests)
+    again = _bigfile(tmp_path, entry, src)
+    assert again.read(10, 2 * CHUNK) == DATA[10: 2 * CHUNK + 10]
+    assert len(src.requests) == first
+    # A cached chunk that no longer matches (a torn write, tampering) is fetched again.
+    fd = os.open(tmp_path / "partial", os.O_RDWR)
+    os.pwrite(fd, b"X" * 10, 2 * CHUNK + 5)
+    os.close(fd)
+    third = _bigfile(tmp_path, entry, src)
+    assert third.read(2 * CHUNK, 100) == DATA[2 * CHUNK: 2 * CHUNK + 100]
+    assert len(src.requests) == first + 1
+
+
+def test_the_last_verified_chunk_completes_the_file_once(tmp_path: Path) -> None:
+    entry, src = _layer()
+    done: list[BigFile] = []
+    f = _bigfile(tmp_path, entry, src, done.append)
+    f.read(0, 3 * CHUNK)
+    assert done == []
+    f.read(0, len(DATA))
+    f.read(0, len(DATA))
+    assert done == [f] and f.completed
+    assert os.pread(f.fd, len(DATA), 0) == DATA
+
+
+def test_the_fuse_operations_serve_object_names_read_only(tmp_path: Path) -> None:
+    mfusepy = pytest.importorskip("mfusepy")
+    from shim.bigfs.fs import BigFS
+
+    entry, src = _layer()
+    logged: list[str] = []
+    fs = BigFS({"objects/ab/" + "ab" * 32: _bigfile(tmp_path, entry, src)}, logged.append)
+    path = "/objects/ab/" + "ab" * 32
+    assert fs.getattr(path)["st_size"] == len(DATA)
+    assert fs.getattr("/objects")["st_mode"] & 0o170000 == 0o040000
+    assert fs.readdir("/objects/ab", 0)[2:] == ["ab" * 32]
+    for bad in ("/objects/ab/x", "/../etc/passwd", "/objects/cd"):
+        with pytest.raises(mfusepy.FuseOSError) as e:
+            fs.getattr(bad)
+        assert e.value.errno == errno.ENOENT
+    with pytest.raises(mfusepy.FuseOSError) as e:
+        fs.open(path, os.O_RDWR)
+    assert e.value.errno == errno.EROFS
+    fh = fs.open(path, os.O_RDONLY)
+    assert fs.read(path, 100, CHUNK, fh) == DATA[CHUNK: CHUNK + 100]
+    src.tamper = lambda data: data[::-1]
+    with pytest.raises(mfusepy.FuseOSError) as e:
+        fs.read(path, 100, 4 * CHUNK, fh)
+    assert e.value.errno == errno.EIO and "chunk 4" in logged[-1]
+
+
+def test_a_complete_partial_becomes_the_object_and_gc_drops_unnamed_partials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim.store.layout import Store
+    from shim.store.partials import collect, open_partial, partial_path, publish
+
+    monkeypatch.setenv("LAZYSHIM_STORE_LAYOUT", "v2")
+    store = Store(tmp_path / "store")
+    name, gone = "objects/ab/" + "ab" * 32, "objects/cd/" + "cd" * 32
+    fd = open_partial(store, name, 10)
+    os.pwrite(fd, b"0123456789", 0)
+    os.close(fd)
+    os.close(open_partial(store, gone, 10))
+    assert collect(store, {name}) == (1, 0)  # the unnamed one (all hole: no blocks)
+    assert not partial_path(store, gone).exists() and partial_path(store, name).exists()
+    publish(store, name)
+    assert (store.root / "data" / name).read_bytes() == b"0123456789"
+    assert not partial_path(store, name).exists()
+
+
+def test_whether_a_layer_has_big_files_is_remembered(tmp_path: Path) -> None:
+    from shim.store.layout import Store
+    from shim.store.partials import largest_chunked
+
+    store = Store(tmp_path / "store")
+    digest = "sha256:" + "ab" * 32
+    store.layer_dir(digest).mkdir(parents=True)
+    calls: list[int] = []
+
+    def compute() -> int:
+        calls.append(1)
+        return 123
+
+    assert largest_chunked(store, digest, compute) == 123
+    assert largest_chunked(store, digest, compute) == 123
+    assert calls == [1]
+
+
+def test_the_whole_file_digest_guards_what_becomes_an_object(tmp_path: Path) -> None:
+    entry, src = _layer()
+    f = _bigfile(tmp_path, entry, src)
+    f.read(0, len(DATA))
+    assert f.whole_digest_ok()
+    entry.digest = "sha256:" + "0" * 64  # a TOC whose file digest names another content
+    assert not f.whole_digest_ok()
+
+
+def test_two_entries_claiming_one_digest_with_other_chunks_are_served_by_neither(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    from shim.bigfs import plan
+    from shim.store.layout import Store
+    from shim.store.metadata import LayerMeta
+
+    monkeypatch.setenv("LAZYSHIM_STORE_LAYOUT", "v2")
+    entry, _ = _layer()
+    other, _ = _layer(bytes(len(DATA)))
+    other.digest = entry.digest  # same object name, other content
+    metas = {}
+    for i, e in enumerate((entry, other, entry)):
+        d = f"sha256:{i:064x}"
+        m = LayerMeta.__new__(LayerMeta)
+        m.digest, m.complete = d, False
+        m.toc = type("T", (), {"entries": [e]})()
+        metas[d] = m
+    store = Store(tmp_path / "store")
+    for d in metas:
+        store.layer_dir(d).mkdir(parents=True)
+    monkeypatch.setattr("shim.store.layouts.load_meta", lambda _s, d: metas[d])
+    assert [s.meta.digest for s in plan.served(store, list(metas)[::2], 1)] == [list(metas)[0]]  # one name
+    assert plan.served(store, list(metas), 1) == []
+
+
+def test_the_threshold_is_configured_in_one_place_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim import bigfs, config
+    from shim.errors import LazyshimError
+
+    config.reload()
+    monkeypatch.delenv("LAZYSHIM_BIG_FILE_THRESHOLD", raising=False)
+    monkeypatch.setattr(config, "files", lambda: [])
+    assert bigfs.threshold() == bigfs.DEFAULT_THRESHOLD == 16 << 20
+    monkeypatch.setenv("LAZYSHIM_BIG_FILE_THRESHOLD", "0")
+    assert bigfs.threshold() == 0
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("LAZYSHIM_BIG_FILE_THRESHOLD", bad)
+        with pytest.raises(LazyshimError, match="big_file_threshold"):
+            bigfs.threshold()
+
+
+def test_without_fuse_big_files_are_filled_whole_and_that_is_said_once(monkeypatch, capsys) -> None:
+    from runtime import bigmount
+    from shim import bigfs
+
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
+    assert bigfs.fuse_unavailable() == "/dev/fuse is not usable"
+    monkeypatch.setattr(bigmount, "_said_unavailable", False)
+    bigmount._unavailable("no fuse here")
+    bigmount._unavailable("no fuse here")
+    assert capsys.readouterr().err == "lazyshim: no fuse here: big files are filled whole\n"
