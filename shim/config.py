@@ -14,6 +14,7 @@ Top-level TOML keys (all optional):
     registry_retries = 3                #                                   LAZYSHIM_REGISTRY_RETRIES
     registry_timeout = 30               # seconds per network operation     LAZYSHIM_REGISTRY_TIMEOUT
     fetch_timeout = 30                  # seconds for one fill              LAZYSHIM_FETCH_TIMEOUT
+    profiles = "on"                     # learn and use start-up profiles   LAZYSHIM_PROFILES (on|off)
 
 Values come back as the strings an environment variable would hold, so each reader keeps
 its own parsing and range checks.  Imported on every runc-style call (`state`): os only,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 
 KEYS = ("root", "runtime_dir", "delegate", "background_fetch", "insecure_registries", "registry_retries",
-        "registry_timeout", "fetch_timeout")
+        "registry_timeout", "fetch_timeout", "profiles")
 SYSTEM_FILE = "/etc/lazyshim/lazyshim.toml"
 MAX_FILE = 1 << 20
 
