@@ -102,9 +102,9 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
     try:
         config = found.config
         reason = agent_policy.foreign_reason(config)
-        store_root, layers, sources = found.store_root, found.layers, None
+        store_root, layers, sources, image_id = found.store_root, found.layers, None, None
         if found.image is not None:
-            store_root, layers, sources = _mount_image(found, container_id, state)
+            store_root, layers, sources, image_id = _mount_image(found, container_id, state)
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
         if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
@@ -112,7 +112,7 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
                                             f"container {container_id}")
         else:
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
-                          sources=sources)
+                          sources=sources, image_id=image_id)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))
@@ -123,8 +123,9 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
         raise
 
 
-def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str]]:
-    """Mount the annotated image on root.path; returns the store, its layers and its references."""
+def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str], str]:
+    """Mount the annotated image on root.path; returns the store, its layers, its references
+    and its id."""
     from shim import api
 
     from . import overlay
@@ -145,7 +146,7 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
                           data_lowers=spec.data_lowers, options=spec.options)
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
-    return str(store.root), list(image.layers), api.image_sources(store, image, found.image)
+    return str(store.root), list(image.layers), api.image_sources(store, image, found.image), image.id
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:

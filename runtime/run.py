@@ -122,7 +122,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None,
-                          sources=api.image_sources(store, image, args.image))
+                          sources=api.image_sources(store, image, args.image), image_id=image.id)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]

@@ -36,6 +36,9 @@ MAX_CHAINS = 4096
 #: The start-up set (prioritized files) is fetched in requests of up to this size, this many at once.
 URGENT_REQUEST = 2 << 20
 URGENT_PARALLEL = 4
+#: A learned start-up set: files this close share a request; this many requests at once.
+STARTUP_GAP = 128 << 10
+STARTUP_PARALLEL = 8
 
 
 class Stats:
@@ -70,6 +73,7 @@ class FillService:
         self._ondemand = 0
         self._last_ondemand = 0.0
         self._stats_dirty = threading.Event()
+        self._startup: list[threading.Thread] = []  # a learned start-up set being fetched, per layer
         if stats_path is not None:
             threading.Thread(target=self._stats_writer, daemon=True, name="stats").start()
 
@@ -283,10 +287,37 @@ class FillService:
         if plan:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
 
+    def prefetch_startup(self, plan: list[tuple[object, list[int]]]) -> None:
+        """Fill a start-up set learned from an earlier run (a profile) now, before and beside
+        the prefill, as the prioritized files are: large requests, several at once, every
+        layer at once.  Returns once all its files are claimed: the opens (and the prefill)
+        that need one wait for its request, never ask again."""
+        if not plan:
+            return
+        claimed = [threading.Event() for _ in plan]
+        threads = [threading.Thread(target=self._fetch_startup, args=(filler, indices, ev.set), daemon=True,
+                                    name="profile") for (filler, indices), ev in zip(plan, claimed, strict=True)]
+        for t in threads:
+            t.start()
+        for ev, t in zip(claimed, threads, strict=True):
+            while not ev.wait(1.0) and t.is_alive():
+                pass  # a layer whose thread died before claiming has nothing claimed to wait for
+        self._startup = threads
+
+    def _fetch_startup(self, filler, indices: list[int], on_claimed) -> None:
+        t0 = time.monotonic()
+        failed = filler.prefetch(indices, lambda: None, gap=STARTUP_GAP, max_request=URGENT_REQUEST,
+                                 parallel=STARTUP_PARALLEL, on_claimed=on_claimed)
+        self.log(f"profile fetch of {len(indices)} files of layer {filler.meta.digest[:19]} done in "
+                 f"{time.monotonic() - t0:.2f}s ({failed} failed)")
+
     def _background(self, plan) -> None:
         t0 = time.monotonic()
         failed = 0
         for filler, indices, urgent in plan:
+            if not urgent:
+                for t in self._startup:
+                    t.join()  # the rest after the start-up set
             if not urgent and not self.started.is_set():
                 self.started.wait()  # the rest only once the container runs, after its first burst
                 self._last_ondemand = time.monotonic()
