@@ -42,7 +42,8 @@ STANDALONE_RUN = frozenset({"rm", "i", "interactive", "t", "tty", "name", "e", "
                             "w", "workdir", "entrypoint", "network", "no-pull", "pull", "v", "volume",
                             "mount", "env-file", "read-only", "hostname", "m", "memory", "cpus"})
 IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record",
-                         "gc", "logs", "stop", "rm", "info", "df", "completion", "snapshotter"})
+                         "gc", "logs", "stop", "rm", "info", "df", "completion", "snapshotter",
+                         "profile"})
 TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 
 

@@ -44,6 +44,9 @@ def add_parsers(sub) -> None:
                    help="file listing absolute paths (one per line) to put first, before the landmark")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
     p.set_defaults(func=cmd_convert)
+    from .profile_cli import add_parser as add_profile
+
+    add_profile(sub)
     from .snapshotter import add_parser as add_snapshotter
 
     add_snapshotter(sub)
