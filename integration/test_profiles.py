@@ -82,7 +82,8 @@ def test_profile_recorded_on_run_1_is_fetched_first_on_run_2(tmp_path: Path, pro
     assert recorded.index("/usr/bin/python3.11") < recorded.index("/usr/lib/python3.11/json/decoder.py")
 
     # Every fetched byte goes; the profile stays.
-    lazyshim(store, "rmi", ref)
+    removed = lazyshim(store, "rmi", ref)
+    assert "kept 1 start-up profile(s) of removed images" in removed.stderr
     lazyshim(store, "pull", ref)
     proxy.ranges.clear()
     second = _run(store, ref, "-e", f"EXTRA={EXTRA}")

@@ -81,6 +81,14 @@ def profiles_enabled() -> bool:
     return enabled(config.get("profiles"))
 
 
+def kept_profiles_note(store: Store) -> str | None:
+    """What `rmi` and `gc` say about the profiles of removed images they keep, or None."""
+    from .store import profiles
+
+    n = profiles.of_removed_images(store)
+    return profiles.KEPT_NOTE.format(n=n) if n else None
+
+
 def layer_mount(store: Store, image: ImageRecord) -> MountSpec:
     """What an overlay of the image needs (lower dirs bottom first, data-only lower dirs, mount
     options), whatever the store's layout; trees lost with a reboot are rebuilt first."""

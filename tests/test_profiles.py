@@ -117,6 +117,13 @@ def test_bounds_keep_the_newest_per_command(store: Store) -> None:
     assert paths[0] not in left and paths[1] not in left and paths[-1] in left
 
 
+def test_profiles_of_removed_images_are_counted(store: Store) -> None:
+    profiles.save(store, _profile(IMG_A))
+    profiles.save(store, _profile(IMG_B))
+    (store.images / "sha256-{}.cbor".format("a" * 64)).write_bytes(b"")
+    assert profiles.of_removed_images(store) == 1
+
+
 def test_merge_keeps_the_earlier_profile_only_when_the_run_was_cut_short() -> None:
     old = _profile(files=[("a", "", 1), ("b", "", 1), ("c", "", 1)])
     assert profiles.keep_or_merge([("b", "", 1)], old, cut_short=False) == [("b", "", 1)]

@@ -253,6 +253,15 @@ def listing(store: Store, log: Callable[[str], None] | None = None) -> list[tupl
     return out
 
 
+def of_removed_images(store: Store) -> int:
+    """How many profiles belong to images the store no longer holds (kept: see the module doc)."""
+    return sum(1 for path in _files(root(store)) if not (store.images / (path.stem + ".cbor")).exists())
+
+
+KEPT_NOTE = ("kept {n} start-up profile(s) of removed images: the next pull of one, or of another tag of its "
+             "repository, starts warm (lazyshim profile rm REF deletes them)")
+
+
 def remove(store: Store, paths: Iterable[Path]) -> int:
     """Delete these profile files (and folders left empty); returns how many went."""
     return _prune(list(paths))
