@@ -186,3 +186,26 @@ def test_profile_verb_is_a_store_verb() -> None:
     from runtime.oci import IMAGE_VERBS
 
     assert "profile" in IMAGE_VERBS
+
+
+def test_the_lazy_root_notes_each_file_once_filled_or_not_up_to_its_cap() -> None:
+    import stat
+
+    from shim.lazyroot import LazyRoot
+
+    filler = _Filler([_entry("a"), _entry("b"), _entry("c")])
+    filler.done.add(1)
+    root = LazyRoot.__new__(LazyRoot)
+    root.by_inode = {10 + i: (filler, i, 10) for i in range(3)}
+    root.recording, root.recording_cap = {}, 2
+    noted = root.recording
+
+    def st(ino: int) -> os.stat_result:
+        return os.stat_result((stat.S_IFREG | 0o644, ino, 0, 1, 0, 0, 10, 0, 0, 0))
+
+    assert root.lookup(st(11)) is None  # filled: nothing to do, but needed all the same
+    assert root.lookup(st(10)) == (filler, 0)
+    assert root.lookup(st(11)) is None
+    assert [idx for _, idx, _ in noted] == [1, 0]
+    assert root.recording is None  # the cap is reached: the answer path stops noting
+    assert root.lookup(st(12)) == (filler, 2) and len(noted) == 2
