@@ -156,3 +156,21 @@ def test_profiles_off_learns_nothing(tmp_path: Path, images: dict[str, str]) -> 
                        env=dict(os.environ, LAZYSHIM_ROOT=str(store), LAZYSHIM_PROFILES="maybe"),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 125 and p.stderr.strip() == "lazyshim: profiles = 'maybe': expected on or off"
+
+
+def test_a_profile_pushed_beside_the_image_starts_another_node_warm(tmp_path: Path, images: dict[str, str]) -> None:
+    store, other = tmp_path / "store", tmp_path / "other"
+    ref = images["python:esgz"]
+    lazyshim(store, "pull", ref)
+    _run(store, ref)
+    image_id = lazyshim(store, "images", "--format", "{{.Id}}").stdout.split()[0]
+    artifact = lazyshim(store, "profile", "push", ref).stdout.strip()
+    assert artifact == f"{ref.rsplit(':', 1)[0]}:{image_id.replace(':', '-')}.lazyshim-profile"
+    lazyshim(other, "pull", ref)
+    assert lazyshim(other, "profile", "pull", ref).stdout.strip() == "pulled 1 profile(s)"
+    assert "/usr/bin/python3.11" in lazyshim(other, "profile", "show", ref).stdout.splitlines()
+    # An image nobody published a profile for: one line.
+    bb = images["busybox:esgz"]
+    lazyshim(other, "pull", bb)
+    p = lazyshim(other, "profile", "pull", bb, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("lazyshim: ") and p.stderr.count("\n") == 1, p.stderr

@@ -1,4 +1,4 @@
-"""`lazyshim profile show|export|import|rm`: the start-up profiles runs have learned.
+"""`lazyshim profile show|export|import|push|pull|rm`: the start-up profiles runs have learned.
 
 A profile belongs to an image (manifest digest), its repository and a command; REF names the
 image as `images` lists it (name, id or id prefix), or, if it is not pulled, a repository
@@ -29,6 +29,12 @@ def add_parser(sub) -> None:
     s = verbs.add_parser("import", help="add profiles a `profile export` wrote (FILE, or - for stdin)")
     s.add_argument("file", metavar="FILE")
     s.set_defaults(func=cmd_import)
+    s = verbs.add_parser("push", help="publish the profiles of the pulled image REF beside it in its registry")
+    s.add_argument("ref", metavar="REF")
+    s.set_defaults(func=cmd_push)
+    s = verbs.add_parser("pull", help="fetch the profiles published beside the pulled image REF")
+    s.add_argument("ref", metavar="REF")
+    s.set_defaults(func=cmd_pull)
     s = verbs.add_parser("rm", help="remove the profiles of REF (or --all)")
     s.add_argument("--all", action="store_true", help="every profile of the store")
     s.add_argument("ref", nargs="?", metavar="REF")
@@ -142,4 +148,20 @@ def cmd_rm(args) -> int:
     if not found and not args.all:
         raise LazyshimError(f"no profile of {args.ref!r}")
     print(f"removed {profiles.remove(store, [path for path, _ in found])} profile(s)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .api import open_store
+    from .profile_artifact import push
+
+    print(push(open_store(), args.ref))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .api import open_store
+    from .profile_artifact import pull
+
+    print(f"pulled {pull(open_store(), args.ref)} profile(s)")
     return 0
