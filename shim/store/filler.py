@@ -340,12 +340,14 @@ class LayerFiller:
 
     # ---- without being asked ------------------------------------------------------------
     def prefetch(self, indices: list[int], pause: Callable[[], None], gap: int = MERGE_GAP,
-                 max_request: int = 1 << 20, parallel: int = 1, on_claimed: Callable[[], None] | None = None) -> int:
+                 max_request: int = 1 << 20, parallel: int = 1, on_claimed: Callable[[], None] | None = None,
+                 need_order: bool = False) -> int:
         """Fill many files with few range requests (runs of adjacent payloads, `shim.ranges`),
         up to `parallel` requests at once.  Files are claimed before their request is sent,
         so an open of one waits for those bytes instead of asking again; with `on_claimed`
         all of them before the first request, then it is called (a start-up set: the opens
-        that need it must never race it).
+        that need it must never race it).  `need_order`: `indices` are in the order the
+        workload needs them, and the requests go out in that order (else in blob order).
 
         `pause` is called before every request and may block: on-demand fills come first.
         Returns the number of files that failed (they stay unfilled; an open retries them).
@@ -354,6 +356,9 @@ class LayerFiller:
         spans = merge(((*_span(entries[i]), i) for i in indices
                        if entries[i].chunks and not self.is_filled(i)), gap, max_request)
         self.errors = []
+        if need_order:
+            rank = {i: n for n, i in enumerate(indices)}
+            spans.sort(key=lambda span: min(rank[i] for i in span.keys))
         claims = [self._claim(span) for span in spans] if on_claimed else [None] * len(spans)
         if on_claimed:
             on_claimed()

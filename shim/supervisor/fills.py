@@ -288,9 +288,10 @@ class FillService:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
 
     def prefetch_startup(self, plan: list[tuple[object, list[int]]]) -> None:
-        """Fill a start-up set learned from an earlier run (a profile) now, before and beside
-        the prefill, as the prioritized files are: large requests, several at once, every
-        layer at once.  Returns once all its files are claimed: the opens (and the prefill)
+        """Fill a start-up set learned from an earlier run (a profile; per layer, the files in
+        the order they were needed) now, before and beside the prefill, as the prioritized
+        files are: large requests, several at once, every layer at once, the request with the
+        first needed file first.  Returns once all its files are claimed: the opens (and the prefill)
         that need one wait for its request, never ask again."""
         if not plan:
             return
@@ -307,7 +308,7 @@ class FillService:
     def _fetch_startup(self, filler, indices: list[int], on_claimed) -> None:
         t0 = time.monotonic()
         failed = filler.prefetch(indices, lambda: None, gap=STARTUP_GAP, max_request=URGENT_REQUEST,
-                                 parallel=STARTUP_PARALLEL, on_claimed=on_claimed)
+                                 parallel=STARTUP_PARALLEL, on_claimed=on_claimed, need_order=True)
         self.log(f"profile fetch of {len(indices)} files of layer {filler.meta.digest[:19]} done in "
                  f"{time.monotonic() - t0:.2f}s ({failed} failed)")
 
