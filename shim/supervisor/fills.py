@@ -307,8 +307,12 @@ class FillService:
 
     def _fetch_startup(self, filler, indices: list[int], on_claimed) -> None:
         t0 = time.monotonic()
-        failed = filler.prefetch(indices, lambda: None, gap=STARTUP_GAP, max_request=URGENT_REQUEST,
-                                 parallel=STARTUP_PARALLEL, on_claimed=on_claimed, need_order=True)
+        try:
+            failed = filler.prefetch(indices, lambda: None, gap=STARTUP_GAP, max_request=URGENT_REQUEST,
+                                     parallel=STARTUP_PARALLEL, on_claimed=on_claimed, need_order=True)
+        except Exception as e:  # noqa: BLE001 - the opens fill what is left themselves
+            self.log(f"profile fetch of layer {filler.meta.digest[:19]} failed: {e!r}")
+            return
         self.log(f"profile fetch of {len(indices)} files of layer {filler.meta.digest[:19]} done in "
                  f"{time.monotonic() - t0:.2f}s ({failed} failed)")
 
