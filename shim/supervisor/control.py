@@ -1,6 +1,7 @@
 """The supervisor's control sockets: `STATE/control.sock` (answered with one JSON document of
 statistics) and `STATE/finish.sock` (answered with "done" once what must outlive the supervisor,
-its learned profile, is written: the runtime asks before it stops a supervisor).
+its learned profile, is written, after which it writes nothing more into the state dir: the runtime
+asks before it stops a supervisor and deletes the dir).
 
 sun_path holds 107 bytes, and a state dir keyed by a containerd --root and a 64-hex CRI
 container id is longer than that (`/run/lazyshim/oci/%2Frun%2Fcontainerd%2Frunc%2Fk8s.io/<id>`).

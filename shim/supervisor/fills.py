@@ -361,15 +361,22 @@ class FillService:
         }
 
     def write_stats(self) -> None:
-        if self.stats_path is None:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        try:
-            with self._stats_lock:
+        with self._stats_lock:
+            path = self.stats_path
+            if path is None:
+                return
+            tmp = path.with_suffix(".tmp")
+            try:
                 tmp.write_text(json.dumps(self.stats_doc()))
-                os.replace(tmp, self.stats_path)
-        except OSError:
-            pass
+                os.replace(tmp, path)
+            except OSError:
+                pass
+
+    def stop_stats(self) -> None:
+        """Write no more statistics: the runtime is about to delete the state dir, and a file
+        written while it does would keep the dir alive.  Returns after any write in progress."""
+        with self._stats_lock:
+            self.stats_path = None
 
     def _stats_writer(self) -> None:
         """Rewrite the statistics file after fills, at most every STATS_INTERVAL."""

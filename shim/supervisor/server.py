@@ -76,10 +76,13 @@ class Supervisor:
         self.fills.flush()  # what was filled is marked for the next container
         self.fills.write_stats()
 
-    def finish(self) -> None:
-        """Write what must outlive this process and is not on disk yet: the learned profile."""
+    def finish(self, stopping: bool = False) -> None:
+        """Write what must outlive this process and is not on disk yet: the learned profile.
+        `stopping`: the runtime stops us next and deletes the state dir; write nothing there."""
         if self.learner is not None:
             self.learner.save(cut_short=self.fills.complete)
+        if stopping:
+            self.fills.stop_stats()
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -131,7 +134,7 @@ class Supervisor:
             return json.dumps(self.fills.stats_doc()).encode()
 
         def finish() -> bytes:
-            self.finish()
+            self.finish(stopping=True)
             return b"done"
 
         for name, answer in ((path.name, stats), (control.FINISH, finish)):
