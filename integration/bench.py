@@ -13,13 +13,18 @@ the bytes the registry served (its access log). Variants:
 - ``lazyshim-zstd``  the same on podman's zstd:chunked image;
 - ``lazyshim-nobg``  ``lazyshim`` with ``run --no-background-fetch``: the bytes the workload itself needs;
 - ``lazyshim-mem``   ``lazyshim`` with its store on tmpfs (/dev/shm): no ext4 inode creation in the pull;
+- ``lazyshim-prof``  ``lazyshim`` on a fresh store that holds only the start-up profile an earlier run of the
+                     workload learned (one untimed run in a scratch store, then ``profile export``/``import``):
+                     the second cold start of an image on a node, or on another node given the profile;
+- ``lazyshim-warm``  ``lazyshim run --rm`` alone, of an image pulled and fetched in full beforehand (untimed):
+                     the warm run, which the floor then includes;
 - ``stargz``         the peer: podman pull + run of the eStargz image with stargz-snapshotter's
                      ``stargz-store`` as podman's additional layer store (FUSE; integration.peers,
                      built by ``make peers``);
 - ``stargz-opt``     the same on the ``ctr-remote image optimize`` image (the workload's files first);
 - ``lazyshim-opt``   ``lazyshim`` on that optimized image;
 - ``floor``          (computed) bytes the workload needs (``lazyshim-nobg`` if run, else ``lazyshim``)
-                     / link rate + 3 RTT.
+                     / link rate + 3 RTT (+ the warm run, if ``lazyshim-warm`` was measured).
 
 Each sample also records ``pull``: the time the pull step took (``podman pull`` / ``lazyshim pull``),
 so ``exit - pull`` is the time of the ``run`` step.
@@ -95,6 +100,8 @@ VARIANTS: dict[str, str] = {
     "lazyshim-zstd": "podman-zstdchunked",
     "lazyshim-nobg": "esgz",
     "lazyshim-mem": "esgz",
+    "lazyshim-prof": "esgz",
+    "lazyshim-warm": "esgz",
     "stargz": "esgz",
     "stargz-opt": "esgz-opt",
     "lazyshim-opt": "esgz-opt",
@@ -220,12 +227,20 @@ class Bench:
                     [*self.ns.prefix, *base, "run", "--rm", "--network", "none", "--ulimit", "nofile=20000:20000",
                      "--ulimit", "nproc=32768:32768", *user, ref, *wl.cmd], env)
         else:
+            profile = self._profile(wl, ref) if variant == "lazyshim-prof" else None
             with self._lazyshim_root(memory=variant == "lazyshim-mem") as env:
                 user = ["--user", wl.user] if wl.user else []
                 nobg = ["--no-background-fetch"] if variant == "lazyshim-nobg" else []
+                steps = [[*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref]]
+                if profile is not None:  # setup, untimed: the store knows nothing but the profile
+                    _check([*LAZYSHIM, "profile", "import", str(profile)], env)
+                if variant == "lazyshim-warm":  # setup, untimed: the image in full; only the run is timed
+                    _check([*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref], env)
+                    _check([*self.ns.prefix, *LAZYSHIM, "fetch", "--quiet", ref], env)
+                    steps = []
+                self.registry.clear_access_log()
                 ttfo, total, out, err, rc, pull = timed(
-                    [[*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref]],
-                    [*self.ns.prefix, *LAZYSHIM, "run", "--rm", *nobg, *user, ref, *wl.cmd], env)
+                    steps, [*self.ns.prefix, *LAZYSHIM, "run", "--rm", *nobg, *user, ref, *wl.cmd], env)
         ok = rc == 0 and wl.expect in out
         if not ok:
             tail = " | ".join(err.strip().splitlines()[-3:])
@@ -234,6 +249,18 @@ class Bench:
         if variant.startswith("stargz"):
             self._check_layer_store_used(variant, wl.image, tag_variant)
         return Sample(ttfo, total, served, rc, ok, pull)
+
+    def _profile(self, wl: Workload, ref: str) -> Path:
+        """The start-up profile of `wl` on `ref`, learned once per bench by an untimed run in a
+        scratch store and exported to a file (what `lazyshim profile import` takes)."""
+        path = self.tmp / f"profile-{wl.image}.json"
+        if not path.exists():
+            with self._lazyshim_root() as env:
+                user = ["--user", wl.user] if wl.user else []
+                _check([*self.ns.prefix, *LAZYSHIM, "pull", "--quiet", ref], env)
+                _check([*self.ns.prefix, *LAZYSHIM, "run", "--rm", *user, ref, *wl.cmd], env)
+                _check([*LAZYSHIM, "profile", "export", "-o", str(path), ref], env)
+        return path
 
     def _check_layer_store_used(self, variant: str, image: str, tag: str) -> None:
         """podman falls back to a full pull, silently, when the layer store cannot serve a layer:
@@ -286,8 +313,9 @@ class Bench:
         finally:  # the layer store is unmounted by now: nothing below d reaches the registry
             shutil.rmtree(d, ignore_errors=True)
 
-    def floor(self, lazy_bytes: float) -> float:
-        return lazy_bytes / self.link.bytes_per_s + 3 * self.link.rtt_s
+    def floor(self, lazy_bytes: float, warm: float = 0.0) -> float:
+        """Needed bytes / rate + 3 RTT (+ the warm run, when it was measured)."""
+        return lazy_bytes / self.link.bytes_per_s + 3 * self.link.rtt_s + (warm if warm == warm else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +439,12 @@ def needed(results: list[Result], image: str) -> Result | None:
     return None
 
 
+def warm_run(results: list[Result], image: str) -> float:
+    """The median warm run (``lazyshim-warm``) of `image`, or 0 when it was not measured."""
+    r = next((r for r in results if r.image == image and r.variant == "lazyshim-warm" and r.samples), None)
+    return r.med("exit") if r else 0.0
+
+
 def _spread(r: Result, attr: str) -> str:
     vals = [getattr(s, attr) for s in r.samples]
     return f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
@@ -436,7 +470,7 @@ def table(results: list[Result], b: Bench) -> str:
         nan = float("nan")
         base = exits.get("podman", nan)
         lazy = needed(rs, image)
-        fl = b.floor(lazy.med("bytes")) if lazy else float("nan")
+        fl = b.floor(lazy.med("bytes"), warm_run(rs, image)) if lazy else float("nan")
         for r in rs:
             if r.error:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
@@ -472,7 +506,7 @@ def chart(results: list[Result], b: Bench, path: Path) -> str:
         for i, g in enumerate(groups):
             if v == "floor":
                 lazy = needed(results, g)
-                y = b.floor(lazy.med("bytes")) if lazy else None
+                y = b.floor(lazy.med("bytes"), warm_run(results, g)) if lazy else None
             else:
                 r = next((r for r in results if r.image == g and r.variant == v and r.samples), None)
                 y = r.med("exit") if r else None
@@ -554,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "link": str(link), "rtt_s": b.rtt, "goodput_Bps": b.goodput, "runs": args.runs,
                     "results": [{**asdict(r), "median_ttfo": r.med("ttfo"), "median_exit": r.med("exit"),
                                  "median_bytes": r.med("bytes"), "median_pull": r.med("pull")} for r in results],
-                    "floor": {img: b.floor(lazy.med("bytes")) for img in names
+                    "floor": {img: b.floor(lazy.med("bytes"), warm_run(results, img)) for img in names
                               if (lazy := needed(results, img))},
                     "micro": micro_res, "command": " ".join(["python -m integration.bench", *(argv or sys.argv[1:])]),
                 }, indent=1))

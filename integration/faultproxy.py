@@ -44,6 +44,7 @@ class FaultProxy:
         self.fault: Fault | None = None
         self.faulted = 0  # blob range requests answered with a fault
         self.passed = 0  # blob range requests passed through
+        self.ranges: list[tuple[str, str]] = []  # (blob digest, Range header) of every blob range GET, as they arrive
         self._lock = threading.Lock()
         self._released = threading.Event()  # ends stalls
         self._server: _Server | None = None
@@ -154,6 +155,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _forward(self) -> None:
         fault = None
         if "/blobs/" in self.path and self.headers.get("Range") and self.command == "GET":
+            with self.owner._lock:
+                self.owner.ranges.append((self.path.rsplit("/", 1)[-1], self.headers["Range"]))
             fault = self.owner._take()
         if fault is not None and fault.kind == "stall":
             self.owner._released.wait()

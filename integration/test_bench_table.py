@@ -19,7 +19,7 @@ def _result(variant: str, exit_s: float, nbytes: int = 10_000_000) -> Result:
 
 def test_ratios_to_floor_and_to_the_matching_stargz_variant() -> None:
     link = Link.parse("100mbit:20ms")
-    bench = SimpleNamespace(link=link, rtt=0.02, goodput=12e6, floor=lambda n: 1.0)
+    bench = SimpleNamespace(link=link, rtt=0.02, goodput=12e6, floor=lambda n, warm=0.0: 1.0 + warm)
     rows = [_result("podman", 8.0), _result("stargz", 4.0), _result("stargz-opt", 2.0),
             _result("lazyshim", 2.0), _result("lazyshim-opt", 3.0), Result("py", "lazyshim-zstd", error="boom|x")]
     lines = table(rows, bench).splitlines()  # type: ignore[arg-type]
@@ -29,6 +29,15 @@ def test_ratios_to_floor_and_to_the_matching_stargz_variant() -> None:
     assert cells["podman"][6] == "1.0×" and cells["lazyshim"][6] == "4.0×"
     assert cells["floor"][-2:] == ["1.00", "0.25 "]
     assert "failed: …boom/x" in cells["lazyshim-zstd"][2]
+
+
+def test_the_floor_includes_the_warm_run_when_it_was_measured() -> None:
+    link = Link.parse("100mbit:20ms")
+    bench = SimpleNamespace(link=link, rtt=0.02, goodput=12e6, floor=lambda n, warm=0.0: 1.0 + warm)
+    rows = [_result("lazyshim", 3.0), _result("lazyshim-prof", 2.4), _result("lazyshim-warm", 1.0)]
+    cells = {ln.split(" | ")[1]: ln.strip("|").split(" | ") for ln in table(rows, bench).splitlines()  # type: ignore[arg-type]
+             if ln.startswith("| py |")}
+    assert cells["lazyshim-prof"][-2] == "1.20"  # 2.4 s against 1.0 s + a warm run of 1.0 s
 
 
 def test_a_silent_fallback_to_a_full_pull_fails_the_stargz_variant(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ listener and we never wait on a timer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,8 @@ def state_dir(container_id: str) -> Path:
     return runtime_dir() / container_id
 
 
+#: How long a supervisor may take to write its profile before it is stopped (a bound for a hung one).
+FINISH_TIMEOUT = 10.0
 BACKGROUND_ANNOTATION = "run.lazyshim.background-fetch"
 BACKGROUND_MODES = ("none", "prioritized", "all")
 
@@ -52,7 +55,7 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
            metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
            record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
-           big_threshold: int = 0) -> int:
+           big_threshold: int = 0, image_id: str | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
@@ -62,6 +65,8 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     takes the createRuntime hook's connection instead of the delegate's listener fd.
     `big_threshold`: the container has a FUSE layer of big files (`runtime.bigmount`) that
     serves the files this big: the supervisor leaves them to it.
+    `image_id`: the image's, whose start-up profile the supervisor learns and uses (without
+    it: the image made of `layers`); unless profiles are off.
     """
     mode = background_mode(config, background)
     trap = trap or choose_trap()
@@ -91,6 +96,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--background", mode, "--trap", trap,
         ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
+        argv += _profile_args(config, image_id)
         try:
             proc = subprocess.Popen(
                 argv, pass_fds=(listener.fileno(), ready_w), start_new_session=True,
@@ -109,6 +115,17 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
         proc.wait()
         raise LazyshimError(f"supervisor failed to start: {_last_line(sdir / 'supervisor.log')}")
     return proc.pid
+
+
+def _profile_args(config: dict, image_id: str | None) -> list[str]:
+    """The supervisor's start-up profile flags: the workload is its argv and working dir."""
+    from shim import api
+
+    if not api.profiles_enabled():
+        return []
+    process = config.get("process") or {}
+    command = {"args": [str(x) for x in process.get("args") or []], "cwd": str(process.get("cwd") or "/")}
+    return ["--profile-command", json.dumps(command)] + (["--profile-image", image_id] if image_id else [])
 
 
 def supervisor_env() -> dict[str, str]:
@@ -164,6 +181,9 @@ class _bound_socket:
 def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
     """Stop the supervisor of a deleted container and remove its state."""
     sdir = Path(sdir) if sdir is not None else state_dir(container_id)
+    from shim.supervisor import control
+
+    control.finish(sdir, FINISH_TIMEOUT)  # its learned profile is written before it goes
     try:
         pid = int((sdir / "supervisor.pid").read_text())
         # The pid may have been reused since the supervisor left: only signal our own.

@@ -102,9 +102,9 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
     try:
         config = found.config
         reason = agent_policy.foreign_reason(config)
-        store_root, layers, sources, big_threshold = found.store_root, found.layers, None, 0
+        store_root, layers, sources, big_threshold, image_id = found.store_root, found.layers, None, 0, None
         if found.image is not None:
-            store_root, layers, sources, big_threshold = _mount_image(found, container_id, state)
+            store_root, layers, sources, big_threshold, image_id = _mount_image(found, container_id, state)
         config["root"]["path"] = found.rootfs
         _absolute_bind_sources(config, found.bundle)
         if reason is not None:  # the user's agent keeps its listener: no supervisor, a complete image
@@ -112,7 +112,8 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
                                             f"container {container_id}")
         else:
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
-                          sources=sources, big_threshold=big_threshold)
+                          sources=sources, big_threshold=big_threshold,
+                          image_id=image_id)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))
@@ -123,9 +124,9 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
         raise
 
 
-def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str], int]:
-    """Mount the annotated image on root.path; returns the store, its layers, its references and
-    the size from which its FUSE layer serves big files (0: it has none)."""
+def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, list[str], list[str], int, str]:
+    """Mount the annotated image on root.path; returns the store, its layers, its references,
+    the size from which its FUSE layer serves big files (0: it has none) and the image's id."""
     from shim import api
 
     from . import agent_policy, bigmount, overlay
@@ -151,7 +152,7 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
         big = bigmount.start(store.root, list(image.layers), sources, scratch)
     overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
                           data_lowers=[*spec.data_lowers, big[0]] if big else spec.data_lowers, options=spec.options)
-    return str(store.root), list(image.layers), sources, big[1] if big else 0
+    return str(store.root), list(image.layers), sources, big[1] if big else 0, image.id
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:

@@ -45,7 +45,7 @@ STANDALONE_RUN = frozenset({"rm", "i", "interactive", "t", "tty", "name", "e", "
                             "mount", "env-file", "read-only", "hostname", "m", "memory", "cpus"})
 IMAGE_VERBS = frozenset({"pull", "images", "inspect", "rmi", "fetch", "convert", "stats", "mount", "umount", "record",
                          "gc", "logs", "stop", "rm", "info", "df", "completion", "snapshotter",
-                         "layer-store"})
+                         "layer-store", "profile"})
 TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 
 

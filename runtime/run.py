@@ -127,7 +127,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None,
-                          sources=sources, big_threshold=big[1] if big else 0)
+                          sources=sources, big_threshold=big[1] if big else 0, image_id=image.id)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]

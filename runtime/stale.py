@@ -184,6 +184,9 @@ def cmd_gc(args) -> int:
         print(f"removed {line}")
     if not removed:
         print("nothing to remove")
+    note = api.kept_profiles_note(store)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

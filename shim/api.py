@@ -73,6 +73,22 @@ def image_sources(store: Store, image: ImageRecord, asked: str | None = None) ->
     return image_references(store, image, asked)
 
 
+def profiles_enabled() -> bool:
+    """Whether supervised runs learn and use start-up profiles (`profiles` on or off)."""
+    from . import config
+    from .store.profiles import enabled
+
+    return enabled(config.get("profiles"))
+
+
+def kept_profiles_note(store: Store) -> str | None:
+    """What `rmi` and `gc` say about the profiles of removed images they keep, or None."""
+    from .store import profiles
+
+    n = profiles.of_removed_images(store)
+    return profiles.KEPT_NOTE.format(n=n) if n else None
+
+
 def layer_mount(store: Store, image: ImageRecord) -> MountSpec:
     """What an overlay of the image needs (lower dirs bottom first, data-only lower dirs, mount
     options), whatever the store's layout; trees lost with a reboot are rebuilt first."""

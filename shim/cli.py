@@ -44,6 +44,9 @@ def add_parsers(sub) -> None:
                    help="file listing absolute paths (one per line) to put first, before the landmark")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the manifest digest")
     p.set_defaults(func=cmd_convert)
+    from .profile_cli import add_parser as add_profile
+
+    add_profile(sub)
     from .snapshotter import add_parser as add_snapshotter
 
     add_snapshotter(sub)
@@ -138,7 +141,7 @@ def _no_source():
 
 
 def cmd_rmi(args) -> int:
-    from .api import open_store
+    from .api import kept_profiles_note, open_store
     from .store.gc import collect, collect_data
     from .store.refs import load_refs, remove_ref, resolve_image
     from .store.sweep import release_unused_mounts
@@ -161,6 +164,9 @@ def cmd_rmi(args) -> int:
     if removed or files:
         print(f"deleted {len(removed)} unused layer(s), {files} data file(s) ({_human(size)})", file=sys.stderr)
     release_unused_mounts(store)
+    note = kept_profiles_note(store)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,7 @@ Top-level TOML keys (all optional):
     trap = "auto"                       # notify | ptrace | auto            LAZYSHIM_TRAP
     big_file_threshold = 16777216       # bytes; bigger chunked files are   LAZYSHIM_BIG_FILE_THRESHOLD
                                         # served chunk by chunk (0: off)
+    profiles = "on"                     # learn and use start-up profiles   LAZYSHIM_PROFILES (on|off)
 
 Values come back as the strings an environment variable would hold, so each reader keeps
 its own parsing and range checks.  Imported on every runc-style call (`state`): os only,
@@ -29,7 +30,7 @@ from __future__ import annotations
 import os
 
 KEYS = ("root", "runtime_dir", "delegate", "background_fetch", "insecure_registries", "registry_retries",
-        "registry_timeout", "fetch_timeout", "store_max_size", "trap", "big_file_threshold")
+        "registry_timeout", "fetch_timeout", "store_max_size", "trap", "big_file_threshold", "profiles")
 SYSTEM_FILE = "/etc/lazyshim/lazyshim.toml"
 MAX_FILE = 1 << 20
 

@@ -19,6 +19,11 @@ from .store.layouts import layer_of_lowerdir, layout_of, load_meta
 
 
 class LazyRoot:
+    #: Set to a dict to learn a start-up profile: every image file looked up (by an open, an
+    #: exec or a prefill; filled or not) becomes a key, first need first, up to `recording_cap`.
+    recording: dict | None = None
+    recording_cap = 0
+
     def __init__(self, store: Store, layer_digests: list[str], sources: Sequence[str] = (),
                  big_threshold: int = 0) -> None:
         """`sources`: references of the image(s) the container runs, where fills go first.
@@ -58,10 +63,20 @@ class LazyRoot:
             hit = self.by_inode.get(st.st_ino & 0xFFFFFFFF)
         if hit is None or hit[2] != st.st_size or not stat.S_ISREG(st.st_mode):
             return None
+        rec = self.recording
+        if rec is not None and hit not in rec:
+            rec[hit] = None
+            if len(rec) >= self.recording_cap:
+                self.recording = None
         filler, idx, _ = hit
         if filler.is_filled(idx):
             return None
         return filler, idx
+
+    @property
+    def metas(self) -> list:
+        """Every layer's metadata, bottom first (lazy and complete layers alike)."""
+        return self._metas
 
     def lookup_path(self, root_fd: int, path: bytes) -> tuple[LayerFiller, int] | None:
         """The unfilled placeholder at `path` inside the rootfs open at root_fd, or None

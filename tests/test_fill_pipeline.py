@@ -235,3 +235,22 @@ def test_wrong_bytes_from_every_endpoint_fail_the_fill(tmp_path: Path) -> None:
         filler.fill(regs["lib/m001.py"])
     assert len(source.rejected) == filler_mod.RETRY_SOURCES
     assert (tmp_path / "layer/tree/lib/m001.py").stat().st_blocks == 0, "an unverified byte stayed"
+
+
+def test_a_start_up_set_is_claimed_at_once_and_requested_first_need_first(tmp_path: Path) -> None:
+    entries = [reg(f"lib/m{i:03d}.py", os.urandom(100_000)) for i in range(6)]
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    need = [regs["lib/m005.py"], regs["lib/m000.py"], regs["lib/m003.py"]]
+    claimed_before_any_read: list[bool] = []
+
+    def on_claimed() -> None:
+        claimed_before_any_read.append(not source.reads and all(i in filler._inflight for i in need))
+
+    assert filler.prefetch(need, lambda: None, gap=0, max_request=150_000, on_claimed=on_claimed,
+                           need_order=True) == 0
+    assert claimed_before_any_read == [True]
+    spans = {i: (s, e) for i, e_ in enumerate(meta.toc.entries) for s, e in [filler_mod._span(e_)] if i in need}
+    assert source.reads == [spans[i] for i in need]  # one request per file here, in need order
+    for ti, data in entries:
+        if regs[ti.name] in need:
+            assert (tmp_path / "layer/tree" / ti.name).read_bytes() == data

@@ -363,10 +363,14 @@ class LayerFiller:
 
     # ---- without being asked ------------------------------------------------------------
     def prefetch(self, indices: list[int], pause: Callable[[], None], gap: int = MERGE_GAP,
-                 max_request: int = 1 << 20, parallel: int = 1) -> int:
+                 max_request: int = 1 << 20, parallel: int = 1, on_claimed: Callable[[], None] | None = None,
+                 need_order: bool = False) -> int:
         """Fill many files with few range requests (runs of adjacent payloads, `shim.ranges`),
         up to `parallel` requests at once.  Files are claimed before their request is sent,
-        so an open of one waits for those bytes instead of asking again.
+        so an open of one waits for those bytes instead of asking again; with `on_claimed`
+        all of them before the first request, then it is called (a start-up set: the opens
+        that need it must never race it).  `need_order`: `indices` are in the order the
+        workload needs them, and the requests go out in that order (else in blob order).
 
         `pause` is called before every request and may block: on-demand fills come first.
         Returns the number of files that failed (they stay unfilled; an open retries them).
@@ -375,28 +379,41 @@ class LayerFiller:
         spans = merge(((*_span(entries[i]), i) for i in indices
                        if entries[i].chunks and not self.is_filled(i)), gap, max_request)
         self.errors = []
+        if need_order:
+            rank = {i: n for n, i in enumerate(indices)}
+            spans.sort(key=lambda span: min(rank[i] for i in span.keys))
+        claims = [self._claim(span) for span in spans] if on_claimed else [None] * len(spans)
+        if on_claimed:
+            on_claimed()
         if parallel <= 1:
-            for span in spans:
-                self._prefetch_span(span, pause)
+            for span, claim in zip(spans, claims, strict=True):
+                self._prefetch_span(span, pause, claim)
         else:
             sem = threading.Semaphore(parallel)
             futures = []
-            for span in spans:
+            for span, claim in zip(spans, claims, strict=True):
                 sem.acquire()
-                fut = _pool().submit(self._prefetch_span, span, pause)
+                fut = _pool().submit(self._prefetch_span, span, pause, claim)
                 fut.add_done_callback(lambda _f: sem.release())
                 futures.append(fut)
             for fut in futures:
                 fut.result()
         return len(self.errors)
 
-    def _prefetch_span(self, span: Span, pause: Callable[[], None]) -> None:
-        pause()  # before claiming: an open waiting on a claim must never wait for the pause
+    def _claim(self, span: Span) -> tuple[list[int], list[tuple[int, threading.Event]]]:
+        """Claim the span's files nobody has claimed: (claimed, [(index, event) claimed elsewhere])."""
         with self._lock:
             claimed = [i for i in span.keys if not self.ready[i] and not self.filled[i] and i not in self._inflight]
             elsewhere = [(i, self._inflight[i]) for i in span.keys if i in self._inflight]
             for i in claimed:
                 self._inflight[i] = threading.Event()
+        return claimed, elsewhere
+
+    def _prefetch_span(self, span: Span, pause: Callable[[], None], claim=None) -> None:
+        if claim is None:
+            pause()  # before claiming: an open waiting on a claim must never wait for the pause
+            claim = self._claim(span)
+        claimed, elsewhere = claim
         if claimed:
             self._fill_claimed(claimed)
         # Files a concurrent fill or readahead had claimed: done only once their bytes are

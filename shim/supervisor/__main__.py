@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="what to fetch without being asked, after start")
     p.add_argument("--big-threshold", type=int, default=0,
                    help="files this big with verifiable chunks are served by the container's FUSE layer")
+    p.add_argument("--profile-command", help='JSON {"args": [...], "cwd": "..."}: learn and use start-up profiles '
+                   "of the image for this command")
+    p.add_argument("--profile-image", help="the image's id (manifest digest); default: the image made of --layers")
     p.add_argument("--no-keeper", action="store_true", help="serve in this process, without a keeper")
     p.add_argument("--trap", choices=("notify", "ptrace"), default="notify",
                    help="how trapped syscalls arrive: notify fds over the socket, or as the container's tracer")
@@ -70,6 +73,12 @@ def _serve(a: argparse.Namespace, handover) -> int:
         print(f"supervisor: {e}", file=log)
         return 1
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log, handover=handover)
+    if a.profile_command:
+        sup.learner = _learner(a, root, sup.fills.log)
+        if sup.learner is not None:
+            sup.learner.partial = resumed  # what the dead predecessor saw is lost: keep the old profile's rest
+        if sup.learner is not None and not a.record and a.background != "none" and not resumed:
+            sup.fills.prefetch_startup(sup.learner.plan())  # before and beside the prefill
     if a.record:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
         for filler in root.fillers:  # every file the workload opens must be a miss, to be recorded
@@ -102,6 +111,25 @@ def _serve(a: argparse.Namespace, handover) -> int:
     else:
         sup.serve(listener)
     return 0
+
+
+def _learner(a: argparse.Namespace, root, log):
+    """The profile learner for this container's image and command, or None (with a log line)."""
+    import json
+
+    from ..store.layout import Store
+    from .learning import Learner
+
+    try:
+        cmd = json.loads(a.profile_command)
+        args, cwd = cmd["args"], cmd["cwd"]
+        if not (isinstance(args, list) and all(isinstance(x, str) for x in args) and isinstance(cwd, str)):
+            raise ValueError("args must be strings, cwd a string")
+    except (ValueError, KeyError, TypeError) as e:
+        log(f"profile: bad --profile-command: {e}")
+        return None
+    return Learner.for_image(Store(Path(a.store)), root, a.profile_image,
+                             [d for d in a.layers.split(",") if d], args, cwd, log)
 
 
 def _split(s: str) -> list[str]:

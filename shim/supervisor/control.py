@@ -1,4 +1,7 @@
-"""The supervisor's control socket (`STATE/control.sock`, answered with one JSON document).
+"""The supervisor's control sockets: `STATE/control.sock` (answered with one JSON document of
+statistics) and `STATE/finish.sock` (answered with "done" once what must outlive the supervisor,
+its learned profile, is written, after which it writes nothing more into the state dir: the runtime
+asks before it stops a supervisor and deletes the dir).
 
 sun_path holds 107 bytes, and a state dir keyed by a containerd --root and a 64-hex CRI
 container id is longer than that (`/run/lazyshim/oci/%2Frun%2Fcontainerd%2Frunc%2Fk8s.io/<id>`).
@@ -13,6 +16,7 @@ import socket
 from pathlib import Path
 
 NAME = "control.sock"
+FINISH = "finish.sock"
 
 
 def _via_dir_fd(path: Path, op) -> None:
@@ -46,3 +50,18 @@ def connect(path: Path, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def finish(state_dir: Path, timeout: float) -> None:
+    """Ask the supervisor of `state_dir` to write what it must before it is stopped, and wait
+    for its answer (at most `timeout`); nothing if none is listening."""
+    try:
+        sock = connect(state_dir / FINISH, timeout)
+    except OSError:
+        return
+    try:
+        sock.recv(16)
+    except OSError:
+        pass
+    finally:
+        sock.close()

@@ -36,6 +36,9 @@ MAX_CHAINS = 4096
 #: The start-up set (prioritized files) is fetched in requests of up to this size, this many at once.
 URGENT_REQUEST = 2 << 20
 URGENT_PARALLEL = 4
+#: A learned start-up set: files this close share a request; this many requests at once.
+STARTUP_GAP = 128 << 10
+STARTUP_PARALLEL = 8
 
 
 class Stats:
@@ -70,6 +73,7 @@ class FillService:
         self._ondemand = 0
         self._last_ondemand = 0.0
         self._stats_dirty = threading.Event()
+        self._startup: list[threading.Thread] = []  # a learned start-up set being fetched, per layer
         if stats_path is not None:
             threading.Thread(target=self._stats_writer, daemon=True, name="stats").start()
 
@@ -283,10 +287,42 @@ class FillService:
         if plan:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
 
+    def prefetch_startup(self, plan: list[tuple[object, list[int]]]) -> None:
+        """Fill a start-up set learned from an earlier run (a profile; per layer, the files in
+        the order they were needed) now, before and beside the prefill, as the prioritized
+        files are: large requests, several at once, every layer at once, the request with the
+        first needed file first.  Returns once all its files are claimed: the opens (and the prefill)
+        that need one wait for its request, never ask again."""
+        if not plan:
+            return
+        claimed = [threading.Event() for _ in plan]
+        threads = [threading.Thread(target=self._fetch_startup, args=(filler, indices, ev.set), daemon=True,
+                                    name="profile") for (filler, indices), ev in zip(plan, claimed, strict=True)]
+        for t in threads:
+            t.start()
+        for ev, t in zip(claimed, threads, strict=True):
+            while not ev.wait(1.0) and t.is_alive():
+                pass  # a layer whose thread died before claiming has nothing claimed to wait for
+        self._startup = threads
+
+    def _fetch_startup(self, filler, indices: list[int], on_claimed) -> None:
+        t0 = time.monotonic()
+        try:
+            failed = filler.prefetch(indices, lambda: None, gap=STARTUP_GAP, max_request=URGENT_REQUEST,
+                                     parallel=STARTUP_PARALLEL, on_claimed=on_claimed, need_order=True)
+        except Exception as e:  # noqa: BLE001 - the opens fill what is left themselves
+            self.log(f"profile fetch of layer {filler.meta.digest[:19]} failed: {e!r}")
+            return
+        self.log(f"profile fetch of {len(indices)} files of layer {filler.meta.digest[:19]} done in "
+                 f"{time.monotonic() - t0:.2f}s ({failed} failed)")
+
     def _background(self, plan) -> None:
         t0 = time.monotonic()
         failed = 0
         for filler, indices, urgent in plan:
+            if not urgent:
+                for t in self._startup:
+                    t.join()  # the rest after the start-up set
             if not urgent and not self.started.is_set():
                 self.started.wait()  # the rest only once the container runs, after its first burst
                 self._last_ondemand = time.monotonic()
@@ -325,15 +361,22 @@ class FillService:
         }
 
     def write_stats(self) -> None:
-        if self.stats_path is None:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        try:
-            with self._stats_lock:
+        with self._stats_lock:
+            path = self.stats_path
+            if path is None:
+                return
+            tmp = path.with_suffix(".tmp")
+            try:
                 tmp.write_text(json.dumps(self.stats_doc()))
-                os.replace(tmp, self.stats_path)
-        except OSError:
-            pass
+                os.replace(tmp, path)
+            except OSError:
+                pass
+
+    def stop_stats(self) -> None:
+        """Write no more statistics: the runtime is about to delete the state dir, and a file
+        written while it does would keep the dir alive.  Returns after any write in progress."""
+        with self._stats_lock:
+            self.stats_path = None
 
     def _stats_writer(self) -> None:
         """Rewrite the statistics file after fills, at most every STATS_INTERVAL."""

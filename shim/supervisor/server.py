@@ -33,6 +33,7 @@ class Supervisor:
         self.handover = handover
         self.fills = FillService(root, self._log, stats_path=stats_path, workers=workers,
                                  restarts=handover.restarts if handover else 0)
+        self.learner = None  # a learning.Learner: what this run needs becomes the image's profile
         self.done = threading.Event()
         self._active = 0
         self._lock = threading.Lock()
@@ -71,8 +72,17 @@ class Supervisor:
         """Accept runtime connections until the last notify fd hangs up."""
         threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
         self.done.wait()
+        self.finish()
         self.fills.flush()  # what was filled is marked for the next container
         self.fills.write_stats()
+
+    def finish(self, stopping: bool = False) -> None:
+        """Write what must outlive this process and is not on disk yet: the learned profile.
+        `stopping`: the runtime stops us next and deletes the state dir; write nothing there."""
+        if self.learner is not None:
+            self.learner.save(cut_short=self.fills.complete)
+        if stopping:
+            self.fills.stop_stats()
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -115,28 +125,37 @@ class Supervisor:
 
     # ---- control -------------------------------------------------------------------
     def serve_control(self, path: Path) -> None:
-        """Answer `lazyshim stats` on a socket of our own: connect, read one JSON document."""
+        """Answer `lazyshim stats` on a socket of our own (connect, read one JSON document), and
+        the runtime's "finish" before it stops us on another (connect, read "done" once the
+        profile is written)."""
         from . import control
 
-        try:
-            sock = control.bind(path)
-        except OSError as e:
-            self._log(f"no control socket: {e}")
-            return
+        def stats() -> bytes:
+            return json.dumps(self.fills.stats_doc()).encode()
 
-        def loop() -> None:
-            while True:
+        def finish() -> bytes:
+            self.finish(stopping=True)
+            return b"done"
+
+        for name, answer in ((path.name, stats), (control.FINISH, finish)):
+            try:
+                sock = control.bind(path.with_name(name))
+            except OSError as e:
+                self._log(f"no control socket {name}: {e}")
+                continue
+            threading.Thread(target=self._control_loop, args=(sock, answer), daemon=True, name="control").start()
+
+    def _control_loop(self, sock: socket.socket, answer) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
                 try:
-                    conn, _ = sock.accept()
+                    conn.sendall(answer())
                 except OSError:
-                    return
-                with conn:
-                    try:
-                        conn.sendall(json.dumps(self.fills.stats_doc()).encode())
-                    except OSError:
-                        pass
-
-        threading.Thread(target=loop, daemon=True, name="control").start()
+                    pass
 
     def _log(self, msg: str) -> None:
         if self.log_file is not None:
