@@ -23,6 +23,7 @@ SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]  (80 bytes)
 _RESP = struct.Struct("=QqiI")  # id, val, error, flags  (24 bytes)
 _U64 = struct.Struct("=Q")
+_unpack = _NOTIF.unpack_from
 assert _NOTIF.size == 80 and _RESP.size == 24
 
 SYS_seccomp = 317
@@ -91,28 +92,35 @@ class Notifier:
             if e.errno == errno.ENOENT:
                 return None
             raise
-        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack_from(buf)
-        return Notification(nid, pid, nr, arch, tuple(args))
+        v = _unpack(buf)  # id, pid, flags, nr, arch, ip, args[6]
+        return Notification(v[0], v[1], v[3], v[4], v[6:])
 
     def id_valid(self, nid: int) -> bool:
         """Is the target still waiting?  Check after reading its memory (pid reuse)."""
+        arg = bytearray(_U64.size)  # see _send: a bytearray, never bytes
+        _U64.pack_into(arg, 0, nid)
         try:
-            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(nid))
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_ID_VALID, arg, False)
             return True
         except OSError:
             return False
 
     def allow(self, nid: int) -> None:
         """Let the syscall run as the kernel would have run it without us."""
-        self._send(_RESP.pack(nid, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
+        self._send(nid, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def fail(self, nid: int, err: int) -> None:
         """Make the syscall return -err without running it."""
-        self._send(_RESP.pack(nid, 0, -err, 0))
+        self._send(nid, -err, 0)
 
-    def _send(self, resp: bytes) -> None:
+    def _send(self, nid: int, error: int, flags: int) -> None:
+        # A fresh bytearray per answer (fill threads answer too, so no shared buffer), never
+        # bytes: fcntl.ioctl first tries a bytes argument as a writable buffer, and that failed
+        # attempt builds and drops a TypeError on every call.
+        resp = bytearray(_RESP.size)
+        _RESP.pack_into(resp, 0, nid, 0, error, flags)
         try:
-            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, resp)
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, resp, False)
         except OSError as e:
             if e.errno != errno.ENOENT:  # target died or was interrupted meanwhile
                 raise

@@ -82,6 +82,14 @@ class Verdicts:
     def allow_all(cls) -> Verdicts:
         return cls({}, 0)
 
+    def fixed_errno(self, nr: int) -> int | None:
+        """The verdict for `nr` if it does not depend on the arguments (no rule names it, or
+        the first one that does has no conditions), else None."""
+        rs = self.rules.get(nr)
+        if not rs:
+            return self.default
+        return rs[0][0] if not rs[0][1] else None
+
     def errno_for(self, nr: int, args: tuple[int, ...]) -> int:
         """0 to let the syscall run, an errno to fail it, KILL to kill the caller."""
         fixed = self._fixed.get(nr)

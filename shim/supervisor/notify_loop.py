@@ -19,7 +19,7 @@ from seccomp.notify import Notification, Notifier
 from seccomp.taskview import ProcTaskView, TaskView
 from seccomp.verdict import Verdicts
 
-from .decide import CONTINUE, KILL, Fill, ImageView, Verdict, decide
+from .decide import CONTINUE, KILL, Fill, ImageView, Verdict, VerdictTable, decide
 
 _EIO = errno.EIO
 _END = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -61,7 +61,7 @@ class NotifyLoop:
                  fill: Callable[[Notifier, Notification, Fill], None], log: Callable[[str], None],
                  counter=None, task: TaskView | None = None, decide=decide) -> None:
         self.notifier = notifier
-        self.verdicts = verdicts
+        self.verdicts = VerdictTable(verdicts)  # looked up, not evaluated, per notification
         self.image = image
         self.decide = decide
         self.fill = fill
@@ -74,6 +74,7 @@ class NotifyLoop:
     def run(self) -> None:
         notifier, decide, task, counter = self.notifier, self.decide, self.task, self.counter
         verdicts, image = self.verdicts, self.image
+        recv, allow = notifier.recv, notifier.allow
         poller = select.poll()
         poller.register(notifier.fd, select.POLLIN)
         try:
@@ -87,7 +88,7 @@ class NotifyLoop:
                         return
                     continue
                 try:
-                    n = notifier.recv()
+                    n = recv()
                 except OSError as e:
                     self.log(f"notify fd {notifier.fd}: receive failed: {e}")
                     return  # the fd itself is unusable: nothing more can arrive on it
@@ -97,7 +98,9 @@ class NotifyLoop:
                     counter.notifications += 1
                 try:
                     verdict = decide(n, task, verdicts, image)
-                    if verdict.__class__ is Fill:
+                    if verdict is CONTINUE:  # the common answer, without a call to `answer`
+                        allow(n.id)
+                    elif verdict.__class__ is Fill:
                         self.fill(notifier, n, verdict)
                     else:
                         answer(notifier, n, verdict)
