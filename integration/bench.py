@@ -433,8 +433,10 @@ def table(results: list[Result], b: Bench) -> str:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
                 lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | |")
                 continue
+            if not r.samples:  # --runs 0: only the micro-benchmarks were asked for
+                continue
             peer = exits.get("stargz-opt" if r.variant.endswith("-opt") else "stargz", nan)
-            speed = base / r.med("exit") if r.samples else float("nan")
+            speed = base / r.med("exit")
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
@@ -486,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", default="python",
                    help=f"comma list of {', '.join(WORKLOADS)}; 'big' = {','.join(BIG)}")
     p.add_argument("--link", default="100mbit:20ms")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="runs per image and variant (0: only --micro)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path)

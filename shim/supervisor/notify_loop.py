@@ -5,6 +5,18 @@ once or hands a Fill to the fill service, which answers when the fill is done.  
 that goes wrong while deciding or answering one notification costs that syscall an EIO and
 one log line; the loop goes on.  POLLHUP (the last target exited) ends it: after that,
 RECV would fail at once, forever.
+
+Why a CONTINUE needs no ID_VALID check although the path was read from the target's memory
+after the kernel queued the call: if the target died meanwhile and its pid was reused, the
+path read may be another task's, but the answer goes to a notification id that no longer
+exists (SEND fails with ENOENT, ignored), so nothing runs on that guess; at worst another
+file was filled needlessly (with verified bytes).  A Fill's answer checks ID_VALID before
+failing a call that is gone, and a Kill checks it before signalling the pid (the one answer
+that acts on something other than the notification).  What no check here can close is the
+target's own race (seccomp_unotify(2)): another thread of it rewriting the path between our
+read and the kernel's, which only the racing container itself can exploit, against itself.
+This is the hot path of every trapped open: no logging, no statistics beyond one counter, no
+allocation beyond the notification and its answer buffer.
 """
 
 from __future__ import annotations
