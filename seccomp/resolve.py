@@ -45,6 +45,8 @@ def _how(flags: int, resolve: int) -> ctypes.Array:
 
 def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(2); raises OSError like os.open."""
+    if path.__class__ is not bytes or dirfd.__class__ is not int:  # what argtypes would refuse
+        raise TypeError(f"openat2 takes an int dirfd and a bytes path, not {dirfd!r}, {path!r}")
     fd = _syscall(_NR_OPENAT2, dirfd, path, _how(flags, resolve), _HOW_SIZE)
     if fd < 0:
         e = ctypes.get_errno()
