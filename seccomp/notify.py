@@ -74,14 +74,21 @@ class Notifier:
         size = max(_NOTIF.size, notif_sizes()[0])
         self._buf = bytearray(size)
         self._zero = bytes(size)  # RECV wants a zeroed buffer: copied from here, not allocated per call
+        # recv_waits: RECV may be called without polling first.  The kernels that take the
+        # sync wake-up flag (Linux >= 6.6) are the ones whose RECV sleeps on the same wait
+        # queue as poll, gets the same wake-up, and returns ENOENT once no task is left to
+        # notify (seen here: a RECV blocked when the last target died returned at once).
+        # Older kernels sleep on a semaphore that nothing raises when the targets are gone.
         try:
             # Wake the target on the CPU we answer from: 4 µs instead of 7-65 µs per call.
             fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+            self.recv_waits = True
         except OSError:
-            pass  # older kernels: correct, just slower
+            self.recv_waits = False  # older kernels: correct, just slower
 
     def recv(self) -> Notification | None:
-        """Block for the next notification; None when it was interrupted (ENOENT)."""
+        """Block for the next notification; None when it was interrupted (ENOENT, EINTR) or,
+        where `recv_waits`, when no target is left.  fcntl.ioctl releases the GIL meanwhile."""
         buf = self._buf
         buf[:] = self._zero
         try:

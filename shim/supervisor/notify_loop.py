@@ -87,24 +87,34 @@ class NotifyLoop:
         notifier, decide, task, counter = self.notifier, self.decide, self.task, self.counter
         verdicts, image = self.verdicts, self.image
         recv, allow = notifier.recv, notifier.allow
+        # Where RECV itself waits for the next notification and returns once no target is
+        # left (see Notifier.recv_waits), the loop sleeps in RECV: one syscall less per
+        # notification than poll-then-RECV, and poll only to tell an interrupted
+        # notification from the end.  Elsewhere it polls first, and POLLHUP ends it.
+        waits = getattr(notifier, "recv_waits", False)
         poller = select.poll()
         poller.register(notifier.fd, select.POLLIN)
         try:
             while True:
-                events = poller.poll()
-                if not events:
-                    continue
-                ev = events[0][1]
-                if not ev & select.POLLIN:
-                    if ev & _END:
-                        return
-                    continue
+                if not waits:
+                    events = poller.poll()
+                    if not events:
+                        continue
+                    ev = events[0][1]
+                    if not ev & select.POLLIN:
+                        if ev & _END:
+                            return
+                        continue
                 try:
                     n = recv()
                 except OSError as e:
                     self.log(f"notify fd {notifier.fd}: receive failed: {e}")
                     return  # the fd itself is unusable: nothing more can arrive on it
                 if n is None:
+                    if waits:
+                        events = poller.poll(0)
+                        if events and not events[0][1] & select.POLLIN and events[0][1] & _END:
+                            return
                     continue
                 if counter is not None:
                     counter.notifications += 1
