@@ -407,7 +407,9 @@ def notify_costs(runs: int = 3) -> dict[str, float]:
     host, natively (`open_ns_host`); under a NOTIFY filter whose listener answers CONTINUE at
     once (`open_ns_notify_floor`: the kernel's round trip and a Python receive/answer, the floor
     of any per-open supervision here); and answered by the supervisor's own NotifyLoop, decide
-    and task view, with an image that has no unfilled file (`open_ns_notify_decide`)."""
+    and task view, with an image that has no unfilled file (`open_ns_notify_decide`).  The
+    `cpu_us_notify_*` figures are the listener thread's own CPU time per notification: what
+    our code costs, far steadier on a shared machine than the wall times."""
     import select
     import socket
     import threading
@@ -425,20 +427,35 @@ def notify_costs(runs: int = 3) -> dict[str, float]:
         def exec_chain_filled(self, key) -> bool:
             return True
 
-    def floor(notifier: Notifier) -> None:  # NotifyLoop.run without a decision
+    def floor(notifier: Notifier, count: Count) -> None:  # NotifyLoop.run without a decision
         poller = select.poll()
         poller.register(notifier.fd, select.POLLIN)
+        waits = getattr(notifier, "recv_waits", False)
         try:
-            while notifier.recv_waits or poller.poll()[0][1] & select.POLLIN:
+            while waits or poller.poll()[0][1] & select.POLLIN:
                 n = notifier.recv()
                 if n is not None:
+                    count.notifications += 1
                     notifier.allow(n.id)
-                elif notifier.recv_waits and (ev := poller.poll(0)) and not ev[0][1] & select.POLLIN:
+                elif waits and (ev := poller.poll(0)) and not ev[0][1] & select.POLLIN:
                     return  # no target left
         finally:
             notifier.close()
 
-    def one(mode: str) -> float:
+    class Count:
+        notifications = 0
+
+    def timed_thread(run, count: Count, cpu: list[float]):
+        def body() -> None:
+            t0 = time.thread_time()
+            try:
+                run()
+            finally:
+                cpu.append((time.thread_time() - t0) / max(count.notifications, 1))
+        return body
+
+    def one(mode: str) -> tuple[float, float]:
+        count, cpu = Count(), []
         ours, theirs = socket.socketpair()
         with ours, theirs:
             p = subprocess.Popen([sys.executable, "-c", NOTIFY_TARGET, str(theirs.fileno()), mode],
@@ -450,19 +467,24 @@ def notify_costs(runs: int = 3) -> dict[str, float]:
                     p.wait()
                     raise BenchError("the notify target sent no listener fd")
                 notifier = Notifier(fds[0])
-                run = (lambda: floor(notifier)) if mode == "floor" else NotifyLoop(
-                    notifier, Verdicts.allow_all(), Filled(), lambda *a: None, lambda msg: None).run
-                threading.Thread(target=run, daemon=True).start()
+                run = (lambda: floor(notifier, count)) if mode == "floor" else NotifyLoop(
+                    notifier, Verdicts.allow_all(), Filled(), lambda *a: None, lambda msg: None, counter=count).run
+                listener = threading.Thread(target=timed_thread(run, count, cpu), daemon=True)
+                listener.start()
             ours.sendall(b"g")
             ns = ours.recv(64)
         if p.wait(timeout=300) != 0 or not ns:
             raise BenchError(f"the notify target ({mode}) failed")
-        return float(ns)
+        if mode != "native":
+            listener.join(60)
+        return float(ns), (cpu[0] * 1e6 if cpu else float("nan"))
 
     out = {}
     for mode in ("native", "floor", "decide"):
-        out[f"open_ns_{'host' if mode == 'native' else 'notify_' + mode}"] = statistics.median(
-            one(mode) for _ in range(runs))
+        samples = [one(mode) for _ in range(runs)]
+        out[f"open_ns_{'host' if mode == 'native' else 'notify_' + mode}"] = statistics.median(s[0] for s in samples)
+        if mode != "native":
+            out[f"cpu_us_notify_{mode}"] = statistics.median(s[1] for s in samples)
     return out
 
 
