@@ -30,8 +30,10 @@ Each sample also records ``pull``: the time the pull step took (``podman pull`` 
 so ``exit - pull`` is the time of the ``run`` step.
 
 ``--micro`` adds steady-state numbers: per-open cost after fill vs plain runc (supervised under
-each trap backend, notify and ptrace, and once fully filled), ``state`` latency, and the
-supervisor's RSS.
+each trap backend, notify and ptrace, and once fully filled), ``state`` latency, the
+supervisor's RSS, and (``notify_costs``, also on its own: ``python -c "from integration.bench
+import notify_costs; print(notify_costs())"``) the same open on the host natively, under a filter
+answered at once, and answered by the supervisor's notify loop.
 """
 
 from __future__ import annotations
@@ -409,6 +411,117 @@ def micro(b: Bench, image: str) -> dict[str, float | str]:
         out["version_ms_lazyshim"] = _loop_ms([*LAZYSHIM, "--version"])
     finally:
         subprocess.run(["runc", "--root", str(state), "delete", "--force", cid], capture_output=True)
+    out.update(notify_costs())
+    return out
+
+
+NOTIFY_TARGET = """
+import ctypes, os, socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+if sys.argv[2] != "native":  # trap openat, as lazyshim's filter does, and hand the listener over
+    lib = ctypes.CDLL("libseccomp.so.2")
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.c_void_p]
+    lib.seccomp_load.argtypes = lib.seccomp_notify_fd.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
+    if lib.seccomp_rule_add_array(ctx, 0x7FC00000, 257, 0, None) or lib.seccomp_load(ctx):  # NOTIFY openat
+        sys.exit("seccomp filter refused")
+    socket.send_fds(sock, [b"x"], [lib.seccomp_notify_fd(ctx)])
+sock.recv(1)
+f = "/usr/lib/python3.11/os.py"
+open(f).close()
+t = time.perf_counter()
+for _ in range(100000):
+    open(f).close()
+sock.sendall(b"%.0f" % ((time.perf_counter() - t) / 100000 * 1e9))
+"""
+
+
+def notify_costs(runs: int = 3) -> dict[str, float]:
+    """Where a supervised open's time goes, without a container: the micro loop's open on the
+    host, natively (`open_ns_host`); under a NOTIFY filter whose listener answers CONTINUE at
+    once (`open_ns_notify_floor`: the kernel's round trip and a Python receive/answer, the floor
+    of any per-open supervision here); and answered by the supervisor's own NotifyLoop, decide
+    and task view, with an image that has no unfilled file (`open_ns_notify_decide`).  The
+    `cpu_us_notify_*` figures are the listener thread's own CPU time per notification: what
+    our code costs, far steadier on a shared machine than the wall times."""
+    import select
+    import socket
+    import threading
+
+    from seccomp.notify import Notifier
+    from seccomp.verdict import Verdicts
+    from shim.supervisor.notify_loop import NotifyLoop
+
+    class Filled:  # the image view: nothing left to fill
+        complete = False
+
+        def lookup(self, st):
+            return None
+
+        def exec_chain_filled(self, key) -> bool:
+            return True
+
+    def floor(notifier: Notifier, count: Count) -> None:  # NotifyLoop.run without a decision
+        poller = select.poll()
+        poller.register(notifier.fd, select.POLLIN)
+        waits = getattr(notifier, "recv_waits", False)
+        try:
+            while waits or poller.poll()[0][1] & select.POLLIN:
+                n = notifier.recv()
+                if n is not None:
+                    count.notifications += 1
+                    notifier.allow(n.id)
+                elif waits and (ev := poller.poll(0)) and not ev[0][1] & select.POLLIN:
+                    return  # no target left
+        finally:
+            notifier.close()
+
+    class Count:
+        notifications = 0
+
+    def timed_thread(run, count: Count, cpu: list[float]):
+        def body() -> None:
+            t0 = time.thread_time()
+            try:
+                run()
+            finally:
+                cpu.append((time.thread_time() - t0) / max(count.notifications, 1))
+        return body
+
+    def one(mode: str) -> tuple[float, float]:
+        count, cpu = Count(), []
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            p = subprocess.Popen([sys.executable, "-c", NOTIFY_TARGET, str(theirs.fileno()), mode],
+                                 pass_fds=[theirs.fileno()])
+            theirs.close()
+            if mode != "native":
+                _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+                if not fds:
+                    p.wait()
+                    raise BenchError("the notify target sent no listener fd")
+                notifier = Notifier(fds[0])
+                run = (lambda: floor(notifier, count)) if mode == "floor" else NotifyLoop(
+                    notifier, Verdicts.allow_all(), Filled(), lambda *a: None, lambda msg: None, counter=count).run
+                listener = threading.Thread(target=timed_thread(run, count, cpu), daemon=True)
+                listener.start()
+            ours.sendall(b"g")
+            ns = ours.recv(64)
+        if p.wait(timeout=300) != 0 or not ns:
+            raise BenchError(f"the notify target ({mode}) failed")
+        if mode != "native":
+            listener.join(60)
+        return float(ns), (cpu[0] * 1e6 if cpu else float("nan"))
+
+    out = {}
+    for mode in ("native", "floor", "decide"):
+        samples = [one(mode) for _ in range(runs)]
+        out[f"open_ns_{'host' if mode == 'native' else 'notify_' + mode}"] = statistics.median(s[0] for s in samples)
+        if mode != "native":
+            out[f"cpu_us_notify_{mode}"] = statistics.median(s[1] for s in samples)
     return out
 
 
@@ -476,8 +589,10 @@ def table(results: list[Result], b: Bench) -> str:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
                 lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | |")
                 continue
+            if not r.samples:  # --runs 0: only the micro-benchmarks were asked for
+                continue
             peer = exits.get("stargz-opt" if r.variant.endswith("-opt") else "stargz", nan)
-            speed = base / r.med("exit") if r.samples else float("nan")
+            speed = base / r.med("exit")
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
@@ -529,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", default="python",
                    help=f"comma list of {', '.join(WORKLOADS)}; 'big' = {','.join(BIG)}")
     p.add_argument("--link", default="100mbit:20ms")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="runs per image and variant (0: only --micro)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path)

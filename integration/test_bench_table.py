@@ -40,6 +40,13 @@ def test_the_floor_includes_the_warm_run_when_it_was_measured() -> None:
     assert cells["lazyshim-prof"][-2] == "1.20"  # 2.4 s against 1.0 s + a warm run of 1.0 s
 
 
+def test_a_micro_only_run_has_an_empty_table_not_a_crash() -> None:
+    """`--runs 0 --micro`: variants without samples are left out of the table."""
+    bench = SimpleNamespace(link=Link.parse("1gbit:2ms"), rtt=0.002, goodput=120e6, floor=lambda n: 1.0)
+    lines = table([Result("py", "lazyshim")], bench).splitlines()  # type: ignore[arg-type]
+    assert not [ln for ln in lines if ln.startswith("| py |")]
+
+
 def test_a_silent_fallback_to_a_full_pull_fails_the_stargz_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = "/v2/py/blobs/sha256:" + "a" * 64
     log = [AccessLogEntry("GET", "/v2/py/blobs/sha256:" + "c" * 64, 200, 554),  # the config

@@ -274,6 +274,52 @@ def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str],
 
 
 @pytest.mark.usefixtures("trap")
+def test_opens_left_out_of_the_filter_still_get_the_users_verdict(store: Path, images: dict[str, str],
+                                                                 tmp_path: Path) -> None:
+    """O_DIRECTORY opens (ls) and O_CREAT|O_EXCL opens (mktemp) are not trapped when the user's
+    verdict does not depend on the arguments, and then the kernel must give them the user's own
+    verdict: under podman's default profile (deny by default, openat allowed by a rule) they
+    work; under a profile that denies O_CREAT opens, mktemp is still denied (trapped whole,
+    answered by the supervisor) while ls and a plain read work."""
+    script = ("ls /app >/dev/null; echo ls=$?; mktemp >/dev/null; echo mktemp=$?; "
+              "cat /app/hello.txt >/dev/null; echo cat=$?")
+    default = Path("/usr/share/containers/seccomp.json")
+    if default.exists():
+        p = _run(store, images["busybox:esgz"], script, "--security-opt", f"seccomp={default}", check=False)
+        assert "ls=0" in p.stdout and "mktemp=0" in p.stdout and "cat=0" in p.stdout, p.stdout + p.stderr
+    o_creat = os.O_CREAT
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 30,  # EROFS
+                             "args": [{"index": 2, "value": o_creat, "valueTwo": o_creat,
+                                       "op": "SCMP_CMP_MASKED_EQ"}]}]}
+    pfile = tmp_path / "profile.json"
+    pfile.write_text(json.dumps(profile))
+    p = _run(store, images["busybox:esgz"], script.replace(">/dev/null", ""), "--security-opt", f"seccomp={pfile}",
+             check=False)
+    assert "ls=0" in p.stdout and "mktemp=1" in p.stdout and "cat=0" in p.stdout, p.stdout + p.stderr
+    assert "Read-only file system" in p.stdout + p.stderr
+
+
+def test_directory_opens_never_reach_the_supervisor(store: Path, images: dict[str, str]) -> None:
+    """A shell globbing a directory 200 times (openat O_DIRECTORY, no exec, no other open) adds
+    almost nothing to the supervisor's notification count: the filter answers those itself."""
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    c = _Container(store, ref, "cat /app/hello.txt; echo ready; read x; "
+                               "for i in $(seq 200); do set -- /app/*; done; echo globbed $#; read y")
+    c.expect("ready")
+    try:
+        before = json.loads(lazyshim(store, "stats", c.name).stdout)["notifications"]
+        c.send("go")
+        c.expect("globbed")
+        after = json.loads(lazyshim(store, "stats", c.name).stdout)["notifications"]
+    finally:
+        c.send("go")
+        c.finish()
+    assert after - before < 50, (before, after)
+
+
+@pytest.mark.usefixtures("trap")
 def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[str, str]) -> None:
     ref = images["busybox:esgz"]
     lazyshim(store, "pull", ref)

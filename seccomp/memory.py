@@ -41,7 +41,22 @@ class MemoryReader:
         """The NUL-terminated string at addr (without the NUL), None if unreadable or too long.
 
         Reads page by page so a string that ends just before an unmapped page is still read.
+        The common case (a cached fd, a short path) is one pread that stays inside addr's
+        page; anything else, including an fd left stale by an execve, takes the careful loop.
         """
+        fd = self._fds.get(pid)
+        if fd is not None and addr:
+            room = _PAGE - addr % _PAGE
+            try:
+                piece = os.pread(fd, room if room < _FIRST_READ else _FIRST_READ, addr)
+            except OSError:
+                piece = b""
+            nul = piece.find(b"\0")
+            if 0 <= nul < limit:
+                return piece[:nul]
+        return self._read_slowly(pid, addr, limit)
+
+    def _read_slowly(self, pid: int, addr: int, limit: int) -> bytes | None:
         if addr == 0:
             return None
         for attempt in (0, 1):

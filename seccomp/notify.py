@@ -23,6 +23,7 @@ SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]  (80 bytes)
 _RESP = struct.Struct("=QqiI")  # id, val, error, flags  (24 bytes)
 _U64 = struct.Struct("=Q")
+_unpack = _NOTIF.unpack_from
 assert _NOTIF.size == 80 and _RESP.size == 24
 
 SYS_seccomp = 317
@@ -73,14 +74,21 @@ class Notifier:
         size = max(_NOTIF.size, notif_sizes()[0])
         self._buf = bytearray(size)
         self._zero = bytes(size)  # RECV wants a zeroed buffer: copied from here, not allocated per call
+        # recv_waits: RECV may be called without polling first.  The kernels that take the
+        # sync wake-up flag (Linux >= 6.6) are the ones whose RECV sleeps on the same wait
+        # queue as poll, gets the same wake-up, and returns ENOENT once no task is left to
+        # notify (seen here: a RECV blocked when the last target died returned at once).
+        # Older kernels sleep on a semaphore that nothing raises when the targets are gone.
         try:
             # Wake the target on the CPU we answer from: 4 µs instead of 7-65 µs per call.
             fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+            self.recv_waits = True
         except OSError:
-            pass  # older kernels: correct, just slower
+            self.recv_waits = False  # older kernels: correct, just slower
 
     def recv(self) -> Notification | None:
-        """Block for the next notification; None when it was interrupted (ENOENT)."""
+        """Block for the next notification; None when it was interrupted (ENOENT, EINTR) or,
+        where `recv_waits`, when no target is left.  fcntl.ioctl releases the GIL meanwhile."""
         buf = self._buf
         buf[:] = self._zero
         try:
@@ -91,28 +99,35 @@ class Notifier:
             if e.errno == errno.ENOENT:
                 return None
             raise
-        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack_from(buf)
-        return Notification(nid, pid, nr, arch, tuple(args))
+        v = _unpack(buf)  # id, pid, flags, nr, arch, ip, args[6]
+        return Notification(v[0], v[1], v[3], v[4], v[6:])
 
     def id_valid(self, nid: int) -> bool:
         """Is the target still waiting?  Check after reading its memory (pid reuse)."""
+        arg = bytearray(_U64.size)  # see _send: a bytearray, never bytes
+        _U64.pack_into(arg, 0, nid)
         try:
-            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(nid))
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_ID_VALID, arg, False)
             return True
         except OSError:
             return False
 
     def allow(self, nid: int) -> None:
         """Let the syscall run as the kernel would have run it without us."""
-        self._send(_RESP.pack(nid, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
+        self._send(nid, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def fail(self, nid: int, err: int) -> None:
         """Make the syscall return -err without running it."""
-        self._send(_RESP.pack(nid, 0, -err, 0))
+        self._send(nid, -err, 0)
 
-    def _send(self, resp: bytes) -> None:
+    def _send(self, nid: int, error: int, flags: int) -> None:
+        # A fresh bytearray per answer (fill threads answer too, so no shared buffer), never
+        # bytes: fcntl.ioctl first tries a bytes argument as a writable buffer, and that failed
+        # attempt builds and drops a TypeError on every call.
+        resp = bytearray(_RESP.size)
+        _RESP.pack_into(resp, 0, nid, 0, error, flags)
         try:
-            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, resp)
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, resp, False)
         except OSError as e:
             if e.errno != errno.ENOENT:  # target died or was interrupted meanwhile
                 raise

@@ -22,24 +22,41 @@ AT_FDCWD = -100
 O_PATH = 0o10000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# No argtypes: ctypes' per-argument conversion costs more than the syscall's own path walk
+# on the notify hot path.  The arguments are passed as ctypes objects where their width
+# matters (the syscall number is a long; the struct's size a size_t); the dirfd is a C int,
+# the path a char *, the struct a pointer to its buffer.
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+_NR_OPENAT2 = ctypes.c_long(SYS_openat2)
 _HOW = struct.Struct("=QQQ")
+_HOW_SIZE = ctypes.c_size_t(_HOW.size)
 _hows: dict[tuple[int, int], ctypes.Array] = {}
-_syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)
+
+
+def _how(flags: int, resolve: int) -> ctypes.Array:
+    """The open_how struct for (flags, resolve): a handful of combinations, each built once."""
+    how = _hows.get((flags, resolve))
+    if how is None:
+        how = _hows[(flags, resolve)] = ctypes.create_string_buffer(
+            _HOW.pack(flags | os.O_CLOEXEC, 0, resolve), _HOW.size)
+    return how
 
 
 def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(2); raises OSError like os.open."""
-    how = _hows.get((flags, resolve))
-    if how is None:  # a handful of combinations: build each struct once, not per call
-        how = _hows[(flags, resolve)] = ctypes.create_string_buffer(
-            _HOW.pack(flags | os.O_CLOEXEC, 0, resolve), _HOW.size)
-    fd = _syscall(SYS_openat2, dirfd, path, how, _HOW.size)
+    if path.__class__ is not bytes or dirfd.__class__ is not int:  # what argtypes would refuse
+        raise TypeError(f"openat2 takes an int dirfd and a bytes path, not {dirfd!r}, {path!r}")
+    fd = _syscall(_NR_OPENAT2, dirfd, path, _how(flags, resolve), _HOW_SIZE)
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return fd
+
+
+_IN_ROOT = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+_STAT_FOLLOW = _how(O_PATH, _IN_ROOT)
+_STAT_NOFOLLOW = _how(O_PATH | os.O_NOFOLLOW, _IN_ROOT)
 
 
 class _Unresolved:
@@ -178,7 +195,25 @@ class RootResolver:
 
         /proc inside the container is pid-relative (`self` is the caller there, not us) and
         full of magic links (root, cwd, fd/N), so paths into it are followed as the task
-        would see them, never by the kernel on our behalf."""
+        would see them, never by the kernel on our behalf.
+
+        The common case first, in three syscalls and no Python-level loop: an absolute path
+        outside /proc below a cached root that resolves at the first try.  It is exactly the
+        first step of the full walk below, which runs whenever it does not succeed (an
+        error, a magic link refused with ELOOP, a relative path, a root not cached yet)."""
+        if path[:1] == b"/" and path[:6] != b"/proc/":
+            root = self._roots.get(pid)
+            if root is not None:
+                fd = _syscall(_NR_OPENAT2, root, path, _STAT_FOLLOW if follow else _STAT_NOFOLLOW, _HOW_SIZE)
+                if fd >= 0:
+                    try:
+                        return os.fstat(fd)
+                    finally:
+                        os.close(fd)
+        return self._walk(pid, dirfd, path, follow)
+
+    def _walk(self, pid: int, dirfd: int, path: bytes, follow: bool):
+        """`stat` the long way: made absolute, through /proc translations and symlinks."""
         full = self.absolute(pid, dirfd, path)
         if full is None or full is UNRESOLVED:
             return full

@@ -40,13 +40,9 @@ class PathArg:
     flags: int | None = None
 
     def cannot_touch_file(self, args: tuple[int, ...]) -> bool:
-        """An open that can neither read nor copy up an existing regular file: O_DIRECTORY
-        (directories only; a file gives ENOTDIR) or O_CREAT|O_EXCL (EEXIST if anything is
-        there).  Decided from the flags alone, without reading the task's memory."""
-        if self.flags is None:
-            return False
-        f = args[self.flags]
-        return bool(f & os.O_DIRECTORY) or f & _CREAT_EXCL == _CREAT_EXCL
+        """An open that can neither read nor copy up an existing regular file (see
+        `open_reaches_file`).  Decided from the flags alone, without reading the task's memory."""
+        return self.flags is not None and not open_reaches_file(args[self.flags])
 
     def follows(self, args: tuple[int, ...]) -> bool:
         f = self.follow
@@ -58,6 +54,23 @@ class PathArg:
 
 _NOFOLLOW_OPEN = (1, os.O_NOFOLLOW, False)
 _CREAT_EXCL = os.O_CREAT | os.O_EXCL
+
+#: The open(2) flag bits that decide whether an open can reach an existing file's content.
+OPEN_REACH_MASK = os.O_DIRECTORY | os.O_CREAT | os.O_EXCL
+#: `flags & OPEN_REACH_MASK` of the opens that can: neither O_DIRECTORY nor O_CREAT|O_EXCL.
+#: The filter traps exactly these (three exact MASKED_EQ tests a BPF program can make).
+OPENS_REACHING_FILES = (0, os.O_CREAT, os.O_EXCL)
+
+
+def open_reaches_file(flags: int) -> bool:
+    """Can an open with these flags read, truncate or copy up an existing regular file?
+
+    Not with O_DIRECTORY (a file gives ENOTDIR; O_TMPFILE includes it and names no file) nor
+    with O_CREAT|O_EXCL (EEXIST if anything is there, even a dangling symlink).  Everything
+    else can: O_CREAT alone opens an existing file, an O_PATH fd can be chowned or reopened.
+    The supervisor and the filter built from `OPENS_REACHING_FILES` must agree on this.
+    """
+    return flags & OPEN_REACH_MASK in OPENS_REACHING_FILES
 PATH_ARGS: dict[int, PathArg] = {
     NUMBERS["open"]: PathArg(None, 0, _NOFOLLOW_OPEN, flags=1),
     NUMBERS["openat"]: PathArg(0, 1, (2, os.O_NOFOLLOW, False), flags=2),
@@ -96,6 +109,9 @@ ROOT_CHANGES = ("chroot",)
 CHROOT = NUMBERS["chroot"]
 
 TRAPPED_NAMES = tuple(sorted({NAMES[n] for n in PATH_ARGS} | set(ROOT_CHANGES)))
+#: The trapped opens whose flags a filter can test (openat2 keeps them in a struct), and the
+#: index of that argument.
+OPEN_FLAGS_ARG = {NAMES[nr]: spec.flags for nr, spec in PATH_ARGS.items() if spec.flags is not None}
 
 
 AUDIT_ARCH_X86_64 = 0xC000003E

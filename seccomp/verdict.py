@@ -2,9 +2,15 @@
 
 libseccomp lets the first rule naming a syscall win, so a NOTIFY rule added after the
 user's `allow openat` would never fire.  We take our syscalls out of every existing rule,
-add one NOTIFY rule, and remember what the original profile would have decided for them
+add NOTIFY rules, and remember what the original profile would have decided for them
 (rules in order, argument conditions, default action).  The supervisor applies that
 verdict itself to every notification: the profile is never widened.
+
+Opens that cannot reach a file's content (O_DIRECTORY, O_CREAT|O_EXCL: directory listings,
+lock and temp files) are not trapped at all where the filter can tell them apart and the
+user's verdict does not depend on the arguments: they get a rule with the user's own action
+(or fall to the user's default action), so the kernel answers them exactly as the original
+profile would, without a round trip to the supervisor.
 """
 
 from __future__ import annotations
@@ -12,14 +18,16 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 from dataclasses import dataclass
 
-from .syscalls import DENIED_ENOSYS, NUMBERS, TRAPPED_NAMES
+from .syscalls import DENIED_ENOSYS, NUMBERS, OPEN_FLAGS_ARG, OPEN_REACH_MASK, OPENS_REACHING_FILES, TRAPPED_NAMES
 
 EPERM = errno.EPERM
 ALLOW_ACTIONS = frozenset({"SCMP_ACT_ALLOW", "SCMP_ACT_LOG"})
 KILL_ACTIONS = frozenset({"SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP"})
 KILL = -1  # verdict: the original profile kills the caller
+NOTIFY = "SCMP_ACT_NOTIFY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,14 @@ class Verdicts:
     @classmethod
     def allow_all(cls) -> Verdicts:
         return cls({}, 0)
+
+    def fixed_errno(self, nr: int) -> int | None:
+        """The verdict for `nr` if it does not depend on the arguments (no rule names it, or
+        the first one that does has no conditions), else None."""
+        rs = self.rules.get(nr)
+        if not rs:
+            return self.default
+        return rs[0][0] if not rs[0][1] else None
 
     def errno_for(self, nr: int, args: tuple[int, ...]) -> int:
         """0 to let the syscall run, an errno to fail it, KILL to kill the caller."""
@@ -143,17 +159,51 @@ def patch_profile(profile: dict | None, listener_path: str, metadata: str = "") 
         kept.append(rule)
     if enosys:
         kept.insert(0, {"names": enosys, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
-    kept.append({"names": list(TRAPPED_NAMES), "action": "SCMP_ACT_NOTIFY"})
+    split = {name: rule for name in OPEN_FLAGS_ARG if (rule := _fixed_rule(profile, name)) is not False}
+    whole = [n for n in TRAPPED_NAMES if n not in split]
+    kept.append({"names": whole, "action": NOTIFY})
+    for name, rule in split.items():
+        kept.extend(_flag_split_rules(name, OPEN_FLAGS_ARG[name], rule))
     out["syscalls"] = kept
     out["listenerPath"] = listener_path
     out["listenerMetadata"] = metadata
     return out, verdicts
 
 
+def _fixed_rule(profile: dict | None, name: str) -> dict | None | bool:
+    """The rule that decides `name` whatever its arguments: the first rule naming it if that
+    has no argument conditions, None if no rule names it (the default action decides), False
+    if the first rule has conditions (the verdict depends on the arguments: trap it whole)."""
+    for rule in (profile or {}).get("syscalls") or []:
+        if name in _names(rule):
+            return False if rule.get("args") else rule
+    return None
+
+
+def _masked_eq(index: int, mask: int, value: int) -> dict:
+    return {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+
+
+def _flag_split_rules(name: str, index: int, user_rule: dict | None) -> list[dict]:
+    """Rules that trap the opens of `name` that can reach a file and give the others the
+    user's own verdict: one NOTIFY rule per flag combination that reaches a file (libseccomp
+    takes one test per argument in a rule, and an unconditional rule would override every
+    conditional one), and for the others the user's rule's action, or nothing when the user's
+    default action decides them anyway.  Every flag combination is covered exactly once."""
+    rules = []
+    if user_rule is not None:
+        action = {k: user_rule[k] for k in ("action", "errnoRet") if k in user_rule}
+        rules.append({"names": [name], **action, "args": [_masked_eq(index, os.O_DIRECTORY, os.O_DIRECTORY)]})
+        rules.append({"names": [name], **action,
+                      "args": [_masked_eq(index, OPEN_REACH_MASK, os.O_CREAT | os.O_EXCL)]})
+    rules.extend({"names": [name], "action": NOTIFY, "args": [_masked_eq(index, OPEN_REACH_MASK, v)]}
+                 for v in OPENS_REACHING_FILES)
+    return rules
+
+
 # The listenerMetadata lazyshim writes next to its own listenerPath: how a profile that
 # lazyshim already patched is told apart from one that names someone else's agent.
 OWN_METADATA = "run.lazyshim.supervisor"
-NOTIFY = "SCMP_ACT_NOTIFY"
 
 
 def foreign_agent(profile: object) -> str | None:
@@ -195,7 +245,22 @@ def _rule_names(rule: dict) -> list[str]:
 
 
 def _only_own_notify(profile: dict) -> bool:
-    """Exactly the one NOTIFY rule `patch_profile` appends, and nothing else notifies."""
-    notify = [r for r in _rules(profile) if r.get("action") == NOTIFY]
-    return (profile.get("defaultAction") != NOTIFY and len(notify) == 1
-            and _rule_names(notify[0]) == list(TRAPPED_NAMES))
+    """Exactly the NOTIFY rules `patch_profile` appends (our trapped syscalls, each in one
+    unconditional rule or in flag-split rules), and nothing else notifies."""
+    if profile.get("defaultAction") == NOTIFY:
+        return False
+    whole: set[str] = set()
+    split: set[str] = set()
+    for rule in _rules(profile):
+        if rule.get("action") != NOTIFY:
+            continue
+        names = _rule_names(rule)
+        if not set(names) <= set(TRAPPED_NAMES):
+            return False
+        if rule.get("args"):
+            if len(names) != 1 or names[0] not in OPEN_FLAGS_ARG:
+                return False
+            split.add(names[0])
+        else:
+            whole.update(names)
+    return not whole & split and whole | split == set(TRAPPED_NAMES)

@@ -80,10 +80,14 @@ class FakeImage:
 
 
 class FakeNotifier:
-    """Serves the given notifications, then hangs up; records every answer."""
+    """Serves the given notifications (None: one that was interrupted), then hangs up; records
+    every answer.  recv_waits: recv blocks by itself and returns None once all was read, as the
+    kernel's RECV does once no target is left."""
 
-    def __init__(self, notes: list[Notification]) -> None:
+    def __init__(self, notes: list[Notification | None], recv_waits: bool = False) -> None:
         self.notes = list(notes)
+        self.recv_waits = recv_waits
+        self.recvs = 0
         self.fd, self._w = os.pipe()
         os.write(self._w, b"x" * len(notes))
         os.close(self._w)  # POLLHUP once every notification was read
@@ -91,7 +95,10 @@ class FakeNotifier:
         self.answered = threading.Condition()
 
     def recv(self) -> Notification | None:
-        os.read(self.fd, 1)
+        self.recvs += 1
+        if not os.read(self.fd, 1):
+            assert self.recv_waits, "a polling loop must not receive after the hang-up"
+            return None
         return self.notes.pop(0)
 
     def id_valid(self, nid: int) -> bool:

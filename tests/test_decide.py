@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from seccomp.syscalls import AUDIT_ARCH_I386
+from seccomp.syscalls import AUDIT_ARCH_I386, NUMBERS
 from seccomp.verdict import Verdicts, original_verdicts
 from shim.supervisor.decide import CONTINUE, KILL, Fail, Fill, chain_key, decide
 from tests.supervisor_fakes import UNRESOLVED, FakeImage, FakeTask, fstat, note
@@ -106,3 +106,39 @@ def test_opens_that_cannot_reach_a_files_content_are_not_resolved() -> None:
     # O_CREAT alone may open (and truncate) an existing file; O_PATH fds can chown it: both fill.
     for flags in (os.O_CREAT | os.O_WRONLY, os.O_PATH, os.O_EXCL):
         assert isinstance(decide(note("openat", -100, PATH, flags), _task(), ALLOW, image), Fill)
+
+
+def test_the_verdict_table_gives_what_the_rules_give() -> None:
+    """The table answers by number where the profile ignores the arguments and evaluates the
+    rules where it does not; either way decide's verdict is the one of the plain Verdicts."""
+    from shim.supervisor.decide import VerdictTable
+
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": errno.ENOSYS,
+               "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EROFS,
+                             "args": [{"index": 2, "value": os.O_CREAT, "valueTwo": os.O_CREAT,
+                                       "op": "SCMP_CMP_MASKED_EQ"}]},
+                            {"names": ["openat", "open", "execve"], "action": "SCMP_ACT_ALLOW"},
+                            {"names": ["chmod"], "action": "SCMP_ACT_KILL"}]}
+    v = original_verdicts(profile)
+    table = VerdictTable(v)
+    assert table.steps[NUMBERS_OPENAT][0] is None, "openat depends on its flags: evaluated per call"
+    assert table.steps[NUMBERS_OPEN][0] is CONTINUE and table.steps[NUMBERS_CHMOD][0] is KILL
+    assert table.steps[NUMBERS_CHOWN][0] == Fail(errno.ENOSYS), "the default decides what no rule names"
+    image = FakeImage({5: ("filler", 0)})
+    calls = [note("openat", -100, PATH, os.O_RDONLY), note("openat", -100, PATH, os.O_CREAT | os.O_WRONLY),
+             note("openat", -100, PATH, os.O_DIRECTORY), note("open", PATH, 0), note("chmod", PATH, 0o600),
+             note("chown", PATH, 0, 0), note("execve", PATH), note("chroot", PATH)]
+    for n in calls:
+        by_table = decide(note_copy(n), _task(), table, image)
+        by_rules = decide(note_copy(n), _task(), v, image)
+        assert repr(by_table) == repr(by_rules), (n.nr, by_table, by_rules)
+    assert decide(note("openat", -100, PATH, os.O_CREAT), _task(), table, image) == Fail(errno.EROFS)
+
+
+def note_copy(n):
+    from seccomp.notify import Notification
+
+    return Notification(n.id, n.pid, n.nr, n.arch, n.args)
+
+
+NUMBERS_OPENAT, NUMBERS_OPEN, NUMBERS_CHMOD, NUMBERS_CHOWN = (NUMBERS[n] for n in ("openat", "open", "chmod", "chown"))

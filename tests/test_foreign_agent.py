@@ -52,6 +52,18 @@ def test_lazyshims_own_patched_profile_is_not_foreign() -> None:
     assert foreign_agent(ours) is None
 
 
+def test_lazyshims_flag_split_rules_are_its_own_and_a_forged_one_is_not() -> None:
+    ours, _ = patch_profile({**BASE, "syscalls": [{"names": ["openat"], "action": "SCMP_ACT_ALLOW"}]},
+                            "/s", OWN_METADATA)
+    assert any(r.get("args") and r["action"] == "SCMP_ACT_NOTIFY" for r in ours["syscalls"])
+    assert foreign_agent(ours) is None
+    forged = {**ours, "syscalls": ours["syscalls"] + [
+        {"names": ["read"], "action": "SCMP_ACT_NOTIFY", "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}]}]}
+    assert foreign_agent(forged) is not None
+    doubled = {**ours, "syscalls": ours["syscalls"] + [{"names": ["openat"], "action": "SCMP_ACT_NOTIFY"}]}
+    assert foreign_agent(doubled) is not None
+
+
 def test_a_user_notify_rule_beside_ours_is_still_foreign() -> None:
     """Only exactly the rule lazyshim writes is its own; the marker alone proves nothing."""
     ours, _ = patch_profile(BASE, "/s", OWN_METADATA)

@@ -53,6 +53,16 @@ def test_every_verdict_kind_is_answered() -> None:
     assert notifier.answers == {1: errno.EROFS}
 
 
+def test_a_loop_that_waits_in_recv_goes_on_after_an_interruption_and_ends_when_no_target_is_left() -> None:
+    task = FakeTask({1: b"/a"}, {b"/a": fstat(ino=1)})
+    notifier = FakeNotifier([note("openat", -100, 1, 0, nid=30), None, note("openat", -100, 1, 0, nid=31)],
+                            recv_waits=True)
+    _loop(notifier, task, FakeImage()).run()
+    assert notifier.answers == {30: "continue", 31: "continue"}
+    assert notifier.recvs == 4, "three notifications, then one RECV that finds no target left"
+    assert task.closed
+
+
 def test_the_kernels_struct_sizes_are_asked_once_and_cover_ours() -> None:
     from seccomp.notify import notif_sizes
 

@@ -116,13 +116,18 @@ PODMAN_LIKE = {
 
 def test_the_trace_profile_traps_what_notify_traps_and_widens_nothing() -> None:
     out, verdicts = trace_profile(PODMAN_LIKE)
-    _, notify_verdicts = patch_profile(PODMAN_LIKE, "/x.sock")
+    notify_out, notify_verdicts = patch_profile(PODMAN_LIKE, "/x.sock")
     assert "listenerPath" not in out and "listenerMetadata" not in out
     assert out["defaultAction"] == "SCMP_ACT_ERRNO" and out["defaultErrnoRet"] == 38
     trace = [r for r in out["syscalls"] if r["action"] == TRACE]
-    assert trace == [{"names": list(TRAPPED_NAMES), "action": TRACE, "errnoRet": TRACE_MARK}]
+    # Every rule notification would trap (the whole syscalls and the open flag conditions) traces.
+    notify_rules = [r for r in notify_out["syscalls"] if r["action"] == "SCMP_ACT_NOTIFY"]
+    assert trace == [dict(r, action=TRACE, errnoRet=TRACE_MARK) for r in notify_rules]
+    assert {n for r in trace for n in r["names"]} == set(TRAPPED_NAMES)
     allowed = {n for r in out["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
-    assert allowed == {"read", "exit_group"}, "the trapped syscalls leave the allow rule: TRACE must see them"
+    conditional = {n for r in trace if r.get("args") for n in r["names"]}  # opens by their flags
+    assert allowed - conditional == {"read", "exit_group"}, \
+        "the syscalls trapped whole leave the allow rule: TRACE must see them"
     assert verdicts.to_json() == notify_verdicts.to_json()
     assert verdicts.errno_for(NUMBERS["chmod"], (0,) * 6) == 1
     assert not any(r["action"] == "SCMP_ACT_NOTIFY" for r in out["syscalls"])

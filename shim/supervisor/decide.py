@@ -18,7 +18,17 @@ from typing import Protocol
 
 from seccomp.notify import Notification
 from seccomp.resolve import AT_FDCWD, UNRESOLVED
-from seccomp.syscalls import CHROOT, PATH_ARGS, native_nr, signed32
+from seccomp.syscalls import (
+    AUDIT_ARCH_X86_64,
+    CHROOT,
+    OPEN_REACH_MASK,
+    OPENS_REACHING_FILES,
+    PATH_ARGS,
+    X32_SYSCALL_BIT,
+    PathArg,
+    native_nr,
+    signed32,
+)
 from seccomp.taskview import TaskView
 from seccomp.verdict import KILL as PROFILE_KILL
 from seccomp.verdict import Verdicts
@@ -106,6 +116,35 @@ class ImageView(Protocol):
         """Was the interpreter chain of this executable (in this root) filled already?"""
 
 
+class VerdictTable:
+    """The user's verdicts, looked up by syscall number in one step: for each trapped syscall
+    the answer where the profile decides it whatever the arguments (CONTINUE, KILL or a Fail;
+    None: evaluate the rules for this call), and where its path sits.  Built once per notify
+    loop, so the hot path evaluates no rules and builds no verdicts."""
+
+    __slots__ = ("verdicts", "steps")
+
+    def __init__(self, verdicts: Verdicts) -> None:
+        self.verdicts = verdicts
+        self.steps: dict[int, tuple[Verdict | None, PathArg | None]] = {}
+        for nr in (*PATH_ARGS, CHROOT):
+            err = verdicts.fixed_errno(nr)
+            self.steps[nr] = (None if err is None else _profile_answer(err), PATH_ARGS.get(nr))
+
+    def step(self, nr: int, args: tuple[int, ...]) -> tuple[Verdict, PathArg | None]:
+        """The profile's answer for this call and its path spec (None: no path to look at)."""
+        step = self.steps.get(nr)
+        if step is None:  # not a syscall we trap: only the profile's verdict applies
+            return _profile_answer(self.verdicts.errno_for(nr, args)), None
+        if step[0] is None:
+            return _profile_answer(self.verdicts.errno_for(nr, args)), step[1]
+        return step
+
+
+def _profile_answer(err: int) -> Verdict:
+    return CONTINUE if not err else KILL if err == PROFILE_KILL else fail(err)
+
+
 def chain_key(st, root_id) -> tuple | None:
     """What identifies an executable's interpreter chain: the file (and its version) and the
     root its absolute interpreter paths are resolved in."""
@@ -114,28 +153,37 @@ def chain_key(st, root_id) -> tuple | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, root_id)
 
 
-def decide(n: Notification, task: TaskView, verdicts: Verdicts, image: ImageView) -> Verdict:
-    """The verdict for one notification.  `n.nr` is rewritten to its x86_64 number."""
-    nr = native_nr(n.arch, n.nr)
-    if nr is None:  # not one of ours under any ABI we know: the kernel's own answer
-        return fail(errno.ENOSYS)
-    n.nr = nr
-    err = verdicts.errno_for(nr, n.args)
-    if err:
-        return KILL if err == PROFILE_KILL else fail(err)
-    spec = PATH_ARGS.get(nr)
+def decide(n: Notification, task: TaskView, verdicts: Verdicts | VerdictTable, image: ImageView) -> Verdict:
+    """The verdict for one notification.  `n.nr` is rewritten to its x86_64 number.
+
+    The notify loop passes a VerdictTable (built once); a plain Verdicts is tabled per call."""
+    nr = n.nr
+    if n.arch != AUDIT_ARCH_X86_64 or nr & X32_SYSCALL_BIT:
+        nr = native_nr(n.arch, nr)
+        if nr is None:  # not one of ours under any ABI we know: the kernel's own answer
+            return fail(errno.ENOSYS)
+        n.nr = nr
+    table = verdicts if verdicts.__class__ is VerdictTable else VerdictTable(verdicts)
+    args = n.args
+    step = table.steps.get(nr)
+    answer, spec = step if step is not None and step[0] is not None else table.step(nr, args)
+    if answer is not CONTINUE:
+        return answer
     if spec is None:
         if nr == CHROOT:
             task.root_changing(n.pid)
         return CONTINUE
-    if image.complete or spec.cannot_touch_file(n.args):
+    if image.complete:
         return CONTINUE
+    flags = spec.flags
+    if flags is not None and args[flags] & OPEN_REACH_MASK not in OPENS_REACHING_FILES:
+        return CONTINUE  # cannot reach a file's content (open_reaches_file), inlined
     pid = n.pid
-    path = task.read_path(pid, n.args[spec.path])
+    path = task.read_path(pid, args[spec.path])
     if path is None:
         return CONTINUE
-    dirfd = signed32(n.args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
-    st = task.stat(pid, dirfd, path, spec.follows(n.args))
+    dirfd = signed32(args[spec.dirfd]) if spec.dirfd is not None else AT_FDCWD
+    st = task.stat(pid, dirfd, path, spec.follows(args))
     if st is None:
         return CONTINUE
     if st is UNRESOLVED:

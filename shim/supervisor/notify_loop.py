@@ -5,6 +5,18 @@ once or hands a Fill to the fill service, which answers when the fill is done.  
 that goes wrong while deciding or answering one notification costs that syscall an EIO and
 one log line; the loop goes on.  POLLHUP (the last target exited) ends it: after that,
 RECV would fail at once, forever.
+
+Why a CONTINUE needs no ID_VALID check although the path was read from the target's memory
+after the kernel queued the call: if the target died meanwhile and its pid was reused, the
+path read may be another task's, but the answer goes to a notification id that no longer
+exists (SEND fails with ENOENT, ignored), so nothing runs on that guess; at worst another
+file was filled needlessly (with verified bytes).  A Fill's answer checks ID_VALID before
+failing a call that is gone, and a Kill checks it before signalling the pid (the one answer
+that acts on something other than the notification).  What no check here can close is the
+target's own race (seccomp_unotify(2)): another thread of it rewriting the path between our
+read and the kernel's, which only the racing container itself can exploit, against itself.
+This is the hot path of every trapped open: no logging, no statistics beyond one counter, no
+allocation beyond the notification and its answer buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from seccomp.notify import Notification, Notifier
 from seccomp.taskview import ProcTaskView, TaskView
 from seccomp.verdict import Verdicts
 
-from .decide import CONTINUE, KILL, Fill, ImageView, Verdict, decide
+from .decide import CONTINUE, KILL, Fill, ImageView, Verdict, VerdictTable, decide
 
 _EIO = errno.EIO
 _END = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -61,7 +73,7 @@ class NotifyLoop:
                  fill: Callable[[Notifier, Notification, Fill], None], log: Callable[[str], None],
                  counter=None, task: TaskView | None = None, decide=decide) -> None:
         self.notifier = notifier
-        self.verdicts = verdicts
+        self.verdicts = VerdictTable(verdicts)  # looked up, not evaluated, per notification
         self.image = image
         self.decide = decide
         self.fill = fill
@@ -74,30 +86,43 @@ class NotifyLoop:
     def run(self) -> None:
         notifier, decide, task, counter = self.notifier, self.decide, self.task, self.counter
         verdicts, image = self.verdicts, self.image
+        recv, allow = notifier.recv, notifier.allow
+        # Where RECV itself waits for the next notification and returns once no target is
+        # left (see Notifier.recv_waits), the loop sleeps in RECV: one syscall less per
+        # notification than poll-then-RECV, and poll only to tell an interrupted
+        # notification from the end.  Elsewhere it polls first, and POLLHUP ends it.
+        waits = getattr(notifier, "recv_waits", False)
         poller = select.poll()
         poller.register(notifier.fd, select.POLLIN)
         try:
             while True:
-                events = poller.poll()
-                if not events:
-                    continue
-                ev = events[0][1]
-                if not ev & select.POLLIN:
-                    if ev & _END:
-                        return
-                    continue
+                if not waits:
+                    events = poller.poll()
+                    if not events:
+                        continue
+                    ev = events[0][1]
+                    if not ev & select.POLLIN:
+                        if ev & _END:
+                            return
+                        continue
                 try:
-                    n = notifier.recv()
+                    n = recv()
                 except OSError as e:
                     self.log(f"notify fd {notifier.fd}: receive failed: {e}")
                     return  # the fd itself is unusable: nothing more can arrive on it
                 if n is None:
+                    if waits:
+                        events = poller.poll(0)
+                        if events and not events[0][1] & select.POLLIN and events[0][1] & _END:
+                            return
                     continue
                 if counter is not None:
                     counter.notifications += 1
                 try:
                     verdict = decide(n, task, verdicts, image)
-                    if verdict.__class__ is Fill:
+                    if verdict is CONTINUE:  # the common answer, without a call to `answer`
+                        allow(n.id)
+                    elif verdict.__class__ is Fill:
                         self.fill(notifier, n, verdict)
                     else:
                         answer(notifier, n, verdict)
