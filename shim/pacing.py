@@ -30,7 +30,7 @@ PARALLEL = 2
 PARALLEL_BESIDE_MISSES = 1
 HOLD = 0.1
 #: The sweep over files far from any miss waits until no miss happened for this long ...
-QUIET = 0.25
+QUIET = 1.0
 #: ... and then takes at most this share of the measured rate.
 SHARE = 0.8
 #: The meter forgets old traffic: once it has seen this much busy time it halves its history.

@@ -128,3 +128,31 @@ def test_a_background_file_that_fails_is_retried_once_and_never_served(tmp_path:
     assert not filler.is_filled(regs["lib/m003.py"])
     assert (tmp_path / "layer/tree/lib/m003.py").stat().st_blocks == 0
     assert filler.is_filled(regs["lib/m004.py"])
+
+
+def test_a_big_window_is_read_in_pieces_in_blob_order(tmp_path: Path) -> None:
+    entries = [reg(f"lib/big{i:02d}.so", os.urandom(300_000)) for i in range(12)]
+    meta, filler, source, regs = _filler_with(tmp_path, entries)
+    allowed = bytearray(b"\1" * len(meta.toc.entries))
+    claimed, _ = filler.claim_background(allowed, 16 << 20)
+    assert len(claimed) == 12
+    filler._read_ahead(claimed)
+    _wait_idle(filler)
+    assert all(filler.is_filled(i) for i in claimed)
+    assert 3 <= len(source.reads) <= 5, source.reads  # ~3.6 MB in pieces of about 1 MiB
+    reads = sorted(source.reads)
+    assert all(b[0] >= a[1] for a, b in zip(reads, reads[1:], strict=False)), "a byte fetched twice"
+    assert reads[0][0] == min(c.offset for i in claimed for c in meta.toc.entries[i].chunks)
+    for ti, data in entries:
+        assert (tmp_path / "layer/tree" / ti.name).read_bytes() == data
+
+
+def test_a_batch_commits_the_file_an_open_waits_for_first(tmp_path: Path) -> None:
+    meta, filler, source, regs = _layer(tmp_path, 5)
+    live = [regs[f"lib/m{i:03d}.py"] for i in range(5)]
+    filler._wanted.add(live[3])
+    order = []
+    while live:
+        order.append(filler._next_commit(live))
+    assert order[0] == regs["lib/m003.py"]
+    assert order[1:] == [regs[f"lib/m{i:03d}.py"] for i in (0, 1, 2, 4)]

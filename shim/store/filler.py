@@ -45,6 +45,9 @@ MAX_REQUEST = 32 << 20
 #: file) starts here, doubles on every miss just past the previous window, and is capped.
 READAHEAD_START = 512 << 10
 READAHEAD_MAX = 8 << 20
+#: A window is fetched in requests of about this size, this many in flight (over as many connections).
+READAHEAD_PIECE = 1 << 20
+READAHEAD_PARALLEL = 2
 #: Files closer than this in the blob share a request (the bytes between are fetched too).
 MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
@@ -208,6 +211,7 @@ class LayerFiller:
         self.ready = bytearray(len(self.filled))
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
+        self._wanted: set[int] = set()  # claimed files an open waits for
         self._order: list[tuple[int, int, int]] | None = None  # (start, end, idx) in blob order
         self._position: dict[int, int] = {}
         self._window = READAHEAD_START
@@ -270,6 +274,8 @@ class LayerFiller:
                 owner = ev is None
                 if owner:
                     ev = self._inflight[idx] = threading.Event()
+                else:
+                    self._wanted.add(idx)  # its batch commits it before the files nobody waits for
             if owner:
                 break
             ev.wait()  # a readahead or another open has it; if that failed, try once ourselves
@@ -280,11 +286,42 @@ class LayerFiller:
         try:
             ahead = self._claim_window(idx) if self.readahead else []
             if ahead:
-                _pool().submit(self._fill_claimed, ahead)
+                self._read_ahead(ahead)
             self._note_miss(ahead[-1] if ahead else idx)
             self._fill_locked(idx, None)
         finally:
             self._release([idx])
+
+    def _read_ahead(self, claimed: list[int]) -> None:
+        """Fetch a claimed window in pieces of READAHEAD_PIECE, in blob order, READAHEAD_PARALLEL
+        at once: the files at the front of a big window are committed after their own piece, not
+        after the whole window, and the link stays full meanwhile."""
+        entries = self.meta.toc.entries
+        pieces: list[list[int]] = []
+        start = -1
+        for i in claimed:
+            s, e = _span(entries[i])
+            if not pieces or e - start > READAHEAD_PIECE:
+                pieces.append([])
+                start = s
+            pieces[-1].append(i)
+        queue = iter(pieces)
+        guard = threading.Lock()
+
+        def run() -> None:
+            while True:
+                with guard:
+                    piece = next(queue, None)
+                if piece is None:
+                    return
+                self._fill_claimed(piece)
+
+        pool = _pool()
+        try:
+            for _ in range(min(READAHEAD_PARALLEL, len(pieces))):
+                pool.submit(run)
+        except RuntimeError:  # the process is ending: the claims must still go
+            self._release(claimed)
 
     def _note_miss(self, idx: int) -> None:
         """The workload needed entry idx (or read ahead up to it): the background fetch goes on from there."""
@@ -388,6 +425,16 @@ class LayerFiller:
                 last = max(last, e)
         return claimed
 
+    def _next_commit(self, live: list[int]) -> int:
+        """Take the next file of a fetched batch to commit: one an open waits for, else the
+        first in blob order."""
+        with self._lock:
+            for i in self._wanted:  # a handful at most: one per waiting open
+                if i in live:
+                    live.remove(i)
+                    return i
+            return live.pop(0)
+
     def release(self, indices: list[int]) -> None:
         """Give up claims (of `claim_background`) without filling: an open fills them itself."""
         self._release(indices)
@@ -395,6 +442,7 @@ class LayerFiller:
     def _release(self, indices: list[int]) -> None:
         with self._lock:
             events = [self._inflight.pop(i) for i in indices if i in self._inflight]
+            self._wanted.difference_update(indices)
         for ev in events:
             ev.set()
 
@@ -423,7 +471,8 @@ class LayerFiller:
                     return
                 with self._counts:
                     self.bytes_fetched += end - start
-            for i in live:
+            while live:
+                i = self._next_commit(live)
                 try:
                     self._fill_locked(i, fetched)
                 except FillError as err:
