@@ -156,3 +156,25 @@ def test_a_batch_commits_the_file_an_open_waits_for_first(tmp_path: Path) -> Non
         order.append(filler._next_commit(live))
     assert order[0] == regs["lib/m003.py"]
     assert order[1:] == [regs[f"lib/m{i:03d}.py"] for i in (0, 1, 2, 4)]
+
+
+def test_only_files_close_past_a_miss_are_near(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim.store import filler as filler_mod
+
+    meta, filler, source, regs = _layer(tmp_path)
+    filler.readahead = False
+    entries = meta.toc.entries
+    # The window past the miss ends just inside m033: m033 is near, m034 is not.
+    monkeypatch.setattr(filler_mod, "NEAR_MISS", entries[regs["lib/m033.py"]].chunks[0].offset + 1
+                        - entries[regs["lib/m030.py"]].chunks[0].end)
+    allowed = bytearray(b"\1" * len(meta.toc.entries))
+    filler.fill(regs["lib/m030.py"])
+    near: list[int] = []
+    while True:
+        claimed, is_near = filler.claim_background(allowed, 1, sweep=False)  # one file per claim
+        if not claimed:
+            break
+        assert is_near
+        near += claimed
+    assert near == [regs[f"lib/m{i:03d}.py"] for i in (31, 32, 33)]
+    filler.release(near)

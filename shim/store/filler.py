@@ -52,9 +52,9 @@ READAHEAD_PARALLEL = 2
 MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
 PARALLEL_REQUESTS = 8
-#: The background fetch looks for unfilled files this far (compressed bytes) past a recent miss
-#: before it gives that miss up; it remembers this many misses.
-NEAR_MISS = 16 << 20
+#: The background fetch takes the unfilled files up to this far (compressed bytes) past a recent
+#: miss beside the workload; farther ones wait for the sweep.  It remembers this many misses.
+NEAR_MISS = 4 << 20
 HOT_MISSES = 4
 #: Every range request of the process, measured: the background fetch sizes its requests by it.
 LINK = RateMeter()
@@ -218,7 +218,7 @@ class LayerFiller:
         self._window_end = -1  # where the last readahead ended in the blob
         # Background fetch: blob positions just past recent misses (newest first), a sweep over
         # the rest, and when the last miss was (the layer whose workload is busy goes first).
-        self._hot: deque[int] = deque(maxlen=HOT_MISSES)
+        self._hot: deque[tuple[int, int]] = deque(maxlen=HOT_MISSES)  # (position, blob offset it ends at)
         self._sweep = 0
         self._sweep_passes = 0
         self.last_miss = 0.0
@@ -325,11 +325,11 @@ class LayerFiller:
 
     def _note_miss(self, idx: int) -> None:
         """The workload needed entry idx (or read ahead up to it): the background fetch goes on from there."""
-        self._blob_order()
+        order = self._blob_order()
         p = self._position.get(idx)
         if p is not None:
             with self._lock:
-                self._hot.appendleft(p + 1)
+                self._hot.appendleft((p + 1, order[p][1] + NEAR_MISS))
                 self.last_miss = time.monotonic()
 
     def _blob_order(self) -> list[tuple[int, int, int]]:
@@ -379,14 +379,13 @@ class LayerFiller:
         order = self._blob_order()
         with self._lock:
             while self._hot:
-                p = self._hot[0]
-                limit = order[p - 1][1] + NEAR_MISS if 0 < p <= len(order) else -1
+                p, limit = self._hot[0]
                 p = self._next_unclaimed(order, p, allowed, limit)
                 if p is None:
                     self._hot.popleft()
                     continue
-                claimed = self._claim_run(order, p, allowed, max_bytes)
-                self._hot[0] = self._position[claimed[-1]] + 1
+                claimed = self._claim_run(order, p, allowed, min(max_bytes, limit - order[p][0]))
+                self._hot[0] = (self._position[claimed[-1]] + 1, limit)
                 return claimed, True
             while sweep and self._sweep_passes < 2:
                 p = self._next_unclaimed(order, self._sweep, allowed, None)
