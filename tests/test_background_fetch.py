@@ -178,3 +178,31 @@ def test_only_files_close_past_a_miss_are_near(tmp_path: Path, monkeypatch: pyte
         near += claimed
     assert near == [regs[f"lib/m{i:03d}.py"] for i in (31, 32, 33)]
     filler.release(near)
+
+
+class _Root:
+    """The two things a FillService asks its lazy root for before any fill."""
+
+    def complete(self) -> bool:
+        return False
+
+    def lookup(self, *args):
+        return None
+
+
+def test_the_rest_is_fetched_beside_a_miss_and_swept_once_quiet(tmp_path: Path) -> None:
+    from shim.supervisor.fills import FillService
+
+    meta, filler, source, regs = _layer(tmp_path, 40)
+    filler.readahead = False
+    service = FillService(_Root(), log=lambda line: None)  # type: ignore[arg-type]
+    order = [regs[f"lib/m{i:03d}.py"] for i in range(40)]
+    filler.fill(order[20])
+    assert service._fetch_rest([(filler, order[:35])]) == 0
+    assert all(filler.is_filled(i) for i in order[:35])
+    assert not any(filler.is_filled(i) for i in order[35:]), "a file outside the plan was fetched"
+    # The files past the miss went first, then the sweep from the layer's start.
+    firsts = [start for start, _ in source.reads[1:]]
+    past_miss = meta.toc.entries[order[21]].chunks[0].offset
+    assert firsts[0] == past_miss
+    assert len(source.reads) < 12, source.reads  # a few requests, not one per file
