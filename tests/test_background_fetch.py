@@ -1,5 +1,6 @@
-"""Background fetch that yields: the measured rate, request sizes, slots beside misses, the sweep's
-pacing (pure, `shim.pacing`), and which files a layer hands the background next (near misses first)."""
+"""Background fetch that yields: the measured rate, request sizes, waiting for quiet, pacing (pure,
+`shim.pacing`), which files a layer hands the background next (near misses first), readahead in
+pieces, and the fill service's loop over them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import reg
 from test_fill_pipeline import _filler_with, _wait_idle
 
 from shim import pacing
-from shim.pacing import Pacer, RateMeter, background_slots, may_sweep, request_size
+from shim.pacing import Pacer, RateMeter, is_quiet, request_size
 
 
 def test_the_rate_counts_busy_time_once_and_ignores_idle_gaps() -> None:
@@ -41,15 +42,11 @@ def test_requests_are_sized_by_the_rate_within_bounds() -> None:
     assert request_size(1e10) == pacing.MAX_REQUEST
 
 
-def test_slots_shrink_beside_misses_and_the_sweep_waits_for_quiet() -> None:
-    assert background_slots(0, 0.0, 100.0) == pacing.PARALLEL
-    assert background_slots(2, 0.0, 100.0) == pacing.PARALLEL_BESIDE_MISSES
-    assert background_slots(0, 100.0 - pacing.HOLD / 2, 100.0) == pacing.PARALLEL_BESIDE_MISSES
-    assert background_slots(0, 100.0 - 2 * pacing.HOLD, 100.0) == pacing.PARALLEL
-    assert may_sweep(0, 0.0, 5.0)
-    assert not may_sweep(1, 0.0, 5.0)
-    assert not may_sweep(0, 5.0 - pacing.QUIET / 2, 5.0)
-    assert may_sweep(0, 5.0 - pacing.QUIET, 5.0)
+def test_the_background_waits_for_quiet() -> None:
+    assert is_quiet(0, 0.0, 5.0)  # no miss yet
+    assert not is_quiet(1, 0.0, 5.0)  # one running
+    assert not is_quiet(0, 5.0 - pacing.QUIET / 2, 5.0)
+    assert is_quiet(0, 5.0 - pacing.QUIET, 5.0)
 
 
 def test_the_pacer_leaves_room_below_the_rate() -> None:
@@ -190,7 +187,7 @@ class _Root:
         return None
 
 
-def test_the_rest_is_fetched_beside_a_miss_and_swept_once_quiet(tmp_path: Path) -> None:
+def test_the_rest_is_fetched_past_the_miss_first_then_swept(tmp_path: Path) -> None:
     from shim.supervisor.fills import FillService
 
     meta, filler, source, regs = _layer(tmp_path, 40)

@@ -1,9 +1,9 @@
 """The fill service: everything that fetches, off the notify loops' answer path.
 
 It owns the lazy root, the worker pool that runs on-demand fills, the background fetcher
-that fills the rest beside on-demand work without standing in its way, the record of what was filled in the order of
-need, the exec-chain cache and the statistics (written by a thread of their own, never
-before an answer).  A notify loop hands it a Fill verdict; it answers that notification
+that fills the rest in the workload's quiet spells, the record of what was filled in the
+order of need, the exec-chain cache and the statistics (written by a thread of their own,
+never before an answer).  A notify loop hands it a Fill verdict; it answers that notification
 itself once the fill is done: CONTINUE, or EIO if the fill failed.
 """
 
@@ -25,7 +25,7 @@ from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
-from ..pacing import HOLD, Pacer, background_slots, may_sweep, request_size
+from ..pacing import HOLD, PARALLEL, QUIET, Pacer, is_quiet, request_size
 from ..store.filler import LINK, request_pool
 from .decide import Fill, chain_key
 from .execchain import BINPRM_BUF_SIZE, HEADER_READ, LIBRARY_DIRS, MAX_DEPTH, interpreter, needed_libraries
@@ -275,8 +275,8 @@ class FillService:
     # ---- background fetching ---------------------------------------------------------
     def start_background(self, everything: bool) -> None:
         """Fill the prioritized files without being asked, in large requests several at once
-        beside on-demand fills; then, if `everything`, the rest, beside the workload too, in
-        requests an on-demand fill overtakes (`shim.pacing`), next to recent misses first."""
+        beside on-demand fills; then, if `everything`, the rest, in the workload's quiet spells,
+        paced below the measured rate (`shim.pacing`), next to recent misses first."""
         plan = self.root.prefetch_plan(everything)
         if plan:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
@@ -299,11 +299,11 @@ class FillService:
         self.write_stats()
 
     def _fetch_rest(self, parts) -> int:
-        """Fill every file of `parts` ((filler, indices) each) beside the workload, never in its
-        way (`shim.pacing`): the files just past recent misses at once, in small requests, one
-        in flight while on-demand fills are; the rest once the workload is quiet, paced below
-        the measured rate.  Returns the number of files that failed (they stay unfilled; an
-        open retries them)."""
+        """Fill every file of `parts` ((filler, indices) each) in the workload's quiet spells,
+        never in its way (`shim.pacing`): once no on-demand fill has run for QUIET, the files
+        just past recent misses first, then the rest in blob order, in requests sized by the
+        measured rate and paced below it, so that the next miss finds the link nearly free.
+        Returns the number of files that failed (they stay unfilled; an open retries them)."""
         todo = []
         for filler, indices in parts:
             allowed = bytearray(len(filler.meta.toc.entries))
@@ -327,36 +327,33 @@ class FillService:
         pool = request_pool()
         while todo:
             with self._idle:
-                while inflight >= background_slots(self._ondemand, self._last_ondemand, time.monotonic()):
-                    self._idle.wait(HOLD)  # woken by a freed slot; HOLD: the misses' wave may be over
-                now = time.monotonic()
-                sweep = may_sweep(self._ondemand, self._last_ondemand, now) and not pacer.delay(now)
+                while True:  # woken by a freed slot or the end of an on-demand fill; else re-checked
+                    now = time.monotonic()
+                    wait = pacer.delay(now)
+                    if not is_quiet(self._ondemand, self._last_ondemand, now):
+                        wait = max(wait, self._last_ondemand + QUIET - now, HOLD)
+                    elif inflight >= PARALLEL:
+                        wait = HOLD
+                    if wait <= 0:
+                        break
+                    self._idle.wait(wait)
                 inflight += 1
             todo.sort(key=lambda t: -t[0].last_miss)  # stable: plan order among layers never missed
+            filler, allowed = todo[0]
             size = request_size(LINK.rate())
-            claimed: list[int] = []
-            for filler, allowed in todo:
-                claimed, near = filler.claim_background(allowed, size, sweep)
-                if claimed or not sweep:
-                    if claimed:
-                        break
-                    continue
-                todo.remove((filler, allowed))  # nothing left in it
-                break
+            claimed, _near = filler.claim_background(allowed, size)
             if claimed:
-                if not near:
-                    pacer.sent(time.monotonic(), size, LINK.rate())
+                pacer.sent(time.monotonic(), size, LINK.rate())
                 try:
                     pool.submit(run, filler, claimed)
                     continue
                 except RuntimeError:  # the process is ending: the claims must still go
                     filler.release(claimed)
                     todo.clear()
+            else:
+                todo.pop(0)  # nothing left in it
             with self._idle:
                 inflight -= 1
-                if not claimed and not sweep and todo:  # nothing near a miss: wait for quiet or pacing
-                    now = time.monotonic()
-                    self._idle.wait(pacer.delay(now) or HOLD)
         with self._idle:
             self._idle.wait_for(lambda: inflight == 0)
         return failed
