@@ -411,6 +411,11 @@ def _spread(r: Result, attr: str) -> str:
     return f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
 
 
+def _speedup(base: float, t: float) -> str:
+    """How many times faster than podman, or – when podman was not run (NaN-safe)."""
+    return f"{base / t:.1f}×" if base == base and t == t and t > 0 else "–"
+
+
 def _ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}" if den == den and num == num and den > 0 else "–"  # NaN-safe
 
@@ -440,17 +445,17 @@ def table(results: list[Result], b: Bench) -> str:
                 continue
             peer_name = "stargz-opt" if r.variant.endswith("-opt") else "stargz"
             peer = exits.get(peer_name, nan)
-            speed = base / r.med("exit") if r.samples else float("nan")
+            speed = _speedup(base, r.med("exit")) if r.samples else "–"
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
                          f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} "
-                         f"({r.med('ranges'):.0f} ranges) | {speed:.1f}× "
+                         f"({r.med('ranges'):.0f} ranges) | {speed} "
                          f"| {_ratio(r.med('exit'), fl)} | {_ratio(r.med('exit'), peer)} "
                          f"| {_ratio(run, runs.get(peer_name, nan))} |")
         if lazy:
             lines.append(f"| {image} | floor | {fl:.2f} s | | | {_mb(lazy.med('bytes'))} ({lazy.variant}) | "
-                         f"{base / fl:.1f}× | 1.00 | {_ratio(fl, exits.get('stargz', nan))} | |")
+                         f"{_speedup(base, fl)} | 1.00 | {_ratio(fl, exits.get('stargz', nan))} | |")
     return "\n".join(lines)
 
 
