@@ -119,6 +119,7 @@ class Sample:
     rc: int
     ok: bool
     pull: float = float("nan")  # seconds the pull step took (the rest of `exit` is the run step)
+    ranges: int = 0  # range requests (206 answers) the registry served, pull and run
 
 
 @dataclass
@@ -206,15 +207,18 @@ class Bench:
         release_store_mounts_below(self.tmp)  # v2 stores' metadata tmpfs, before their dirs go
         self.stack.close()
 
-    def served(self) -> int:
-        """Body bytes the registry sent since the last clear (waits for the log to settle)."""
-        last, stable_since = -1, time.monotonic()
+    def served(self) -> tuple[int, int]:
+        """Body bytes the registry sent since the last clear, and how many range requests (206)
+        it answered (waits for the log to settle)."""
+        last, ranges, stable_since = -1, 0, time.monotonic()
         while time.monotonic() - stable_since < 0.3:
-            n = sum(e.size for e in self.registry.access_log() if e.method == "GET")
+            log = [e for e in self.registry.access_log() if e.method == "GET"]
+            n = sum(e.size for e in log)
             if n != last:
                 last, stable_since = n, time.monotonic()
+                ranges = sum(1 for e in log if e.status == 206)
             time.sleep(0.05)
-        return last
+        return last, ranges
 
     # -- variants ---------------------------------------------------------------------------------
 
@@ -247,10 +251,10 @@ class Bench:
         if not ok:
             tail = " | ".join(err.strip().splitlines()[-3:])
             raise BenchError(f"{variant} {ref} {wl.cmd}: rc={rc} stdout={out[-200:]!r} stderr: {tail}")
-        served = self.served()
+        served, ranges = self.served()
         if variant.startswith("stargz"):
             self._check_layer_store_used(variant, wl.image, tag_variant)
-        return Sample(ttfo, total, served, rc, ok, pull)
+        return Sample(ttfo, total, served, rc, ok, pull, ranges)
 
     def _profile(self, wl: Workload, ref: str) -> Path:
         """The start-up profile of `wl` on `ref`, learned once per bench by an untimed run in a
@@ -563,6 +567,11 @@ def _spread(r: Result, attr: str) -> str:
     return f" ({min(vals):.1f}–{max(vals):.1f})" if len(vals) > 1 else ""
 
 
+def _speedup(base: float, t: float) -> str:
+    """How many times faster than podman, or – when podman was not run (NaN-safe)."""
+    return f"{base / t:.1f}×" if base == base and t == t and t > 0 else "–"
+
+
 def _ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}" if den == den and num == num and den > 0 else "–"  # NaN-safe
 
@@ -574,12 +583,13 @@ def table(results: list[Result], b: Bench) -> str:
              f"median of {max((len(r.samples) for r in results), default=0)} runs, fresh caches each run; "
              "÷ floor, ÷ stargz: time to exit divided by theirs (< 1 is faster)",
              "", "| image | variant | first output | exit (min–max) | pull step + run step | registry bytes "
-             "| vs podman | ÷ floor | ÷ stargz |", "|---|---|---|---|---|---|---|---|---|"]
+             "| vs podman | ÷ floor | ÷ stargz | run step ÷ stargz's |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_image: dict[str, list[Result]] = {}
     for r in results:
         by_image.setdefault(r.image, []).append(r)
     for image, rs in by_image.items():
         exits = {r.variant: r.med("exit") for r in rs if r.samples}
+        runs = {r.variant: statistics.median([s.exit - s.pull for s in r.samples]) for r in rs if r.samples}
         nan = float("nan")
         base = exits.get("podman", nan)
         lazy = needed(rs, image)
@@ -587,20 +597,21 @@ def table(results: list[Result], b: Bench) -> str:
         for r in rs:
             if r.error:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
-                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | |")
+                lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | | |")
                 continue
-            if not r.samples:  # --runs 0: only the micro-benchmarks were asked for
-                continue
-            peer = exits.get("stargz-opt" if r.variant.endswith("-opt") else "stargz", nan)
-            speed = base / r.med("exit")
+            peer_name = "stargz-opt" if r.variant.endswith("-opt") else "stargz"
+            peer = exits.get(peer_name, nan)
+            speed = _speedup(base, r.med("exit")) if r.samples else "–"
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
-                         f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} | {speed:.1f}× "
-                         f"| {_ratio(r.med('exit'), fl)} | {_ratio(r.med('exit'), peer)} |")
+                         f"{_spread(r, 'exit')} | {pull:.2f} + {run:.2f} s | {_mb(r.med('bytes'))} "
+                         f"({r.med('ranges'):.0f} ranges) | {speed} "
+                         f"| {_ratio(r.med('exit'), fl)} | {_ratio(r.med('exit'), peer)} "
+                         f"| {_ratio(run, runs.get(peer_name, nan))} |")
         if lazy:
             lines.append(f"| {image} | floor | {fl:.2f} s | | | {_mb(lazy.med('bytes'))} ({lazy.variant}) | "
-                         f"{base / fl:.1f}× | 1.00 | {_ratio(fl, exits.get('stargz', nan))} |")
+                         f"{_speedup(base, fl)} | 1.00 | {_ratio(fl, exits.get('stargz', nan))} | |")
     return "\n".join(lines)
 
 
@@ -688,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             break
                         r.samples.append(s)
                         print(f"# {name} {v} run {i + 1}: first output {s.ttfo:.2f} s, exit {s.exit:.2f} s, "
-                              f"{_mb(s.bytes)}", file=sys.stderr, flush=True)
+                              f"pull {s.pull:.2f} s + run {s.exit - s.pull:.2f} s, {_mb(s.bytes)}, "
+                              f"{s.ranges} range requests", file=sys.stderr, flush=True)
             micro_res = micro(b, names[0] if names[0] in ("python", "py") else "python") if args.micro else {}
             if not b.ns.delayer_alive():
                 raise BenchError("the link's delayer died during the run: results are not shaped")

@@ -25,6 +25,8 @@ import hashlib
 import mmap
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Protocol
 from ..errors import LazyshimError
 from ..formats.chunks import decode_chunk
 from ..formats.toc import Entry, FormatError
+from ..pacing import RateMeter
 from ..ranges import Span, merge
 from .metadata import LayerMeta
 
@@ -42,10 +45,19 @@ MAX_REQUEST = 32 << 20
 #: file) starts here, doubles on every miss just past the previous window, and is capped.
 READAHEAD_START = 512 << 10
 READAHEAD_MAX = 8 << 20
+#: A window is fetched in requests of about this size, this many in flight (over as many connections).
+READAHEAD_PIECE = 1 << 20
+READAHEAD_PARALLEL = 2
 #: Files closer than this in the blob share a request (the bytes between are fetched too).
 MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
 PARALLEL_REQUESTS = 8
+#: The background fetch takes the unfilled files up to this far (compressed bytes) past a recent
+#: miss beside the workload; farther ones wait for the sweep.  It remembers this many misses.
+NEAR_MISS = 4 << 20
+HOT_MISSES = 4
+#: Every range request of the process, measured: the background fetch sizes its requests by it.
+LINK = RateMeter()
 _ZERO_BLOCK = bytes(1 << 20)
 #: Bytes fetched ahead for several files: (blob offset, data, the source's token for who served them).
 Fetched = tuple[int, bytes, object]
@@ -124,12 +136,16 @@ _POOL_GUARD = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    """The process's pool for requests beside on-demand fills (readahead, parallel prefetch)."""
+    """The process's pool for requests beside on-demand fills (readahead, parallel prefetch,
+    background fetch)."""
     global _POOL
     with _POOL_GUARD:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS, thread_name_prefix="readahead")
         return _POOL
+
+
+request_pool = _pool
 
 
 class Syncer:
@@ -216,10 +232,17 @@ class LayerFiller:
         self.ready = bytearray(len(self.filled))
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
+        self._wanted: set[int] = set()  # claimed files an open waits for
         self._order: list[tuple[int, int, int]] | None = None  # (start, end, idx) in blob order
         self._position: dict[int, int] = {}
         self._window = READAHEAD_START
         self._window_end = -1  # where the last readahead ended in the blob
+        # Background fetch: blob positions just past recent misses (newest first), a sweep over
+        # the rest, and when the last miss was (the layer whose workload is busy goes first).
+        self._hot: deque[tuple[int, int]] = deque(maxlen=HOT_MISSES)  # (position, blob offset it ends at)
+        self._sweep = 0
+        self._sweep_passes = 0
+        self.last_miss = 0.0
         self.readahead = True
         # Entries another server fills (the container's FUSE layer of big files): never here.
         self.served_elsewhere: set[int] = set()
@@ -274,6 +297,8 @@ class LayerFiller:
                 owner = ev is None
                 if owner:
                     ev = self._inflight[idx] = threading.Event()
+                else:
+                    self._wanted.add(idx)  # its batch commits it before the files nobody waits for
             if owner:
                 break
             ev.wait()  # a readahead or another open has it; if that failed, try once ourselves
@@ -284,10 +309,51 @@ class LayerFiller:
         try:
             ahead = self._claim_window(idx) if self.readahead else []
             if ahead:
-                _pool().submit(self._fill_claimed, ahead)
+                self._read_ahead(ahead)
+            self._note_miss(ahead[-1] if ahead else idx)
             self._fill_locked(idx, None)
         finally:
             self._release([idx])
+
+    def _read_ahead(self, claimed: list[int]) -> None:
+        """Fetch a claimed window in pieces of READAHEAD_PIECE, in blob order, READAHEAD_PARALLEL
+        at once: the files at the front of a big window are committed after their own piece, not
+        after the whole window, and the link stays full meanwhile."""
+        entries = self.meta.toc.entries
+        pieces: list[list[int]] = []
+        start = -1
+        for i in claimed:
+            s, e = _span(entries[i])
+            if not pieces or e - start > READAHEAD_PIECE:
+                pieces.append([])
+                start = s
+            pieces[-1].append(i)
+        queue = iter(pieces)
+        guard = threading.Lock()
+
+        def run() -> None:
+            while True:
+                with guard:
+                    piece = next(queue, None)
+                if piece is None:
+                    return
+                self._fill_claimed(piece)
+
+        pool = _pool()
+        try:
+            for _ in range(min(READAHEAD_PARALLEL, len(pieces))):
+                pool.submit(run)
+        except RuntimeError:  # the process is ending: the claims must still go
+            self._release(claimed)
+
+    def _note_miss(self, idx: int) -> None:
+        """The workload needed entry idx (or read ahead up to it): the background fetch goes on from there."""
+        order = self._blob_order()
+        p = self._position.get(idx)
+        if p is not None:
+            with self._lock:
+                self._hot.appendleft((p + 1, order[p][1] + NEAR_MISS))
+                self.last_miss = time.monotonic()
 
     def _blob_order(self) -> list[tuple[int, int, int]]:
         if self._order is None:
@@ -325,11 +391,89 @@ class LayerFiller:
             self._window_end = last
         return claimed
 
+    def claim_background(self, allowed: bytearray, max_bytes: int, sweep: bool = True) -> tuple[list[int], bool]:
+        """Claim the next unfilled files the background fetch should bring in, in one run of
+        the blob of at most `max_bytes` (a single larger file stays whole), and say whether they
+        are near a miss: just past a recent miss first (the workload reads on from there), else,
+        if `sweep`, the next in blob order.  Only files with `allowed[idx]` set.
+
+        ([], False) with `sweep` means nothing is left (after a second pass over the layer,
+        which picks up files whose earlier fill failed); without it, only that no file is near."""
+        order = self._blob_order()
+        with self._lock:
+            while self._hot:
+                p, limit = self._hot[0]
+                p = self._next_unclaimed(order, p, allowed, limit)
+                if p is None:
+                    self._hot.popleft()
+                    continue
+                claimed = self._claim_run(order, p, allowed, min(max_bytes, limit - order[p][0]))
+                self._hot[0] = (self._position[claimed[-1]] + 1, limit)
+                return claimed, True
+            while sweep and self._sweep_passes < 2:
+                p = self._next_unclaimed(order, self._sweep, allowed, None)
+                if p is None:
+                    self._sweep, self._sweep_passes = 0, self._sweep_passes + 1
+                    continue
+                claimed = self._claim_run(order, p, allowed, max_bytes)
+                self._sweep = self._position[claimed[-1]] + 1
+                return claimed, False
+        return [], False
+
+    def _next_unclaimed(self, order: list[tuple[int, int, int]], p: int, allowed: bytearray,
+                        limit: int | None) -> int | None:
+        """The first position from p whose file is allowed, unfilled and unclaimed, starting
+        before `limit` (a blob offset; None: anywhere).  Called with the lock held."""
+        while p < len(order):
+            s, _, j = order[p]
+            if limit is not None and s > limit:
+                return None
+            if allowed[j] and not self.ready[j] and not self.filled[j] and j not in self._inflight:
+                return p
+            p += 1
+        return None
+
+    def _claim_run(self, order: list[tuple[int, int, int]], p: int, allowed: bytearray, max_bytes: int) -> list[int]:
+        """Claim the file at p and those after it that share its request.  Lock held."""
+        start, last, _ = order[p]
+        claimed: list[int] = []
+        for q in range(p, len(order)):
+            s, e, j = order[q]
+            if claimed and (s > last + MERGE_GAP or e - start > max_bytes):
+                break
+            if allowed[j] and not self.ready[j] and not self.filled[j] and j not in self._inflight:
+                self._inflight[j] = threading.Event()
+                claimed.append(j)
+                last = max(last, e)
+        return claimed
+
+    def _next_commit(self, live: list[int]) -> int:
+        """Take the next file of a fetched batch to commit: one an open waits for, else the
+        first in blob order."""
+        with self._lock:
+            for i in self._wanted:  # a handful at most: one per waiting open
+                if i in live:
+                    live.remove(i)
+                    return i
+            return live.pop(0)
+
+    def release(self, indices: list[int]) -> None:
+        """Give up claims (of `claim_background`) without filling: an open fills them itself."""
+        self._release(indices)
+
     def _release(self, indices: list[int]) -> None:
         with self._lock:
             events = [self._inflight.pop(i) for i in indices if i in self._inflight]
+            self._wanted.difference_update(indices)
         for ev in events:
             ev.set()
+
+    def fill_claimed(self, claimed: list[int]) -> int:
+        """Fetch files claimed by `claim_background` with one request, commit each that
+        verifies, release all; returns how many failed."""
+        before = len(self.errors)
+        self._fill_claimed(claimed)
+        return len(self.errors) - before
 
     def _fill_claimed(self, claimed: list[int]) -> None:
         """Fetch the claimed files with one request, commit each that verifies; release all."""
@@ -349,7 +493,8 @@ class LayerFiller:
                     return
                 with self._counts:
                     self.bytes_fetched += end - start
-            for i in live:
+            while live:
+                i = self._next_commit(live)
                 try:
                     self._fill_locked(i, fetched)
                 except FillError as err:
@@ -518,7 +663,9 @@ class LayerFiller:
             self.requests += 1
         source = self.source
         try:
+            t0 = time.monotonic()
             data = source.read_range(start, end)
+            LINK.record(t0, time.monotonic(), len(data))
         except FillError:
             raise
         except Exception as err:  # the source's own errors (network, registry) end this fill

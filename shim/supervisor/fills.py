@@ -1,9 +1,9 @@
 """The fill service: everything that fetches, off the notify loops' answer path.
 
 It owns the lazy root, the worker pool that runs on-demand fills, the background fetcher
-that waits for on-demand work to go quiet, the record of what was filled in the order of
-need, the exec-chain cache and the statistics (written by a thread of their own, never
-before an answer).  A notify loop hands it a Fill verdict; it answers that notification
+that fills the rest in the workload's quiet spells, the record of what was filled in the
+order of need, the exec-chain cache and the statistics (written by a thread of their own,
+never before an answer).  A notify loop hands it a Fill verdict; it answers that notification
 itself once the fill is done: CONTINUE, or EIO if the fill failed.
 """
 
@@ -25,6 +25,8 @@ from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, open
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
+from ..pacing import HOLD, PARALLEL, QUIET, Pacer, is_quiet, request_size
+from ..store.filler import LINK, request_pool
 from .decide import Fill, chain_key
 from .execchain import BINPRM_BUF_SIZE, HEADER_READ, LIBRARY_DIRS, MAX_DEPTH, interpreter, needed_libraries
 from .notify_loop import fail_quietly
@@ -275,14 +277,10 @@ class FillService:
                 self._chains.add(chain_key(st, (root.st_dev, root.st_ino)))
 
     # ---- background fetching ---------------------------------------------------------
-    #: The rest of the image waits until the workload has not needed a fill for this long:
-    #: a start-up burst of opens should have the link to itself.
-    QUIET = 0.25
-
     def start_background(self, everything: bool) -> None:
         """Fill the prioritized files without being asked, in large requests several at once
-        beside on-demand fills; then, if `everything`, the rest, one modest range request at a
-        time once the workload has been quiet."""
+        beside on-demand fills; then, if `everything`, the rest, in the workload's quiet spells,
+        paced below the measured rate (`shim.pacing`), next to recent misses first."""
         plan = self.root.prefetch_plan(everything)
         if plan:
             threading.Thread(target=self._background, args=(plan,), daemon=True, name="prefetch").start()
@@ -319,30 +317,82 @@ class FillService:
     def _background(self, plan) -> None:
         t0 = time.monotonic()
         failed = 0
+        rest = []
         for filler, indices, urgent in plan:
             if not urgent:
                 for t in self._startup:
                     t.join()  # the rest after the start-up set
-            if not urgent and not self.started.is_set():
-                self.started.wait()  # the rest only once the container runs, after its first burst
-                self._last_ondemand = time.monotonic()
             if urgent:  # the start-up set: large requests, several at once, beside on-demand fills
                 failed += filler.prefetch(indices, lambda: None, max_request=URGENT_REQUEST,
                                           parallel=URGENT_PARALLEL)
-            else:  # the rest: modest requests, so an on-demand fill never waits long behind one
-                failed += filler.prefetch(indices, self._wait_for_quiet)
+            else:
+                rest.append((filler, indices))
+        if rest:
+            self.started.wait()  # the rest only once the container runs: its first opens go first
+            failed += self._fetch_rest(rest)
         self.log(f"background fetch done in {time.monotonic() - t0:.2f}s ({failed} files failed)")
         self.complete = self.root.complete()
         self.write_stats()
 
-    def _wait_for_quiet(self) -> None:
+    def _fetch_rest(self, parts) -> int:
+        """Fill every file of `parts` ((filler, indices) each) in the workload's quiet spells,
+        never in its way (`shim.pacing`): once no on-demand fill has run for QUIET, the files
+        just past recent misses first, then the rest in blob order, in requests sized by the
+        measured rate and paced below it, so that the next miss finds the link nearly free.
+        Returns the number of files that failed (they stay unfilled; an open retries them)."""
+        todo = []
+        for filler, indices in parts:
+            allowed = bytearray(len(filler.meta.toc.entries))
+            for i in indices:
+                allowed[i] = 1
+            todo.append((filler, allowed))
+        inflight = failed = 0
+        pacer = Pacer()
+
+        def run(filler, claimed: list[int]) -> None:
+            nonlocal inflight, failed
+            n = 0
+            try:
+                n = filler.fill_claimed(claimed)
+            finally:
+                with self._idle:
+                    inflight -= 1
+                    failed += n
+                    self._idle.notify_all()  # a slot is free
+
+        pool = request_pool()
+        while todo:
+            with self._idle:
+                while True:  # woken by a freed slot or the end of an on-demand fill; else re-checked
+                    now = time.monotonic()
+                    wait = pacer.delay(now)
+                    if not is_quiet(self._ondemand, self._last_ondemand, now):
+                        wait = max(wait, self._last_ondemand + QUIET - now, HOLD)
+                    elif inflight >= PARALLEL:
+                        wait = HOLD
+                    if wait <= 0:
+                        break
+                    self._idle.wait(wait)
+                inflight += 1
+            todo.sort(key=lambda t: -t[0].last_miss)  # stable: plan order among layers never missed
+            filler, allowed = todo[0]
+            size = request_size(LINK.rate())
+            claimed, _near = filler.claim_background(allowed, size)
+            if claimed:
+                pacer.sent(time.monotonic(), size, LINK.rate())
+                try:
+                    pool.submit(run, filler, claimed)
+                    continue
+                except RuntimeError:  # the process is ending: the claims must still go
+                    filler.release(claimed)
+                    todo.clear()
+            else:
+                todo.pop(0)  # nothing left in it
+            with self._idle:
+                inflight -= 1
         with self._idle:
-            while True:
-                self._idle.wait_for(lambda: self._ondemand == 0)
-                left = self._last_ondemand + self.QUIET - time.monotonic()
-                if left <= 0:
-                    return
-                self._idle.wait(left)
+            self._idle.wait_for(lambda: inflight == 0)
+        return failed
 
     # ---- durability ------------------------------------------------------------------
     def flush(self) -> None:
