@@ -599,9 +599,11 @@ def table(results: list[Result], b: Bench) -> str:
                 err = r.error.replace("|", "/")  # the tail says why; the full command is in the JSON
                 lines.append(f"| {image} | {r.variant} | failed: …{err[-160:]} | | | | | | | |")
                 continue
+            if not r.samples:  # --runs 0: only the micro-benchmarks were asked for
+                continue
             peer_name = "stargz-opt" if r.variant.endswith("-opt") else "stargz"
             peer = exits.get(peer_name, nan)
-            speed = _speedup(base, r.med("exit")) if r.samples else "–"
+            speed = _speedup(base, r.med("exit"))
             pull = r.med("pull")
             run = statistics.median([s.exit - s.pull for s in r.samples])
             lines.append(f"| {image} | {r.variant} | {r.med('ttfo'):.2f} s | {r.med('exit'):.2f} s"
