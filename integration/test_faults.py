@@ -24,9 +24,11 @@ from integration.test_supervisor import HELLO, _Container
 
 RANDOM_SHA = hashlib.sha256(random.Random(20240601).randbytes(RANDOM_FILE_SIZE)).hexdigest()
 FETCH_TIMEOUT = "2"  # seconds: one fill's network time, retries included
+# Errors go to stdout inside the container: a foreground runc copies the container's stdout and
+# stderr through two pipes of its own, so their lines may reach the test in either order.
 SCRIPT = (
     "cat /app/hello.txt; echo ready; read x; "
-    "sha256sum /app/random.bin || echo OPEN-FAILED; "
+    "sha256sum /app/random.bin 2>&1 || echo OPEN-FAILED rc=$?; "
     "cat /app/hello.txt; "  # filled before the fault: must keep working
     "echo phase2; read x; "
     "sha256sum /app/random.bin"

@@ -178,7 +178,7 @@ def test_registry_outage_gives_eio_then_fills_resume(store: Path, private_busybo
     lazyshim(store, "pull", ref)
     script = (
         "echo ready; read x; "
-        "cat /app/hello.txt || echo OPEN-FAILED; "
+        "cat /app/hello.txt 2>&1 || echo OPEN-FAILED; "  # one stream: runc copies stdout and stderr apart
         "sha256sum /bin/busybox >/dev/null && echo FILLED-FILE-OK; "
         "echo waiting; read x; cat /app/hello.txt"
     )
