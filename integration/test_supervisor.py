@@ -238,11 +238,11 @@ def test_background_fetch_fills_every_file(store: Path, images: dict[str, str]) 
 
 
 def _all_regular_filled(layer_dir: Path) -> bool:
-    from shim.store.metadata import load_layer
+    from shim.store.layouts import read_meta
 
-    meta = load_layer((layer_dir / "meta.cbor").read_bytes())
+    meta = read_meta(layer_dir)
     filled = (layer_dir / "filled").read_bytes()
-    return all(filled[i] for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size)
+    return all(filled[i] for i in meta.table.data_files())
 
 
 def test_user_seccomp_profile_keeps_denying(store: Path, images: dict[str, str], tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ from .registry.reference import Reference, parse_reference
 from .store import refs
 from .store.filler import create_filled_map
 from .store.layout import Store
-from .store.layouts import disk_tree, has_meta, layout_of, meta_path
-from .store.metadata import ImageRecord, LayerMeta, dump_image, dump_layer, write_atomic
+from .store.layouts import disk_tree, has_meta, layout_of, read_meta, write_meta
+from .store.metadata import ImageRecord, LayerMeta, dump_image, write_atomic
 from .store.placeholders import TreeOptions
 
 MAX_CONFIG = 4 << 20
@@ -111,7 +111,7 @@ def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Des
                 create_filled_map(staging, len(meta.toc.entries))
             _warn_skipped(desc, opts)
             meta.registry, meta.repository = ref.registry, ref.repository
-            write_atomic(meta_path(staging), dump_layer(meta))
+            write_meta(staging, meta)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(staging, final)
         except BaseException:
@@ -131,9 +131,7 @@ def _warn_skipped(desc: Descriptor, opts: TreeOptions) -> None:
 
 
 def _load(layer_dir: Path) -> LayerMeta:
-    from .store.metadata import load_layer
-
-    return load_layer(meta_path(layer_dir).read_bytes())
+    return read_meta(layer_dir)
 
 
 def layer_format(desc: Descriptor) -> str:

@@ -199,6 +199,16 @@ class TocTable(Sequence[Entry]):
         kind, size = self.kind, self.size
         return [i for i in range(self.n) if kind[i] == REG and size[i]]
 
+    def regular_files(self) -> int:
+        """How many entries are regular files (empty ones too)."""
+        return bytes(self.kind).count(REG)
+
+    def regular_bytes(self) -> int:
+        """The size of all regular files together (the layer's content)."""
+        from itertools import compress
+
+        return sum(compress(self.size, map(REG.__eq__, self.kind)))
+
     def span(self, i: int) -> tuple[int, int]:
         """The compressed byte range holding all of entry i's data chunks ((0, 0) if none)."""
         lo = hi = -1

@@ -56,7 +56,7 @@ def publish(store: Store, rec: ImageRecord, metas: list[LayerMeta], refs: list[s
             info = {
                 "compressed-diff-digest": meta.digest,
                 "compressed-size": meta.blob_size,
-                "diff-size": sum(e.size for e in meta.toc.entries if e.type == "reg"),
+                "diff-size": meta.table.regular_bytes(),
                 "compression": COMPRESSION_ZSTD if meta.format == "zstd:chunked" else COMPRESSION_GZIP,
             }
             if i < len(diff_ids) and diff_ids[i] is not None:

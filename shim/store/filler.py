@@ -217,8 +217,8 @@ class LayerFiller:
 
     def count_unfilled(self) -> int:
         """Regular files with data not yet durable (fills by other processes included)."""
-        return sum(1 for i, e in enumerate(self.meta.toc.entries)
-                   if e.size and e.type == "reg" and not self.is_filled(i))
+        is_filled = self.is_filled
+        return sum(1 for i in self.meta.table.data_files() if not is_filled(i))
 
     def is_filled(self, idx: int) -> bool:
         """Entry idx's data is in place (the byte map is shared by every process of the store)."""
@@ -228,10 +228,14 @@ class LayerFiller:
         """Every file is filled: once each is durably marked, the layer is (the runtime then
         skips the supervisor).  Not yet if a file is filled only in memory."""
         SYNCER.flush()
-        if any(e.size and e.type == "reg" and not self.filled[i] for i, e in enumerate(self.meta.toc.entries)):
+        if not self._all_marked():
             return
         sync_dir(self.tree)
         mark_complete(self.dir)
+
+    def _all_marked(self) -> bool:
+        filled = self.filled
+        return all(filled[i] for i in self.meta.table.data_files())
 
     @property
     def source(self) -> BlobSource:
@@ -268,8 +272,8 @@ class LayerFiller:
 
     def _blob_order(self) -> list[tuple[int, int, int]]:
         if self._order is None:
-            order = sorted(_span(e) + (i,) for i, e in enumerate(self.meta.toc.entries)
-                           if e.type == "reg" and e.size and e.chunks)
+            table = self.meta.table
+            order = sorted(table.span(i) + (i,) for i in table.data_files() if table.has_chunks(i))
             self._position = {t[2]: p for p, t in enumerate(order)}
             self._order = order
         return self._order
@@ -311,16 +315,16 @@ class LayerFiller:
     def _fill_claimed(self, claimed: list[int]) -> None:
         """Fetch the claimed files with one request, commit each that verifies; release all."""
         try:
-            entries = self.meta.toc.entries
+            table = self.meta.table
             live = [i for i in claimed if not self.is_filled(i)]
             if not live:
                 return
-            spans = [_span(entries[i]) for i in live]
+            spans = [table.span(i) for i in live]
             start, end = min(s for s, _ in spans), max(e for _, e in spans)
             fetched = None
             if end - start <= MAX_REQUEST:
                 try:
-                    fetched = (start, self._read(entries[live[0]], start, end))
+                    fetched = (start, self._read(table.name(live[0]), start, end))
                 except FillError as err:
                     self.errors.append(str(err))
                     return
@@ -348,9 +352,9 @@ class LayerFiller:
         `pause` is called before every request and may block: on-demand fills come first.
         Returns the number of files that failed (they stay unfilled; an open retries them).
         """
-        entries = self.meta.toc.entries
-        spans = merge(((*_span(entries[i]), i) for i in indices
-                       if entries[i].chunks and not self.is_filled(i)), gap, max_request)
+        table = self.meta.table
+        spans = merge(((*table.span(i), i) for i in indices
+                       if table.has_chunks(i) and not self.is_filled(i)), gap, max_request)
         self.errors = []
         if parallel <= 1:
             for span in spans:
@@ -404,8 +408,7 @@ class LayerFiller:
         self.unfilled -= len(indices)
         if self.unfilled <= 0:
             self.unfilled = self.count_unfilled()  # shared objects may have filled others
-            if not self.unfilled and not any(e.size and e.type == "reg" and not self.filled[i]
-                                             for i, e in enumerate(self.meta.toc.entries)):
+            if not self.unfilled and self._all_marked():
                 sync_dir(self.tree)
                 mark_complete(self.dir)
 
@@ -472,7 +475,7 @@ class LayerFiller:
                 return False
         return True
 
-    def _read(self, e: Entry, start: int, end: int) -> bytes:
+    def _read(self, name: str, start: int, end: int) -> bytes:
         with self._counts:
             self.requests += 1
         try:
@@ -480,7 +483,7 @@ class LayerFiller:
         except FillError:
             raise
         except Exception as err:  # the source's own errors (network, registry) end this fill
-            raise FillError(f"fetching {e.name!r}: {err}") from err
+            raise FillError(f"fetching {name!r}: {err}") from err
 
     def _write_content(self, fd: int, e: Entry, fetched: tuple[int, bytes] | None) -> None:
         """Decode, verify and write e's chunks (in file order, so the whole-file hash runs
@@ -504,7 +507,7 @@ class LayerFiller:
                 if fetched is not None and fetched[0] <= span.start and span.end <= fetched[0] + len(fetched[1]):
                     data = fetched[1][span.start - fetched[0]: span.end - fetched[0]]  # already downloaded
                 else:
-                    data = self._read(e, span.start, span.end)
+                    data = self._read(e.name, span.start, span.end)
                     with self._counts:
                         self.bytes_fetched += len(data)
             piece = decode_chunk(self.meta.format, data[c.offset - span.start: c.end - span.start],
@@ -549,14 +552,6 @@ def _discard(fd: int, e: Entry) -> None:
         os.utime(fd, (e.mtime, e.mtime))
     except OSError:
         pass
-
-
-def _span(e: Entry) -> tuple[int, int]:
-    """The compressed byte range holding all of a file's data chunks."""
-    data = [c for c in e.chunks if not c.zeros]
-    if not data:
-        return 0, 0
-    return min(c.offset for c in data), max(c.end for c in data)
 
 
 def _hash_zeros(h, n: int) -> None:

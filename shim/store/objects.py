@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
+from ..formats.toctable import REG, TocTable
 from .filler import SYNCER, BlobSource, FillError, LayerFiller
 from .layout import digest_dirname
 from .metadata import LayerMeta
@@ -54,7 +55,18 @@ def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
     only lowercase hex reaches the path."""
     if e.type != "reg" or not e.size:
         return None
-    alg, _, hexpart = e.digest.partition(":")
+    return _name_of(layer_digest, idx, e.digest)
+
+
+def table_object_name(layer_digest: str, table: TocTable, idx: int) -> str | None:
+    """`object_name` of entry idx of a table, without making its Entry."""
+    if table.kind[idx] != REG or not table.size[idx]:
+        return None
+    return _name_of(layer_digest, idx, table.digest_of(idx))
+
+
+def _name_of(layer_digest: str, idx: int, digest: str | None) -> str:
+    alg, _, hexpart = (digest or "").partition(":")
     if alg == "sha256" and len(hexpart) == 64 and _HEX.issuperset(hexpart):
         return f"objects/{hexpart[:2]}/{hexpart}"
     return f"entries/{digest_dirname(layer_digest)}/{idx}"
@@ -134,14 +146,12 @@ class ObjectFiller(LayerFiller):
                  data_dir: Path, tmp_dir: Path) -> None:
         self.data_dir = data_dir
         self.tmp_dir = tmp_dir
-        self._names: dict[int, str | None] = {}
         super().__init__(layer_dir, meta, source_factory, tree=data_dir)
 
     def object_path(self, idx: int) -> Path | None:
-        try:
-            name = self._names[idx]
-        except KeyError:
-            name = self._names[idx] = object_name(self.meta.digest, idx, self.meta.toc.entries[idx])
+        """Made on each call (a microsecond) rather than cached: a cache of every file's name
+        would be the biggest thing in a supervisor's memory after the first recount."""
+        name = table_object_name(self.meta.digest, self.meta.table, idx)
         return None if name is None else self.data_dir / name
 
     def is_filled(self, idx: int) -> bool:
@@ -154,7 +164,7 @@ class ObjectFiller(LayerFiller):
             st = os.stat(path)
         except OSError:
             return False
-        if st.st_size != self.meta.toc.entries[idx].size:
+        if st.st_size != self.meta.table.size[idx]:
             return False
         self.ready[idx] = 1  # another layer, image or container brought it in
         SYNCER.add(self, [idx])  # marked once flushed: it may not be on disk yet
@@ -162,8 +172,8 @@ class ObjectFiller(LayerFiller):
 
     def _check_marks(self) -> None:
         """A mark whose object is gone (deleted by gc or by recovery): refetch those."""
-        for i, e in enumerate(self.meta.toc.entries):
-            if self.filled[i] and e.type == "reg" and e.size:
+        for i in self.meta.table.data_files():
+            if self.filled[i]:
                 path = self.object_path(i)
                 if path is None or not path.exists():
                     self.filled[i] = 0
