@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import functools
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 # Bounds: generous for real images, small enough that a hostile TOC cannot make us
 # allocate or fetch without limit.
-MAX_ENTRIES = 2_000_000
+#: Entries (chunk entries included) of one TOC.  A pull holds about 500 bytes per entry
+#: while it validates and builds (columns, the name index, the tree's bookkeeping), so this
+#: keeps the worst TOC under 256 MB; real images have far fewer (the pysci image: 33k).
+MAX_ENTRIES = 262_144
 MAX_NAME = 4096
 MAX_FILE_SIZE = 1 << 40  # 1 TiB
 MAX_CHUNK_SIZE = 1 << 30  # one chunk is decompressed in memory
@@ -240,7 +245,7 @@ def build_toc(raw_entries: Iterable[object], blob_data_end: int) -> Toc:
     sizes = b.cols["size"]
     by_name: dict[str, int] = {}
     hardlink_targets: dict[int, str] = {}  # hardlink entry -> the file it names
-    offsets: set[int] = {blob_data_end}
+    ends = array("Q", [blob_data_end])  # explicit ends; with the chunks' starts: where payloads end
     file_ends: dict[int, int] = {}  # entry index -> end of its compressed data (endOffset)
     prioritized = 0
     no_prefetch = False
@@ -259,7 +264,7 @@ def build_toc(raw_entries: Iterable[object], blob_data_end: int) -> Toc:
             name = _name(d.get("name"))
             if last_reg is None or last_reg.name != name:
                 raise FormatError(f"chunk entry {name[:80]!r} does not follow its file")
-            _add_chunk(b, last_reg, d, blob_data_end, offsets)
+            _add_chunk(b, last_reg, d, blob_data_end, ends)
             continue
         if not isinstance(typ, str) or typ not in ENTRY_TYPES:
             raise FormatError(f"entry {str(d.get('name'))[:80]!r}: unknown type {str(typ)[:20]!r}")
@@ -334,13 +339,13 @@ def build_toc(raw_entries: Iterable[object], blob_data_end: int) -> Toc:
             last_reg = _File(i, name, size)
             if size:
                 end = d.get("endOffset")
-                _add_chunk(b, last_reg, d, blob_data_end, offsets, first=True)
+                _add_chunk(b, last_reg, d, blob_data_end, ends, first=True)
                 if end not in (None, 0):
                     file_ends[i] = _int(d, "endOffset", b.cols["c_offset"][-1] + 1, blob_data_end)
-                    offsets.add(file_ends[i])
+                    ends.append(file_ends[i])
         by_name[name] = i
     table = b.finish(prioritized, no_prefetch)
-    _finish_chunks(table, sorted(offsets), file_ends)
+    _finish_chunks(table, sorted(chain(table.c_offset, ends)), file_ends)
     return Toc(entries=table, prioritized=prioritized, no_prefetch=no_prefetch)
 
 
@@ -355,7 +360,7 @@ class _File:
     chunks: int = 0
 
 
-def _add_chunk(b, f: _File, d: dict, blob_data_end: int, offsets: set[int], first: bool = False) -> None:
+def _add_chunk(b, f: _File, d: dict, blob_data_end: int, ends: array, first: bool = False) -> None:
     get = d.get
     off, chunk_off, size = get("offset", 0), get("chunkOffset", 0), get("chunkSize", 0)
     if type(off) is not int or not 0 <= off < blob_data_end:
@@ -384,11 +389,10 @@ def _add_chunk(b, f: _File, d: dict, blob_data_end: int, offsets: set[int], firs
     end = None if first else get("endOffset")  # a file's own endOffset bounds its last chunk
     if end not in (None, 0):
         c_end = _int(d, "endOffset", off + 1, blob_data_end)
-        offsets.add(c_end)
+        ends.append(c_end)
     b.add_chunk(f.index, off, c_end, inner, chunk_off, size, bytes.fromhex(dg[7:]) if dg else None, zeros)
     f.next_offset = chunk_off + size
     f.chunks += 1
-    offsets.add(off)
 
 
 def _finish_chunks(t, offsets: list[int], file_ends: dict[int, int]) -> None:
