@@ -136,18 +136,34 @@ class TocTable(Sequence[Entry]):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(self.n))]
+            return [self._entry(k) for k in range(*i.indices(self.n))]
         if i < 0:
             i += self.n
         if not 0 <= i < self.n:
             raise IndexError("TOC table index out of range")
-        first = self.chunk_first[i]
-        chunks = [self._chunk(k) for k in range(first, first + self.chunk_count[i])]
-        return Entry(
-            name=self.name(i), type=TYPES[self.kind[i]], mode=self.mode[i], uid=self.uid[i], gid=self.gid[i],
-            size=self.size[i], mtime=self.mtime[i], link=self.link(i), dev_major=self.dev_major[i],
-            dev_minor=self.dev_minor[i], xattrs=self.xattrs(i), digest=self.digest_of(i), chunks=chunks,
-        )
+        return self._entry(i)
+
+    def _entry(self, i: int) -> Entry:
+        """Entry i as an object (a tree build makes one per entry: kept to plain indexing)."""
+        pool = self.pool
+        off = self.name_off[i]
+        name = str(pool[off:off + self.name_len[i]], "utf-8")
+        n = self.link_len[i]
+        if n:
+            off = self.link_off[i]
+            link = str(pool[off:off + n], "utf-8")
+        else:
+            link = ""
+        n = self.chunk_count[i]
+        if n:
+            first = self.chunk_first[i]
+            chunks = [self._chunk(k) for k in range(first, first + n)]
+        else:
+            chunks = []
+        digest = "sha256:" + self.digest[32 * i:32 * i + 32].hex() if self.flags[i] & _HAS_DIGEST else None
+        return Entry(name, TYPES[self.kind[i]], self.mode[i], self.uid[i], self.gid[i], self.size[i], self.mtime[i],
+                     link, self.dev_major[i], self.dev_minor[i], self.xattrs(i) if self.xattr_len[i] else {},
+                     digest, chunks)
 
     def __eq__(self, other: object) -> bool:
         """Equal to any sequence of the same entries (a list of `Entry`, another table)."""
@@ -158,12 +174,13 @@ class TocTable(Sequence[Entry]):
     __hash__ = None  # type: ignore[assignment]
 
     def __iter__(self) -> Iterator[Entry]:
+        entry = self._entry
         for i in range(self.n):
-            yield self[i]
+            yield entry(i)
 
     def _chunk(self, k: int) -> Chunk:
         f = self.c_flags[k]
-        digest = "sha256:" + bytes(self.c_digest[32 * k:32 * k + 32]).hex() if f & _HAS_DIGEST else None
+        digest = "sha256:" + self.c_digest[32 * k:32 * k + 32].hex() if f & _HAS_DIGEST else None
         return Chunk(self.c_offset[k], self.c_end[k], self.c_inner[k], self.c_file_offset[k], self.c_size[k],
                      digest, bool(f & _ZEROS))
 
@@ -182,7 +199,7 @@ class TocTable(Sequence[Entry]):
     def digest_of(self, i: int) -> str | None:
         if not self.flags[i] & _HAS_DIGEST:
             return None
-        return "sha256:" + bytes(self.digest[32 * i:32 * i + 32]).hex()
+        return "sha256:" + self.digest[32 * i:32 * i + 32].hex()
 
     def xattrs(self, i: int) -> dict[str, bytes]:
         n = self.xattr_len[i]
@@ -306,7 +323,10 @@ class TableBuilder:
         self.cols["chunk_count"][i] += 1
 
     def finish(self, prioritized: int = 0, no_prefetch: bool = False) -> TocTable:
-        t = TocTable(self.cols, self.pool, prioritized, no_prefetch)
+        cols = dict(self.cols)
+        for name in ("digest", "c_digest"):  # read as slices (views have .hex()); never grown again
+            cols[name] = memoryview(cols[name])
+        t = TocTable(cols, self.pool, prioritized, no_prefetch)
         t.n = len(self.cols["kind"])
         t.n_chunks = len(self.cols["c_flags"])
         return t
