@@ -88,3 +88,9 @@ def test_the_same_inode_in_two_layers_is_the_upper_ones() -> None:
     root.fillers = ["lower", "upper"]
     root._inodes, root._slots = keys, slots
     assert root.entry_of_inode(7) == ("upper", 0)
+
+
+def test_the_supervisor_heap_settings_apply_here() -> None:
+    from shim.supervisor.heap import bound_heap
+
+    assert bound_heap()  # glibc: large buffers are mapped on their own, two arenas

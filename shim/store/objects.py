@@ -19,11 +19,12 @@ names, once, before the first unflushed object of a new boot.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
@@ -34,18 +35,30 @@ from .metadata import LayerMeta
 
 _HEX = frozenset("0123456789abcdef")
 _TMP_SEQ = itertools.count(1)  # temporary names unique in this process (next() is atomic)
-_OBJECT_LOCKS: dict[Path, threading.Lock] = {}
+_OBJECT_LOCKS: dict[str, list] = {}  # object path -> [lock, holders and waiters]
 _OBJECT_LOCKS_GUARD = threading.Lock()
 
 
-def _object_lock(path: Path) -> threading.Lock:
+@contextlib.contextmanager
+def _object_lock(path: Path) -> Iterator[None]:
     """One lock per object in this process: two entries (of any layers) with the same content,
-    opened at once, make one fetch; the second finds the object the first renamed in."""
+    opened at once, make one fetch; the second finds the object the first renamed in.  A lock
+    lives only while someone holds or waits for it: one per object ever filled would grow
+    with every file of the image."""
+    key = str(path)
     with _OBJECT_LOCKS_GUARD:
-        lock = _OBJECT_LOCKS.get(path)
-        if lock is None:
-            lock = _OBJECT_LOCKS[path] = threading.Lock()
-        return lock
+        slot = _OBJECT_LOCKS.get(key)
+        if slot is None:
+            slot = _OBJECT_LOCKS[key] = [threading.Lock(), 0]
+        slot[1] += 1
+    try:
+        with slot[0]:
+            yield
+    finally:
+        with _OBJECT_LOCKS_GUARD:
+            slot[1] -= 1
+            if not slot[1]:
+                del _OBJECT_LOCKS[key]
 
 
 def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
