@@ -5,7 +5,7 @@
   pull creates one disk inode per entry, and a reader the supervisor does not see (`cat`
   under `lazyshim mount`, `podman cp`) reads an unfilled placeholder as zeros.
 - **v2 (metadata in memory, data by digest)**: trees on one store-wide tmpfs, rebuilt from
-  the CBOR metadata when missing; regular files are overlayfs metacopy files whose redirect
+  the layer metadata when missing; regular files are overlayfs metacopy files whose redirect
   names a data object (`shim.store.objects`) in a data-only lower layer.  An unfilled file
   fails to open for every reader.  Host root and overlayfs data-only lower layers only.
 

@@ -6,12 +6,12 @@
     STORE/meta/<alg>-<hex>/tree/     the layer's tree: dirs, symlinks, devices, whiteouts, modes,
                                      owners, xattrs, mtimes; regular files with content are
                                      metacopy files whose redirect names their data object
-    STORE/meta/<alg>-<hex>/inodes    per entry, the inode of its file in tree/ (for the supervisor)
+    STORE/meta/<alg>-<hex>/inodes    per entry, the inode of its file in tree/ (u64s, for the supervisor)
     STORE/meta/<alg>-<hex>/view/     podman's `diff`: a read-only overlay of tree::STORE/data
     STORE/data/                      the data-only lower layer (`shim.store.objects`)
 
-The CBOR metadata under layers/ stays the source of truth: a tree lost with the tmpfs (a
-reboot, an unmount) is rebuilt from it by the next pull or mount, and costs no refetch, since
+The metadata under layers/ (record and entry table) stays the source of truth: a tree lost
+with the tmpfs (a reboot, an unmount) is rebuilt from it by the next pull or mount at no refetch, since
 the objects are on disk.  A tree is built in a staging name on the tmpfs and renamed into
 place, so `meta/<alg>-<hex>` exists only complete.  Legacy (non-lazy) layers keep their full
 tree on disk under layers/, as in v1.
