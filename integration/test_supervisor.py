@@ -222,6 +222,38 @@ def test_keeper_death_makes_trapped_syscalls_fail_with_enosys(store: Path, image
     assert "Function not implemented" in out and "rc=1" in out, out
 
 
+def _mapped_tables(pid: int) -> set[tuple[str, str, str]]:
+    """(device, inode, path) of every layer table the process has mapped."""
+    out = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5].endswith("/toc.table"):
+            out.add((fields[3], fields[4], fields[5]))
+    return out
+
+
+def test_supervisors_of_one_image_map_the_same_layer_tables(store: Path, images: dict[str, str]) -> None:
+    """Two containers of one image: their supervisors read the layers' entries from one
+    mapped file each (shared page cache), not from copies decoded per process."""
+    from runtime.stats import stats
+
+    ref = images["busybox:esgz"]
+    lazyshim(store, "pull", ref)
+    cs = [_Container(store, ref, "echo ready; read x; cat /app/hello.txt") for _ in range(2)]
+    try:
+        for c in cs:
+            c.expect("ready")
+        mapped = [_mapped_tables(stats(c.name)["pid"]) for c in cs]
+    finally:
+        for c in cs:
+            c.send("go")
+    outs = [c.finish() for c in cs]
+    lazy = [d for d in (store / "layers").iterdir() if (d / "toc.table").exists() and not (d / "complete").exists()]
+    assert lazy and mapped[0] == mapped[1]
+    assert {Path(p).parent.name for _, _, p in mapped[0]} >= {d.name for d in lazy}
+    assert all(o.strip() == HELLO.strip() for o in outs), outs
+
+
 def test_background_fetch_fills_every_file(store: Path, images: dict[str, str]) -> None:
     ref = images["python:esgz"]
     lazyshim(store, "pull", ref)
@@ -242,11 +274,11 @@ def test_background_fetch_fills_every_file(store: Path, images: dict[str, str]) 
 
 
 def _all_regular_filled(layer_dir: Path) -> bool:
-    from shim.store.metadata import load_layer
+    from shim.store.layouts import read_meta
 
-    meta = load_layer((layer_dir / "meta.cbor").read_bytes())
+    meta = read_meta(layer_dir)
     filled = (layer_dir / "filled").read_bytes()
-    return all(filled[i] for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size)
+    return all(filled[i] for i in meta.table.data_files())
 
 
 @pytest.mark.usefixtures("trap")

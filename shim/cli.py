@@ -124,7 +124,7 @@ def cmd_inspect(args) -> int:
     layers = []
     for d in rec.layers:
         meta = load_meta(store, d)
-        regs = [i for i, e in enumerate(meta.toc.entries) if e.type == "reg" and e.size]
+        regs = meta.table.data_files()
         filler = layout.filler(d, meta, _no_source)
         layers.append({
             "digest": d, "format": meta.format, "size": meta.blob_size, "entries": len(meta.toc.entries),

@@ -1,14 +1,18 @@
 """The lazy layers under one container's rootfs, indexed for the supervisor's hot path.
 
 A trapped path is resolved by the kernel inside the container; overlayfs reports a lower
-file's own inode number, so one dict lookup by inode tells whether the file is one of our
-placeholders and which layer entry fills it.
+file's own inode number, so one search by inode tells whether the file is one of our
+placeholders and which layer entry fills it.  The index is two sorted arrays (16 bytes a
+file, searched with bisect), not a dict of tuples (about 150), and the entries themselves
+stay in the layers' mapped tables: what a supervisor holds per file is a few bytes.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,9 +34,8 @@ class LazyRoot:
         `big_threshold`: files that big (`shim.bigfs.is_big`) are the container's FUSE layer's,
         never filled whole here (0: none is)."""
         self.fillers: list[LayerFiller] = []
-        # inode -> (filler, entry index, size)
-        self.by_inode: dict[int, tuple[LayerFiller, int, int]] = {}
         layout = layout_of(store)
+        per_layer: list[Sequence[int]] = []
         self._metas = []  # every layer's metadata, bottom first (what shadows what)
         for digest in layer_digests:
             meta = load_meta(store, digest)
@@ -43,14 +46,25 @@ class LazyRoot:
             filler = layout.filler(digest, meta, _source_factory(store, sources, layer_digests, digest,
                                                                   meta.registry, meta.repository))
             self.fillers.append(filler)
-            entries = meta.toc.entries
-            if big_threshold:
+            inodes: Sequence[int] = layout.inodes(digest, meta)
+            sizes = meta.table.size
+            if big_threshold and any(sizes[i] >= big_threshold for i in meta.table.data_files()):
                 from .bigfs import is_big
 
-                filler.served_elsewhere = {i for i, e in enumerate(entries) if is_big(e, big_threshold)}
-            for i, ino in enumerate(layout.inodes(digest, meta)):
-                if ino and i not in filler.served_elsewhere:
-                    self.by_inode[ino] = (filler, i, entries[i].size)
+                filler.served_elsewhere = {i for i in meta.table.data_files()
+                                           if sizes[i] >= big_threshold and is_big(meta.table[i], big_threshold)}
+                inodes = [0 if i in filler.served_elsewhere else ino for i, ino in enumerate(inodes)]
+            per_layer.append(inodes)
+        self._inodes, self._slots = _inode_index(per_layer)
+
+    def entry_of_inode(self, ino: int) -> tuple[LayerFiller, int] | None:
+        """(filler, entry index) of the lazy file with inode number `ino`, or None."""
+        keys = self._inodes
+        k = bisect_right(keys, ino) - 1  # the last of equal keys: an upper layer's, as a dict would keep
+        if k < 0 or keys[k] != ino:
+            return None
+        slot = self._slots[k]
+        return self.fillers[slot >> 32], slot & 0xFFFFFFFF
 
     def lookup(self, st: os.stat_result) -> tuple[LayerFiller, int] | None:
         """The unfilled placeholder behind a stat result, or None.
@@ -58,18 +72,18 @@ class LazyRoot:
         When the overlay's layers are not all on one file system (a store on tmpfs under an
         upper dir on disk), overlayfs reports `real inode | fsid << (64 - xino bits)`: the
         low 32 bits are still the placeholder's own inode number."""
-        hit = self.by_inode.get(st.st_ino)
+        hit = self.entry_of_inode(st.st_ino)
         if hit is None and st.st_ino >> 32:
-            hit = self.by_inode.get(st.st_ino & 0xFFFFFFFF)
-        if hit is None or hit[2] != st.st_size or not stat.S_ISREG(st.st_mode):
+            hit = self.entry_of_inode(st.st_ino & 0xFFFFFFFF)
+        if hit is None:
             return None
         rec = self.recording
         if rec is not None and hit not in rec:
             rec[hit] = None
             if len(rec) >= self.recording_cap:
                 self.recording = None
-        filler, idx, _ = hit
-        if filler.is_filled(idx):
+        filler, idx = hit
+        if filler.meta.table.size[idx] != st.st_size or not stat.S_ISREG(st.st_mode) or filler.is_filled(idx):
             return None
         return filler, idx
 
@@ -120,13 +134,15 @@ class LazyRoot:
             filler = fillers.pop(id(meta), None)
             if filler is not None:
                 tried = seen = known = 0
-                for i, e in enumerate(meta.toc.entries):
+                table = meta.table
+                for i in table.data_files():
                     if tried >= probes:
                         break
-                    if e.type != "reg" or not e.size or e.name in above:
+                    name = table.name(i)
+                    if name in above:
                         continue
                     try:
-                        fd = openat2(root_fd, ("/" + e.name).encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                        fd = openat2(root_fd, ("/" + name).encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
                     except OSError:
                         continue  # hidden (a whiteout above) or removed: says nothing
                     try:
@@ -134,9 +150,9 @@ class LazyRoot:
                     finally:
                         os.close(fd)
                     tried += 1
-                    if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != table.size[i]:
                         continue
-                    hit = self.by_inode.get(st.st_ino) or self.by_inode.get(st.st_ino & 0xFFFFFFFF)
+                    hit = self.entry_of_inode(st.st_ino) or self.entry_of_inode(st.st_ino & 0xFFFFFFFF)
                     if hit is not None and hit[0] is filler and hit[1] == i:
                         known += 1
                         break
@@ -147,7 +163,7 @@ class LazyRoot:
                     raise LazyshimError(f"the rootfs holds another tree of layer {meta.digest[:19]} than the store "
                                         "has now (its metadata was rebuilt after the rootfs was mounted): mount "
                                         "the rootfs again")
-            above.update(e.name for e in meta.toc.entries)
+            above.update(meta.table.names())
 
     def prefetch_plan(self, everything: bool) -> list[tuple[LayerFiller, list[int], bool]]:
         """What background fetching fills, in order: every layer's prioritized files (those
@@ -156,8 +172,9 @@ class LazyRoot:
         first: list[tuple[LayerFiller, list[int], bool]] = []
         rest: list[tuple[LayerFiller, list[int], bool]] = []
         for f in self.fillers:
-            regs = [i for i, e in enumerate(f.meta.toc.entries)
-                    if e.type == "reg" and e.size and i not in f.served_elsewhere]
+            regs = f.meta.table.data_files()
+            if f.served_elsewhere:
+                regs = [i for i in regs if i not in f.served_elsewhere]
             n = 0 if f.meta.toc.no_prefetch else f.meta.toc.prioritized
             if n:
                 first.append((f, regs[:n], True))
@@ -187,6 +204,20 @@ class LazyRoot:
             "bytes_fetched": sum(f.bytes_fetched for f in self.fillers),
             "range_requests": sum(f.requests for f in self.fillers),
         }
+
+
+def _inode_index(per_layer: list[Sequence[int]]) -> tuple[array, array]:
+    """Sorted inode numbers and, beside each, its file's `layer number << 32 | entry index`."""
+    keys = array("Q")
+    slots = array("Q")
+    for layer, inodes in enumerate(per_layer):
+        base = layer << 32
+        for i, ino in enumerate(inodes):
+            if ino:
+                keys.append(ino)
+                slots.append(base | i)
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: equal inodes keep layer order
+    return array("Q", [keys[k] for k in order]), array("Q", [slots[k] for k in order])
 
 
 def _source_factory(store: Store, sources: Sequence[str], layers: list[str], digest: str,

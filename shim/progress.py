@@ -65,7 +65,7 @@ def pull_reporter(progress: Progress):
         if meta is None:
             progress.update(f"{label}  {human(desc.size)}  reading its table of contents ...")
             return
-        files = sum(1 for e in meta.toc.entries if e.type == "reg")
+        files = meta.table.regular_files()
         how = "streamed in full" if meta.format == "legacy" else "lazy: table of contents only"
         progress.finish(f"{label}  {meta.format}, {files} files, {human(desc.size)}  ({how})")
     return report

@@ -249,7 +249,7 @@ def test_a_start_up_set_is_claimed_at_once_and_requested_first_need_first(tmp_pa
     assert filler.prefetch(need, lambda: None, gap=0, max_request=150_000, on_claimed=on_claimed,
                            need_order=True) == 0
     assert claimed_before_any_read == [True]
-    spans = {i: (s, e) for i, e_ in enumerate(meta.toc.entries) for s, e in [filler_mod._span(e_)] if i in need}
+    spans = {i: meta.table.span(i) for i in need}
     assert source.reads == [spans[i] for i in need]  # one request per file here, in need order
     for ti, data in entries:
         if regs[ti.name] in need:

@@ -138,7 +138,8 @@ def test_enabled_is_on_or_off() -> None:
 
 class _Filler:
     def __init__(self, entries: list[Entry]) -> None:
-        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=entries), digest=D1)
+        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=entries), digest=D1,
+                                    table=SimpleNamespace(size=[e.size for e in entries]))
         self.done: set[int] = set()
 
     def is_filled(self, idx: int) -> bool:
@@ -156,7 +157,7 @@ class _Root:
         self.metas = [f.meta for f in fillers]
 
     def look(self, filler: _Filler, idx: int) -> None:
-        hit = (filler, idx, filler.meta.toc.entries[idx].size)
+        hit = (filler, idx)
         if self.recording is not None and hit not in self.recording:
             self.recording[hit] = None
 
@@ -191,12 +192,13 @@ def test_profile_verb_is_a_store_verb() -> None:
 def test_the_lazy_root_notes_each_file_once_filled_or_not_up_to_its_cap() -> None:
     import stat
 
-    from shim.lazyroot import LazyRoot
+    from shim.lazyroot import LazyRoot, _inode_index
 
     filler = _Filler([_entry("a"), _entry("b"), _entry("c")])
     filler.done.add(1)
     root = LazyRoot.__new__(LazyRoot)
-    root.by_inode = {10 + i: (filler, i, 10) for i in range(3)}
+    root.fillers = [filler]
+    root._inodes, root._slots = _inode_index([[10, 11, 12]])
     root.recording, root.recording_cap = {}, 2
     noted = root.recording
 
@@ -206,6 +208,6 @@ def test_the_lazy_root_notes_each_file_once_filled_or_not_up_to_its_cap() -> Non
     assert root.lookup(st(11)) is None  # filled: nothing to do, but needed all the same
     assert root.lookup(st(10)) == (filler, 0)
     assert root.lookup(st(11)) is None
-    assert [idx for _, idx, _ in noted] == [1, 0]
+    assert [idx for _, idx in noted] == [1, 0]
     assert root.recording is None  # the cap is reached: the answer path stops noting
     assert root.lookup(st(12)) == (filler, 2) and len(noted) == 2

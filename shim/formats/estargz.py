@@ -13,8 +13,10 @@ import io
 import struct
 import tarfile
 import zlib
+from collections.abc import Iterator
 
-from .toc import MAX_CHUNK_SIZE, TOC_TAR_NAME, FormatError, Toc, build_toc, load_toc_document
+from .toc import MAX_CHUNK_SIZE, TOC_TAR_NAME, FormatError, Toc, build_toc
+from .tocstream import PIECE, pieces_of, toc_entries
 
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
@@ -76,42 +78,95 @@ def toc_range(blob_size: int, toc_offset: int, footer_size: int) -> tuple[int, i
     return toc_offset, end
 
 
-def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Decompress concatenated gzip members, refusing output beyond `limit` bytes."""
-    out = bytearray()
+def gunzip_pieces(data: bytes | memoryview, limit: int, piece: int = PIECE) -> Iterator[bytes]:
+    """Decompress concatenated gzip members in pieces of at most `piece` bytes, refusing
+    output beyond `limit` bytes in all (before it is made, not after)."""
+    total = 0
     while data:
         d = zlib.decompressobj(wbits=31)
-        try:
-            out += d.decompress(data, limit + 1 - len(out))
-        except zlib.error as e:
-            raise FormatError(f"corrupt gzip data: {e}") from e
-        if len(out) > limit:
-            raise FormatError(f"gzip data inflates beyond {limit} bytes")
-        if not d.eof:
-            if d.unconsumed_tail:
+        buf = data
+        while not d.eof:
+            try:
+                out = d.decompress(buf, piece)
+            except zlib.error as e:
+                raise FormatError(f"corrupt gzip data: {e}") from e
+            total += len(out)
+            if total > limit:
                 raise FormatError(f"gzip data inflates beyond {limit} bytes")
-            raise FormatError("truncated gzip data")
+            if out:
+                yield out
+            buf = d.unconsumed_tail
+            if not buf and not out and not d.eof:
+                raise FormatError("truncated gzip data")
         data = d.unused_data
-    return bytes(out)
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress concatenated gzip members, refusing output beyond `limit` bytes."""
+    return b"".join(gunzip_pieces(data, limit))
+
+
+class _PieceReader(io.RawIOBase):
+    """A read-only file over pieces of bytes (what tarfile's stream mode reads from)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._cur = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._cur:
+            nxt = next(self._pieces, None)
+            if nxt is None:
+                return 0
+            self._cur = memoryview(nxt)
+        n = min(len(b), len(self._cur))
+        b[:n] = self._cur[:n]
+        self._cur = self._cur[n:]
+        return n
+
+    def drain(self) -> None:
+        """Read the rest (each piece still bounded by its producer)."""
+        self._cur = memoryview(b"")
+        for _ in self._pieces:
+            pass
+
+
+def toc_json_pieces(region: bytes | memoryview) -> Iterator[bytes]:
+    """The raw TOC JSON of the compressed TOC region (a gzipped tar entry), in pieces: the
+    region is never inflated whole, and never beyond the TOC size limit."""
+    reader = _PieceReader(gunzip_pieces(region, MAX_TOC_UNCOMPRESSED + 64 * 1024))
+    try:
+        tf = tarfile.open(fileobj=reader, mode="r|")
+        # The stargz writer makes the TOC the first (and only) entry of its region.
+        m = tf.next()
+        if m is None or m.name != TOC_TAR_NAME or not m.isreg():
+            reader.drain()  # a bomb is reported as one, whatever its first bytes are
+            raise FormatError(f"no {TOC_TAR_NAME} in the TOC region")
+        if m.size > MAX_TOC_UNCOMPRESSED:
+            raise FormatError(f"TOC inflates beyond {MAX_TOC_UNCOMPRESSED} bytes (its tar header says {m.size})")
+        f = tf.extractfile(m)
+        if f is None:
+            raise FormatError(f"no {TOC_TAR_NAME} in the TOC region")
+        left = m.size
+        while left:
+            data = f.read(min(PIECE, left))
+            if not data:
+                raise FormatError("truncated TOC tar entry")
+            left -= len(data)
+            yield data
+        reader.drain()
+    except FormatError:
+        raise
+    except (tarfile.TarError, ValueError, EOFError, OverflowError, UnicodeError) as e:
+        raise FormatError(f"corrupt TOC tar: {str(e)[:100]}") from e
 
 
 def toc_json_from_region(region: bytes) -> bytes:
     """Extract the raw TOC JSON from the compressed TOC region (a gzipped tar entry)."""
-    tar_bytes = gunzip_bounded(region, MAX_TOC_UNCOMPRESSED + 64 * 1024)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
-            # The stargz writer makes the TOC the first (and only) entry of its region.
-            m = tf.next()
-            if m is not None and m.name == TOC_TAR_NAME and m.isreg():
-                f = tf.extractfile(m)
-                if f is not None:
-                    data = f.read()
-                    if len(data) != m.size:
-                        raise FormatError("truncated TOC tar entry")
-                    return data
-    except (tarfile.TarError, ValueError, EOFError, OverflowError, UnicodeError) as e:
-        raise FormatError(f"corrupt TOC tar: {str(e)[:100]}") from e
-    raise FormatError(f"no {TOC_TAR_NAME} in the TOC region")
+    return b"".join(toc_json_pieces(region))
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -121,7 +176,48 @@ def toc_digest(toc_json: bytes) -> str:
 
 def parse_toc(toc_json: bytes, toc_offset: int) -> Toc:
     """Parse eStargz TOC JSON into a validated `Toc`; payloads end at `toc_offset`."""
-    return build_toc(load_toc_document(toc_json, "TOC").get("entries"), toc_offset)
+    return build_toc(toc_entries(pieces_of(toc_json), "TOC"), toc_offset)
+
+
+def read_toc(region: bytes | memoryview, toc_offset: int, want_digest: str) -> Toc:
+    """The layer's `Toc` straight from its compressed TOC region, checked against the TOC
+    digest of the (verified) manifest: inflated, hashed and parsed in one pass of pieces,
+    so memory stays small whatever the region holds.  A TOC that does not match its digest
+    is reported as such even when it does not parse either."""
+    h = hashlib.sha256()
+    state = {"read": False, "broken": False}
+
+    def hashed() -> Iterator[bytes]:
+        try:
+            for piece in toc_json_pieces(region):
+                h.update(piece)
+                yield piece
+        except FormatError:
+            state["broken"] = True
+            raise
+        state["read"] = True
+
+    pieces = hashed()
+    try:
+        toc = build_toc(toc_entries(pieces, "TOC"), toc_offset)
+    except FormatError as e:
+        if state["broken"]:
+            raise
+        for _ in pieces:  # to the end, for the digest (bounded like the parse)
+            pass
+        if "sha256:" + h.hexdigest() != want_digest:
+            raise _digest_mismatch(h, want_digest) from e
+        raise
+    for _ in pieces:
+        pass
+    if "sha256:" + h.hexdigest() != want_digest:
+        raise _digest_mismatch(h, want_digest)
+    return toc
+
+
+def _digest_mismatch(h, want: str) -> FormatError:
+    got = "sha256:" + h.hexdigest()
+    return FormatError(f"TOC digest {got[:19]} does not match the manifest's {want[:19]}")
 
 
 def decode_member(data: bytes, inner_offset: int, size: int) -> bytes:

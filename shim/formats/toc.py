@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import functools
 import re
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 # Bounds: generous for real images, small enough that a hostile TOC cannot make us
 # allocate or fetch without limit.
-MAX_ENTRIES = 2_000_000
+#: Entries (chunk entries included) of one TOC.  A pull holds about 500 bytes per entry
+#: while it validates and builds (columns, the name index, the tree's bookkeeping), so this
+#: keeps the worst TOC under 256 MB; real images have far fewer (the pysci image: 33k).
+MAX_ENTRIES = 262_144
 MAX_NAME = 4096
 MAX_FILE_SIZE = 1 << 40  # 1 TiB
 MAX_CHUNK_SIZE = 1 << 30  # one chunk is decompressed in memory
@@ -82,7 +88,7 @@ class Toc:
     `.prefetch.landmark`), 0 when the layer has no landmark.
     """
 
-    entries: list[Entry]
+    entries: Sequence[Entry]  # a `toctable.TocTable` when read from a TOC or the store
     prioritized: int = 0
     no_prefetch: bool = False
 
@@ -106,6 +112,17 @@ def normalize_name(raw: object) -> str:
         raise FormatError(f"entry name escapes the layer: {raw[:200]!r}")
     _check_utf8(raw)
     return "/".join(parts)
+
+
+def _name(raw: object) -> str:
+    """`normalize_name`, with a fast path for the usual already normal names (a dir's one
+    trailing slash allowed): no empty, "." or ".." component, nothing to rewrite."""
+    if type(raw) is str and 0 < len(raw) <= MAX_NAME:
+        s = raw[:-1] if raw[-1] == "/" else raw
+        if (s and s[0] != "/" and s[0] != "." and s[-1] != "/" and "//" not in s and "/." not in s
+                and "\x00" not in s):
+            return s
+    return normalize_name(raw)
 
 
 def _check_utf8(s: str) -> None:
@@ -203,9 +220,11 @@ def load_toc_document(toc_json: bytes, what: str) -> dict:
     return doc
 
 
-def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
-    """Validate raw JSON TOC entries (eStargz or zstd:chunked) into a `Toc`.
+def build_toc(raw_entries: Iterable[object], blob_data_end: int) -> Toc:
+    """Validate raw JSON TOC entries (eStargz or zstd:chunked) into a `Toc` of columns.
 
+    `raw_entries` may be a generator (a streaming parse): no entry is kept as a dict or an
+    object, and more than MAX_ENTRIES of them are refused as they come.
     `blob_data_end` is the first byte after the last file payload (the TOC's offset):
     every chunk must lie before it.  Chunk ends are derived from the next larger payload
     offset, because eStargz records only where each compressed member starts.
@@ -213,33 +232,44 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
     writes it on the file's first entry even when the file has several chunks), so it
     bounds the file's LAST chunk; an `endOffset` on a "chunk" entry bounds that chunk.
     """
-    if not isinstance(raw_entries, list):
+    from .toctable import DIR, HARDLINK, REG, TYPE_CODES, TableBuilder, encode_xattrs
+
+    if isinstance(raw_entries, dict | str | bytes) or not hasattr(raw_entries, "__iter__"):
         raise FormatError("TOC has no entries list")
-    if len(raw_entries) > MAX_ENTRIES:
+    if isinstance(raw_entries, list) and len(raw_entries) > MAX_ENTRIES:
         raise FormatError(f"TOC has {len(raw_entries)} entries (limit {MAX_ENTRIES})")
     if isinstance(blob_data_end, bool) or not isinstance(blob_data_end, int) or blob_data_end < 0:
         raise FormatError(f"bad data end {blob_data_end!r}")
-    entries: list[Entry] = []
-    by_name: dict[str, Entry] = {}
-    offsets: set[int] = {blob_data_end}
-    file_ends: dict[int, int] = {}  # id(Entry) -> end of its compressed data (endOffset)
+    b = TableBuilder()
+    kinds = b.cols["kind"]
+    sizes = b.cols["size"]
+    by_name: dict[str, int] = {}
+    hardlink_targets: dict[int, str] = {}  # hardlink entry -> the file it names
+    ends = array("Q", [blob_data_end])  # explicit ends; with the chunks' starts: where payloads end
+    file_ends: dict[int, int] = {}  # entry index -> end of its compressed data (endOffset)
     prioritized = 0
     no_prefetch = False
     regs_seen = 0
-    last_reg: Entry | None = None
+    last_reg: _File | None = None
+    count = 0
     for d in raw_entries:
+        count += 1
+        if count > MAX_ENTRIES:
+            raise FormatError(f"TOC has more than {MAX_ENTRIES} entries")
         if not isinstance(d, dict):
             raise FormatError("TOC entry is not an object")
-        typ = d.get("type")
+        get = d.get
+        typ = get("type")
         if typ == "chunk":
-            name = normalize_name(d.get("name"))
+            name = _name(d.get("name"))
             if last_reg is None or last_reg.name != name:
                 raise FormatError(f"chunk entry {name[:80]!r} does not follow its file")
-            _add_chunk(last_reg, d, blob_data_end, offsets)
+            _add_chunk(b, last_reg, d, blob_data_end, ends)
             continue
         if not isinstance(typ, str) or typ not in ENTRY_TYPES:
             raise FormatError(f"entry {str(d.get('name'))[:80]!r}: unknown type {str(typ)[:20]!r}")
-        name = normalize_name(d.get("name")) if d.get("name") not in ("./", ".", "/") else ""
+        raw_name = d.get("name")
+        name = _name(raw_name) if raw_name not in ("./", ".", "/") else ""
         if name == "" and typ != "dir":
             raise FormatError(f"the layer root is a {str(typ)[:20]}, not a directory")
         last_reg = None
@@ -249,103 +279,147 @@ def build_toc(raw_entries: object, blob_data_end: int) -> Toc:
             elif name == NO_PREFETCH_LANDMARK:
                 no_prefetch = True
             continue
-        e = Entry(
-            name=name,
-            type=typ,
-            mode=_int(d, "mode", 0, 0o7777 | 0o170000) & 0o7777,
-            uid=_int(d, "uid", 0, MAX_ID),
-            gid=_int(d, "gid", 0, MAX_ID),
-            mtime=_mtime(d.get("modtime")),
-            dev_major=_int(d, "devMajor", 0, MAX_ID),
-            dev_minor=_int(d, "devMinor", 0, MAX_ID),
-            xattrs=_xattrs(d),
-        )
+        kind = TYPE_CODES[typ]
+        # The usual values inline (this loop runs for every entry of every pull); `_int` for the rest.
+        mode, uid, gid = get("mode", 0), get("uid", 0), get("gid", 0)
+        if type(mode) is not int or not 0 <= mode <= 0o177777:
+            mode = _int(d, "mode", 0, 0o7777 | 0o170000)
+        mode &= 0o7777
+        if type(uid) is not int or not 0 <= uid <= MAX_ID:
+            uid = _int(d, "uid", 0, MAX_ID)
+        if type(gid) is not int or not 0 <= gid <= MAX_ID:
+            gid = _int(d, "gid", 0, MAX_ID)
+        mtime = _mtime(get("modtime"))
+        dev_major = dev_minor = 0
+        if "devMajor" in d or "devMinor" in d:
+            dev_major, dev_minor = _int(d, "devMajor", 0, MAX_ID), _int(d, "devMinor", 0, MAX_ID)
+        xattrs = _xattrs(d) if "xattrs" in d else None
+        if kind == DIR:
+            prev = by_name.get(name)
+            if prev is not None and kinds[prev] == DIR:  # a dir listed twice: the last metadata wins
+                b.cols["mode"][prev], b.cols["uid"][prev], b.cols["gid"][prev] = mode, uid, gid
+                continue
+        link = ""
+        size = 0
+        digest: bytes | None = None
         if typ == "symlink":
             link = d.get("linkName")
             if not isinstance(link, str) or not link or len(link) > MAX_NAME or "\x00" in link:
                 raise FormatError(f"symlink {name[:80]!r}: bad target")
             _check_utf8(link)
-            e.link = link
-        elif typ == "hardlink":
-            target = normalize_name(d.get("linkName"))
+        elif kind == HARDLINK:
+            target = link = normalize_name(d.get("linkName"))
             t = by_name.get(target)
-            if t is not None and t.type == "hardlink":  # tar may chain links: point at the file
-                t = by_name.get(t.link)
-            if t is None or t.type == "dir" or not target:
+            if t is not None and kinds[t] == HARDLINK:  # tar may chain links: point at the file
+                link = hardlink_targets[t]
+                t = by_name.get(link)
+            if t is None or kinds[t] == DIR or not target:
                 raise FormatError(f"hardlink {name[:80]!r} -> {target[:80]!r}: target is not an earlier file")
-            e.link = t.name
-            e.size = t.size
-        elif typ == "reg":
-            e.size = _int(d, "size", 0, MAX_FILE_SIZE)
-            e.digest = _digest(d, "digest")
-            if e.size and e.digest is None:
+            size = sizes[t]
+        elif kind == REG:
+            size = get("size", 0)
+            if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
+                size = _int(d, "size", 0, MAX_FILE_SIZE)
+            dg = get("digest")
+            if dg is not None and (type(dg) is not str or not _DIGEST_RE.match(dg)):
+                dg = _digest(d, "digest")
+            if size and not dg:
                 raise FormatError(f"file {name[:80]!r} has no digest")
+            digest = bytes.fromhex(dg[7:]) if dg else None
             regs_seen += 1
-            last_reg = e
-            if e.size:
+        try:
+            raw_name = name.encode()
+        except UnicodeEncodeError:  # JSON can carry lone surrogates; no file system name can
+            raise FormatError(f"name is not valid UTF-8: {name[:80]!r}") from None
+        i = b.add(raw_name, kind, mode, uid, gid, size, mtime, link.encode(), dev_major, dev_minor,
+                  encode_xattrs(xattrs) if xattrs else b"", digest)
+        if kind == HARDLINK:
+            hardlink_targets[i] = link
+        elif kind == REG:
+            last_reg = _File(i, name, size)
+            if size:
                 end = d.get("endOffset")
-                _add_chunk(e, {k: v for k, v in d.items() if k != "endOffset"}, blob_data_end, offsets)
+                _add_chunk(b, last_reg, d, blob_data_end, ends, first=True)
                 if end not in (None, 0):
-                    file_ends[id(e)] = _int(d, "endOffset", e.chunks[0].offset + 1, blob_data_end)
-                    offsets.add(file_ends[id(e)])
-        if name in by_name and by_name[name].type == "dir" and typ == "dir":
-            by_name[name].mode, by_name[name].uid, by_name[name].gid = e.mode, e.uid, e.gid
-            continue
-        by_name[name] = e
-        entries.append(e)
-    _finish_chunks(entries, sorted(offsets), file_ends)
-    return Toc(entries=entries, prioritized=prioritized, no_prefetch=no_prefetch)
+                    file_ends[i] = _int(d, "endOffset", b.cols["c_offset"][-1] + 1, blob_data_end)
+                    ends.append(file_ends[i])
+        by_name[name] = i
+    table = b.finish(prioritized, no_prefetch)
+    _finish_chunks(table, sorted(chain(table.c_offset, ends)), file_ends)
+    return Toc(entries=table, prioritized=prioritized, no_prefetch=no_prefetch)
 
 
-def _add_chunk(e: Entry, d: dict, blob_data_end: int, offsets: set[int]) -> None:
-    off = _int(d, "offset", 0, blob_data_end - 1 if blob_data_end else 0)
-    chunk_off = _int(d, "chunkOffset", 0, e.size)
-    size = _int(d, "chunkSize", 0, MAX_CHUNK_SIZE)
+@dataclass(slots=True)
+class _File:
+    """The regular file whose chunk entries may follow (while its TOC is read)."""
+
+    index: int
+    name: str
+    size: int
+    next_offset: int = 0  # where its next chunk must start in the file
+    chunks: int = 0
+
+
+def _add_chunk(b, f: _File, d: dict, blob_data_end: int, ends: array, first: bool = False) -> None:
+    get = d.get
+    off, chunk_off, size = get("offset", 0), get("chunkOffset", 0), get("chunkSize", 0)
+    if type(off) is not int or not 0 <= off < blob_data_end:
+        off = _int(d, "offset", 0, blob_data_end - 1 if blob_data_end else 0)
+    if type(chunk_off) is not int or not 0 <= chunk_off <= f.size:
+        chunk_off = _int(d, "chunkOffset", 0, f.size)
+    if type(size) is not int or not 0 <= size <= MAX_CHUNK_SIZE:
+        size = _int(d, "chunkSize", 0, MAX_CHUNK_SIZE)
     if size == 0:  # an unchunked file, or the last chunk: up to the end of the file
-        size = e.size - chunk_off
-    if size <= 0 or size > MAX_CHUNK_SIZE or chunk_off + size > e.size:
-        raise FormatError(f"file {e.name[:80]!r}: chunk beyond file size")
-    expected = e.chunks[-1].file_offset + e.chunks[-1].size if e.chunks else 0
-    if chunk_off != expected:
-        raise FormatError(f"file {e.name[:80]!r}: chunks not contiguous at {chunk_off}")
-    zeros = d.get("chunkType") == "zeros"
-    if not zeros and d.get("chunkType") not in (None, ""):
-        raise FormatError(f"file {e.name[:80]!r}: unknown chunkType {str(d.get('chunkType'))[:20]!r}")
-    c = Chunk(
-        offset=off,
-        end=0,
-        inner_offset=_int(d, "innerOffset", 0, MAX_CHUNK_SIZE),
-        file_offset=chunk_off,
-        size=size,
-        digest=_digest(d, "chunkDigest"),
-        zeros=zeros,
-    )
-    end = d.get("endOffset")
+        size = f.size - chunk_off
+    if size <= 0 or size > MAX_CHUNK_SIZE or chunk_off + size > f.size:
+        raise FormatError(f"file {f.name[:80]!r}: chunk beyond file size")
+    if chunk_off != f.next_offset:
+        raise FormatError(f"file {f.name[:80]!r}: chunks not contiguous at {chunk_off}")
+    ctype = get("chunkType")
+    zeros = ctype == "zeros"
+    if not zeros and ctype not in (None, ""):
+        raise FormatError(f"file {f.name[:80]!r}: unknown chunkType {str(ctype)[:20]!r}")
+    inner = get("innerOffset", 0)
+    if type(inner) is not int or not 0 <= inner <= MAX_CHUNK_SIZE:
+        inner = _int(d, "innerOffset", 0, MAX_CHUNK_SIZE)
+    dg = get("chunkDigest")
+    if dg is not None and (type(dg) is not str or not _DIGEST_RE.match(dg)):
+        dg = _digest(d, "chunkDigest")
+    c_end = 0
+    end = None if first else get("endOffset")  # a file's own endOffset bounds its last chunk
     if end not in (None, 0):
-        c.end = _int(d, "endOffset", off + 1, blob_data_end)
-        offsets.add(c.end)
-    e.chunks.append(c)
-    offsets.add(off)
+        c_end = _int(d, "endOffset", off + 1, blob_data_end)
+        ends.append(c_end)
+    b.add_chunk(f.index, off, c_end, inner, chunk_off, size, bytes.fromhex(dg[7:]) if dg else None, zeros)
+    f.next_offset = chunk_off + size
+    f.chunks += 1
 
 
-def _finish_chunks(entries: list[Entry], offsets: list[int], file_ends: dict[int, int]) -> None:
+def _finish_chunks(t, offsets: list[int], file_ends: dict[int, int]) -> None:
     """Give every chunk its compressed end and check that each file is fully covered."""
     import bisect
 
-    for e in entries:
-        if e.type != "reg" or not e.size:
+    from .toctable import REG
+
+    kind, size, first, count = t.kind, t.size, t.chunk_first, t.chunk_count
+    c_end, c_off, c_flags, c_file_off, c_size = t.c_end, t.c_offset, t.c_flags, t.c_file_offset, t.c_size
+    zeros_flag = 2
+    for i in range(t.n):
+        if kind[i] != REG or not size[i]:
             continue
-        last = e.chunks[-1]
-        if last.file_offset + last.size != e.size:
-            raise FormatError(f"file {e.name[:80]!r}: chunks do not cover its size")
-        file_end = file_ends.get(id(e))
-        if file_end is not None and last.end == 0 and not last.zeros:
-            if file_end <= last.offset:
-                raise FormatError(f"file {e.name[:80]!r}: endOffset before its last chunk")
-            last.end = file_end
-        for c in e.chunks:
-            if c.end == 0 and not c.zeros:
-                i = bisect.bisect_right(offsets, c.offset)
-                if i >= len(offsets):
-                    raise FormatError(f"file {e.name[:80]!r}: chunk past the end of the data")
-                c.end = offsets[i]
+        name = None
+        last = first[i] + count[i] - 1
+        if c_file_off[last] + c_size[last] != size[i]:
+            name = t.name(i)
+            raise FormatError(f"file {name[:80]!r}: chunks do not cover its size")
+        file_end = file_ends.get(i)
+        if file_end is not None and c_end[last] == 0 and not c_flags[last] & zeros_flag:
+            if file_end <= c_off[last]:
+                raise FormatError(f"file {t.name(i)[:80]!r}: endOffset before its last chunk")
+            c_end[last] = file_end
+        for k in range(first[i], last + 1):
+            if c_end[k] == 0 and not c_flags[k] & zeros_flag:
+                j = bisect.bisect_right(offsets, c_off[k])
+                if j >= len(offsets):
+                    raise FormatError(f"file {t.name(i)[:80]!r}: chunk past the end of the data")
+                c_end[k] = offsets[j]

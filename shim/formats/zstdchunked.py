@@ -24,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zstandard
 
 from .toc import MAX_CHUNK_SIZE, Chunk, FormatError, Toc, build_toc, load_toc_document
+from .tocstream import PIECE, pieces_of, toc_entries
 
 CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
 POSITION_ANNOTATION = "io.github.containers.zstd-chunked.manifest-position"
@@ -172,27 +174,33 @@ def parse_footer(tail: bytes, blob_size: int | None = None) -> TocLocation:
     return TocLocation(offset, length, ulen, None, gen, ts_off, ts_len, ts_ulen, footer_size=size)
 
 
-def manifest_checksum(compressed: bytes) -> str:
+def manifest_checksum(compressed: bytes | memoryview) -> str:
     return "sha256:" + hashlib.sha256(compressed).hexdigest()
+
+
+def zstd_pieces(data: bytes | memoryview, limit: int, piece: int = PIECE) -> Iterator[bytes]:
+    """Decompress concatenated zstd frames (skippable ones are skipped) in pieces, at most
+    `limit` bytes in all; FormatError (before they are made) if there would be more."""
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        with reader:
+            while True:
+                b = reader.read(min(limit + 1 - total, piece))
+                if not b:
+                    return
+                total += len(b)
+                if total > limit:
+                    raise FormatError(f"zstd data inflates beyond {limit} bytes")
+                yield b
+    except zstandard.ZstdError as e:
+        raise FormatError(f"corrupt zstd data: {str(e)[:100]}") from e
 
 
 def zstd_decompress_bounded(data: bytes, limit: int) -> bytes:
     """Decompress concatenated zstd frames (skippable ones are skipped), at most `limit`
     bytes; FormatError if there would be more."""
-    out = bytearray()
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        with reader:
-            while len(out) <= limit:
-                b = reader.read(min(limit + 1 - len(out), 1 << 20))
-                if not b:
-                    break
-                out += b
-    except zstandard.ZstdError as e:
-        raise FormatError(f"corrupt zstd data: {str(e)[:100]}") from e
-    if len(out) > limit:
-        raise FormatError(f"zstd data inflates beyond {limit} bytes")
-    return bytes(out)
+    return b"".join(zstd_pieces(data, limit))
 
 
 def unwrap_skippable(data: bytes) -> bytes:
@@ -213,7 +221,12 @@ def decode_manifest(blob_region: bytes, loc: TocLocation) -> bytes:
     of the compressed bytes is verified when `loc` carries one; the output must be exactly
     `loc.uncompressed_length` bytes and never more than MAX_MANIFEST_UNCOMPRESSED.
     """
-    region = bytes(blob_region)
+    return b"".join(manifest_pieces(blob_region, loc))
+
+
+def manifest_pieces(blob_region: bytes | memoryview, loc: TocLocation) -> Iterator[bytes]:
+    """`decode_manifest` in pieces: never the whole manifest in memory at once."""
+    region = memoryview(blob_region)
     if region[:4] == SKIPPABLE_MAGIC:
         if len(region) < SKIPPABLE_HEADER or struct.unpack("<I", region[4:8])[0] != loc.length:
             raise FormatError("zstd:chunked manifest frame header does not match its position")
@@ -227,19 +240,24 @@ def decode_manifest(blob_region: bytes, loc: TocLocation) -> bytes:
         raise FormatError(f"zstd:chunked manifest size {loc.uncompressed_length} out of bounds")
     if compressed[:4] != ZSTD_MAGIC:
         raise FormatError("zstd:chunked manifest is not a zstd frame")
-    out = zstd_decompress_bounded(compressed, loc.uncompressed_length)
-    if len(out) != loc.uncompressed_length:
-        raise FormatError(
-            f"zstd:chunked manifest is {len(out)} bytes, its position says {loc.uncompressed_length}"
-        )
-    return out
+    n = 0
+    for piece in zstd_pieces(compressed, loc.uncompressed_length):
+        n += len(piece)
+        yield piece
+    if n != loc.uncompressed_length:
+        raise FormatError(f"zstd:chunked manifest is {n} bytes, its position says {loc.uncompressed_length}")
+
+
+def read_toc(blob_region: bytes | memoryview, loc: TocLocation) -> Toc:
+    """The layer's `Toc` straight from the blob bytes at `loc` (checked as `decode_manifest`
+    does), parsed as its pieces are inflated: memory stays small whatever the manifest holds."""
+    return build_toc(toc_entries(manifest_pieces(blob_region, loc), "zstd:chunked manifest"), loc.data_end)
 
 
 def parse_toc(toc_json: bytes, data_end: int) -> Toc:
     """Parse zstd:chunked manifest JSON into a validated `Toc`; data ends at `data_end`
     (`TocLocation.data_end`)."""
-    doc = _load(toc_json)
-    return build_toc(doc.get("entries"), data_end)
+    return build_toc(toc_entries(pieces_of(toc_json), "zstd:chunked manifest"), data_end)
 
 
 def tarsplit_digest(toc_json: bytes) -> str | None:

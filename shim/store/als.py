@@ -63,7 +63,7 @@ def layer_info(meta: LayerMeta, diff_id: str | None) -> dict:
     info = {
         "compressed-diff-digest": meta.digest,
         "compressed-size": meta.blob_size,
-        "diff-size": sum(e.size for e in meta.toc.entries if e.type == "reg"),
+        "diff-size": meta.table.regular_bytes(),
         "compression": COMPRESSION_ZSTD if meta.format == "zstd:chunked" else COMPRESSION_GZIP,
     }
     if diff_id is not None:

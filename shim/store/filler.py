@@ -233,8 +233,7 @@ class LayerFiller:
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         self._wanted: set[int] = set()  # claimed files an open waits for
-        self._order: list[tuple[int, int, int]] | None = None  # (start, end, idx) in blob order
-        self._position: dict[int, int] = {}
+        self._order: _BlobOrder | None = None
         self._window = READAHEAD_START
         self._window_end = -1  # where the last readahead ended in the blob
         # Background fetch: blob positions just past recent misses (newest first), a sweep over
@@ -263,8 +262,8 @@ class LayerFiller:
 
     def count_unfilled(self) -> int:
         """Regular files with data not yet durable (fills by other processes included)."""
-        return sum(1 for i, e in enumerate(self.meta.toc.entries)
-                   if e.size and e.type == "reg" and not self.is_filled(i))
+        is_filled = self.is_filled
+        return sum(1 for i in self.meta.table.data_files() if not is_filled(i))
 
     def is_filled(self, idx: int) -> bool:
         """Entry idx's data is in place (the byte map is shared by every process of the store)."""
@@ -274,10 +273,14 @@ class LayerFiller:
         """Every file is filled: once each is durably marked, the layer is (the runtime then
         skips the supervisor).  Not yet if a file is filled only in memory."""
         SYNCER.flush()
-        if any(e.size and e.type == "reg" and not self.filled[i] for i, e in enumerate(self.meta.toc.entries)):
+        if not self._all_marked():
             return
         sync_dir(self.tree)
         mark_complete(self.dir)
+
+    def _all_marked(self) -> bool:
+        filled = self.filled
+        return all(filled[i] for i in self.meta.table.data_files())
 
     @property
     def source(self) -> BlobSource:
@@ -319,11 +322,11 @@ class LayerFiller:
         """Fetch a claimed window in pieces of READAHEAD_PIECE, in blob order, READAHEAD_PARALLEL
         at once: the files at the front of a big window are committed after their own piece, not
         after the whole window, and the link stays full meanwhile."""
-        entries = self.meta.toc.entries
+        table = self.meta.table
         pieces: list[list[int]] = []
         start = -1
         for i in claimed:
-            s, e = _span(entries[i])
+            s, e = table.span(i)
             if not pieces or e - start > READAHEAD_PIECE:
                 pieces.append([])
                 start = s
@@ -349,28 +352,26 @@ class LayerFiller:
     def _note_miss(self, idx: int) -> None:
         """The workload needed entry idx (or read ahead up to it): the background fetch goes on from there."""
         order = self._blob_order()
-        p = self._position.get(idx)
-        if p is not None:
+        p = order.position[idx]
+        if p >= 0:
             with self._lock:
                 self._hot.appendleft((p + 1, order[p][1] + NEAR_MISS))
                 self.last_miss = time.monotonic()
 
-    def _blob_order(self) -> list[tuple[int, int, int]]:
+    def _blob_order(self) -> _BlobOrder:
         if self._order is None:
-            order = sorted(_span(e) + (i,) for i, e in enumerate(self.meta.toc.entries)
-                           if e.type == "reg" and e.size and e.chunks)
-            self._position = {t[2]: p for p, t in enumerate(order)}
-            self._order = order
+            self._order = _BlobOrder(self.meta.table)
         return self._order
 
     def _claim_window(self, idx: int) -> list[int]:
         """Claim the unfilled files after `idx` in blob order inside the readahead window, and
         adapt the window: a miss just past the last window doubles it, any other resets it."""
         order = self._blob_order()
-        p = self._position.get(idx)
-        if p is None:
+        p = order.position[idx]
+        if p < 0:
             return []
-        start, end, _ = order[p]
+        starts, ends, files = order.starts, order.ends, order.files
+        start, end = starts[p], ends[p]
         with self._lock:
             if self._window_end >= 0 and self._window_end - MERGE_GAP <= start <= self._window_end + self._window:
                 self._window = min(self._window * 2, READAHEAD_MAX)
@@ -379,8 +380,8 @@ class LayerFiller:
             limit = end + self._window
             claimed: list[int] = []
             last = end
-            for q in range(p + 1, len(order)):
-                s, e, j = order[q]
+            for q in range(p + 1, len(files)):
+                s, e, j = starts[q], ends[q], files[q]
                 if e > limit or s > last + MERGE_GAP:
                     break
                 if self.ready[j] or self.filled[j] or j in self._inflight:
@@ -408,7 +409,7 @@ class LayerFiller:
                     self._hot.popleft()
                     continue
                 claimed = self._claim_run(order, p, allowed, min(max_bytes, limit - order[p][0]))
-                self._hot[0] = (self._position[claimed[-1]] + 1, limit)
+                self._hot[0] = (order.position[claimed[-1]] + 1, limit)
                 return claimed, True
             while sweep and self._sweep_passes < 2:
                 p = self._next_unclaimed(order, self._sweep, allowed, None)
@@ -416,11 +417,11 @@ class LayerFiller:
                     self._sweep, self._sweep_passes = 0, self._sweep_passes + 1
                     continue
                 claimed = self._claim_run(order, p, allowed, max_bytes)
-                self._sweep = self._position[claimed[-1]] + 1
+                self._sweep = order.position[claimed[-1]] + 1
                 return claimed, False
         return [], False
 
-    def _next_unclaimed(self, order: list[tuple[int, int, int]], p: int, allowed: bytearray,
+    def _next_unclaimed(self, order: _BlobOrder, p: int, allowed: bytearray,
                         limit: int | None) -> int | None:
         """The first position from p whose file is allowed, unfilled and unclaimed, starting
         before `limit` (a blob offset; None: anywhere).  Called with the lock held."""
@@ -433,7 +434,7 @@ class LayerFiller:
             p += 1
         return None
 
-    def _claim_run(self, order: list[tuple[int, int, int]], p: int, allowed: bytearray, max_bytes: int) -> list[int]:
+    def _claim_run(self, order: _BlobOrder, p: int, allowed: bytearray, max_bytes: int) -> list[int]:
         """Claim the file at p and those after it that share its request.  Lock held."""
         start, last, _ = order[p]
         claimed: list[int] = []
@@ -478,16 +479,16 @@ class LayerFiller:
     def _fill_claimed(self, claimed: list[int]) -> None:
         """Fetch the claimed files with one request, commit each that verifies; release all."""
         try:
-            entries = self.meta.toc.entries
+            table = self.meta.table
             live = [i for i in claimed if not self.is_filled(i)]
             if not live:
                 return
-            spans = [_span(entries[i]) for i in live]
+            spans = [table.span(i) for i in live]
             start, end = min(s for s, _ in spans), max(e for _, e in spans)
             fetched = None
             if end - start <= MAX_REQUEST:
                 try:
-                    fetched = (start, *self._read(entries[live[0]], start, end))
+                    fetched = (start, *self._read(table.name(live[0]), start, end))
                 except FillError as err:
                     self.errors.append(str(err))
                     return
@@ -520,9 +521,9 @@ class LayerFiller:
         `pause` is called before every request and may block: on-demand fills come first.
         Returns the number of files that failed (they stay unfilled; an open retries them).
         """
-        entries = self.meta.toc.entries
-        spans = merge(((*_span(entries[i]), i) for i in indices
-                       if entries[i].chunks and not self.is_filled(i)), gap, max_request)
+        table = self.meta.table
+        spans = merge(((*table.span(i), i) for i in indices
+                       if table.has_chunks(i) and not self.is_filled(i)), gap, max_request)
         self.errors = []
         if need_order:
             rank = {i: n for n, i in enumerate(indices)}
@@ -589,8 +590,7 @@ class LayerFiller:
         self.unfilled -= len(indices)
         if self.unfilled <= 0:
             self.unfilled = self.count_unfilled()  # shared objects may have filled others
-            if not self.unfilled and not any(e.size and e.type == "reg" and not self.filled[i]
-                                             for i, e in enumerate(self.meta.toc.entries)):
+            if not self.unfilled and self._all_marked():
                 sync_dir(self.tree)
                 mark_complete(self.dir)
 
@@ -657,7 +657,7 @@ class LayerFiller:
                 return False
         return True
 
-    def _read(self, e: Entry, start: int, end: int) -> tuple[bytes, object]:
+    def _read(self, name: str, start: int, end: int) -> tuple[bytes, object]:
         """The bytes of [start, end) and the source's token for who served them."""
         with self._counts:
             self.requests += 1
@@ -669,7 +669,7 @@ class LayerFiller:
         except FillError:
             raise
         except Exception as err:  # the source's own errors (network, registry) end this fill
-            raise FillError(f"fetching {e.name!r}: {err}") from err
+            raise FillError(f"fetching {name!r}: {err}") from err
         last = getattr(source, "last_origin", None)
         return data, last() if last is not None else None
 
@@ -712,7 +712,7 @@ class LayerFiller:
                     data = fetched[1][span.start - fetched[0]: span.end - fetched[0]]  # already downloaded
                     origin = fetched[2]
                 else:
-                    data, origin = self._read(e, span.start, span.end)
+                    data, origin = self._read(e.name, span.start, span.end)
                     with self._counts:
                         self.bytes_fetched += len(data)
             try:
@@ -732,6 +732,33 @@ class LayerFiller:
             raise BadBytes(f"{e.name!r}: content does not match its digest", origin)
         for off, piece in staged:  # verified as a whole, only now written
             os.pwrite(fd, piece, off)
+
+
+class _BlobOrder:
+    """A layer's files with data in blob order, as arrays (a supervisor keeps this for the
+    life of the container: 20 bytes a file, where tuples and a dict took about 200)."""
+
+    __slots__ = ("starts", "ends", "files", "position")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, p: int) -> tuple[int, int, int]:
+        """(start, end, entry index) of the p-th file in blob order."""
+        return self.starts[p], self.ends[p], self.files[p]
+
+    def __init__(self, table) -> None:
+        import array
+
+        files = [i for i in table.data_files() if table.has_chunks(i)]
+        spans = [table.span(i) for i in files]
+        order = sorted(range(len(files)), key=spans.__getitem__)
+        self.starts = array.array("Q", [spans[k][0] for k in order])
+        self.ends = array.array("Q", [spans[k][1] for k in order])
+        self.files = array.array("I", [files[k] for k in order])
+        self.position = array.array("i", [-1]) * len(table)  # entry index -> place in the order
+        for p, i in enumerate(self.files):
+            self.position[i] = p
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -760,14 +787,6 @@ def _discard(fd: int, e: Entry) -> None:
         os.utime(fd, (e.mtime, e.mtime))
     except OSError:
         pass
-
-
-def _span(e: Entry) -> tuple[int, int]:
-    """The compressed byte range holding all of a file's data chunks."""
-    data = [c for c in e.chunks if not c.zeros]
-    if not data:
-        return 0, 0
-    return min(c.offset for c in data), max(c.end for c in data)
 
 
 def _hash_zeros(h, n: int) -> None:

@@ -5,7 +5,7 @@
   pull creates one disk inode per entry, and a reader the supervisor does not see (`cat`
   under `lazyshim mount`, `podman cp`) reads an unfilled placeholder as zeros.
 - **v2 (metadata in memory, data by digest)**: trees on one store-wide tmpfs, rebuilt from
-  the CBOR metadata when missing; regular files are overlayfs metacopy files whose redirect
+  the layer metadata when missing; regular files are overlayfs metacopy files whose redirect
   names a data object (`shim.store.objects`) in a data-only lower layer.  An unfilled file
   fails to open for every reader.  Host root and overlayfs data-only lower layers only.
 
@@ -18,19 +18,21 @@ the store and kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LazyshimError
 from .filler import BlobSource, LayerFiller
 from .layout import Store, digest_dirname
-from .metadata import LayerMeta, load_layer, write_atomic
+from .metadata import LayerMeta, dump_layer, load_layer, write_atomic
 
 LAYOUT_ENV = "LAZYSHIM_STORE_LAYOUT"
 LAYOUTS = ("v1", "v2")
 _LAYOUT_FILE = "layout"
 _META_FILE = "meta.cbor"
+_TABLE_FILE = "toc.table"  # the layer's TocTable, mapped read-only by every process
+_INODES_FILE = "inodes"  # v1: per entry, its placeholder's inode (native u64s)
 _TREE = "tree"
 META_DIR = "meta"  # v2's store-wide tmpfs of metadata trees (shim.store.metatree)
 
@@ -87,9 +89,14 @@ class LayerLayout:
         return self.lower_dir(digest)
 
     # -- filling --
-    def inodes(self, digest: str, meta: LayerMeta) -> list[int]:
+    def inodes(self, digest: str, meta: LayerMeta) -> Sequence[int]:
         """Per entry, the inode of its file in the layer's tree (0: none to fill)."""
-        return meta.inodes
+        if meta.inodes:  # a record written before tables, or a layer being built
+            return meta.inodes
+        inodes = read_inodes(self.store.layer_dir(digest) / _INODES_FILE, digest)
+        if len(inodes) != len(meta.toc.entries):
+            raise LazyshimError(f"layer {digest[:19]}: its inode list does not match its metadata")
+        return inodes
 
     def filler(self, digest: str, meta: LayerMeta, source_factory: Callable[[], BlobSource]) -> LayerFiller:
         return LayerFiller(self.store.layer_dir(digest), meta, source_factory)
@@ -107,14 +114,16 @@ class LayerLayout:
         """Figures for `lazyshim df`: what the layers' file data takes, and what is shared."""
         files = filled = filled_bytes = 0
         for d in sorted(self.store.layers.iterdir()) if self.store.layers.is_dir() else []:
-            meta = load_layer(meta_path(d).read_bytes())
+            meta = read_meta(d)
+            if meta.complete:
+                continue
             marks = (d / "filled").read_bytes()
-            for i, e in enumerate(meta.toc.entries):
-                if e.type == "reg" and e.size and not meta.complete:
-                    files += 1
-                    if marks[i]:
-                        filled += 1
-                        filled_bytes += e.size
+            sizes = meta.table.size
+            for i in meta.table.data_files():
+                files += 1
+                if marks[i]:
+                    filled += 1
+                    filled_bytes += sizes[i]
         return {"files": files, "filled": filled, "data_bytes": filled_bytes, "shared_bytes": 0}
 
 
@@ -186,9 +195,64 @@ def _decide(store: Store) -> str:
 def load_meta(store: Store, digest: str) -> LayerMeta:
     """A pulled layer's metadata, or a one-line error naming the layer."""
     try:
-        return load_layer((store.layer_dir(digest) / _META_FILE).read_bytes())
+        return read_meta(store.layer_dir(digest))
     except FileNotFoundError as e:
         raise LazyshimError(f"layer {digest[:19]} is not in the store {store.root}") from e
+
+
+def read_meta(layer_dir: Path) -> LayerMeta:
+    """A layer dir's metadata; its entries are a table over a read-only map of the layer's
+    table file (shared with every other process of the store), not a decoded copy."""
+    record = (layer_dir / _META_FILE).read_bytes()
+    from .metadata import META_VERSION, record_version
+
+    if record_version(record) != META_VERSION:
+        return load_layer(record)  # written before tables (or damaged: a one-line error)
+    import mmap
+
+    from ..formats.toc import FormatError
+    from ..formats.toctable import TocTable
+
+    try:
+        with open(layer_dir / _TABLE_FILE, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        table = TocTable.from_buffer(mapped)
+    except (OSError, ValueError, FormatError) as e:  # ValueError: an empty file cannot be mapped
+        raise LazyshimError(f"layer {layer_dir.name[:19]}: its entry table is damaged: {e}") from e
+    return load_layer(record, table)
+
+
+def write_meta(layer_dir: Path, meta: LayerMeta) -> None:
+    """Write a layer's metadata into its fresh staging dir (renamed into place after), made
+    durable with one flush of the file system instead of one per file."""
+    from .filler import sync_dir
+
+    (layer_dir / _TABLE_FILE).write_bytes(meta.table.to_bytes())
+    if meta.inodes:
+        write_inodes(layer_dir / _INODES_FILE, meta.inodes)
+    (layer_dir / _META_FILE).write_bytes(dump_layer(meta))
+    sync_dir(layer_dir)
+
+
+def read_inodes(path: Path, digest: str) -> Sequence[int]:
+    """A list of native u64 inode numbers written by `write_inodes`."""
+    from array import array
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LazyshimError(f"layer {digest[:19]}: cannot read its inode list: {e.strerror}") from e
+    if len(raw) % 8:
+        raise LazyshimError(f"layer {digest[:19]}: its inode list is damaged")
+    out = array("Q")
+    out.frombytes(raw)
+    return out
+
+
+def write_inodes(path: Path, inodes: Sequence[int]) -> None:
+    from array import array
+
+    path.write_bytes(array("Q", inodes).tobytes())
 
 
 def release(store: Store) -> None:

@@ -1,21 +1,28 @@
-"""Per-layer and per-image metadata, stored as CBOR.
+"""Per-layer and per-image metadata: small CBOR records, and each layer's TOC as a table.
 
-The supervisor loads a layer's metadata at every container start, so entries are encoded
-as positional arrays (compact, fast to decode with cbor2's C extension), not as maps.
+The supervisor of every container loads its layers' metadata, so the entries are not in the
+CBOR record (version 2): they are the layer's `TocTable`, which the store keeps in a file of
+its own and maps read-only (`shim.store.layouts`), one copy in the page cache for every
+process.  Records of version 1 (entries as positional CBOR arrays, from stores written
+before tables) still load: their entries are turned into a table in memory.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
 
 from ..errors import LazyshimError
-from ..formats.toc import Chunk, Entry, Toc
+from ..formats.toc import Chunk, Entry, FormatError, Toc
+from ..formats.toctable import TocTable
 
-META_VERSION = 1
+META_VERSION = 2
+#: Records with their entries inline, as written before tables; read, never written.
+_INLINE_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -31,19 +38,20 @@ class LayerMeta:
     format: str  # "estargz" | "zstd:chunked" | "legacy"
     blob_size: int
     toc: Toc
-    inodes: list[int] = field(default_factory=list)
+    inodes: Sequence[int] = field(default_factory=list)
     toc_digest: str | None = None
     complete: bool = False  # legacy layers: unpacked in full, nothing to fill
     registry: str = ""  # where its missing content is fetched from
     repository: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.toc.entries, TocTable):  # legacy layers and tests build lists
+            self.toc.entries = TocTable.from_entries(self.toc.entries, self.toc.prioritized, self.toc.no_prefetch)
 
-def _entry_to_list(e: Entry) -> list:
-    return [
-        e.name, e.type, e.mode, e.uid, e.gid, e.size, e.mtime, e.link, e.dev_major, e.dev_minor,
-        e.xattrs or None, e.digest,
-        [[c.offset, c.end, c.inner_offset, c.file_offset, c.size, c.digest, c.zeros] for c in e.chunks] or None,
-    ]
+    @property
+    def table(self) -> TocTable:
+        """The entries as columns (what whole-layer questions are asked of)."""
+        return self.toc.entries  # type: ignore[return-value]
 
 
 def _entry_from_list(v: list) -> Entry:
@@ -56,6 +64,7 @@ def _entry_from_list(v: list) -> Entry:
 
 
 def dump_layer(meta: LayerMeta) -> bytes:
+    """The layer's record without its entries (those are `meta.table.to_bytes()`)."""
     return cbor2.dumps({
         "v": META_VERSION,
         "digest": meta.digest,
@@ -65,29 +74,48 @@ def dump_layer(meta: LayerMeta) -> bytes:
         "complete": meta.complete,
         "prioritized": meta.toc.prioritized,
         "no_prefetch": meta.toc.no_prefetch,
-        "entries": [_entry_to_list(e) for e in meta.toc.entries],
-        "inodes": meta.inodes,
+        "entries": len(meta.toc.entries),
         "registry": meta.registry,
         "repository": meta.repository,
     })
 
 
-def load_layer(data: bytes) -> LayerMeta:
+def record_version(data: bytes) -> int | None:
+    """The version of a layer record, None if it is not one."""
     try:
         d = cbor2.loads(data)
-        if d.get("v") != META_VERSION:
-            raise LazyshimError(f"layer metadata version {d.get('v')!r} is not supported; re-pull the image")
-        toc = Toc(
-            entries=[_entry_from_list(v) for v in d["entries"]],
-            prioritized=d["prioritized"],
-            no_prefetch=d["no_prefetch"],
-        )
+    except (cbor2.CBORDecodeError, ValueError, TypeError):
+        return None
+    return d.get("v") if isinstance(d, dict) else None
+
+
+def load_layer(data: bytes, table: TocTable | None = None) -> LayerMeta:
+    """A layer's metadata from its record and (version 2) its table; one-line errors."""
+    try:
+        d = cbor2.loads(data)
+        v = d.get("v")
+        if v == _INLINE_VERSION:
+            toc = Toc(
+                entries=TocTable.from_entries([_entry_from_list(e) for e in d["entries"]], d["prioritized"],
+                                              d["no_prefetch"]),
+                prioritized=d["prioritized"], no_prefetch=d["no_prefetch"],
+            )
+            inodes = d["inodes"]
+        elif v == META_VERSION:
+            if table is None:
+                raise LazyshimError("layer metadata has no entry table")
+            if len(table) != d["entries"] or table.prioritized != d["prioritized"]:
+                raise LazyshimError("layer metadata does not match its entry table")
+            toc = Toc(entries=table, prioritized=d["prioritized"], no_prefetch=d["no_prefetch"])
+            inodes = []
+        else:
+            raise LazyshimError(f"layer metadata version {str(v)[:20]!r} is not supported; re-pull the image")
         return LayerMeta(
             digest=d["digest"], format=d["format"], blob_size=d["blob_size"], toc=toc,
-            inodes=d["inodes"], toc_digest=d["toc_digest"], complete=d["complete"],
+            inodes=inodes, toc_digest=d["toc_digest"], complete=d["complete"],
             registry=d["registry"], repository=d["repository"],
         )
-    except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except (cbor2.CBORDecodeError, FormatError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise LazyshimError(f"corrupt layer metadata: {e}") from e
 
 

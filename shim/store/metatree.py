@@ -6,12 +6,12 @@
     STORE/meta/<alg>-<hex>/tree/     the layer's tree: dirs, symlinks, devices, whiteouts, modes,
                                      owners, xattrs, mtimes; regular files with content are
                                      metacopy files whose redirect names their data object
-    STORE/meta/<alg>-<hex>/inodes    per entry, the inode of its file in tree/ (for the supervisor)
+    STORE/meta/<alg>-<hex>/inodes    per entry, the inode of its file in tree/ (u64s, for the supervisor)
     STORE/meta/<alg>-<hex>/view/     podman's `diff`: a read-only overlay of tree::STORE/data
     STORE/data/                      the data-only lower layer (`shim.store.objects`)
 
-The CBOR metadata under layers/ stays the source of truth: a tree lost with the tmpfs (a
-reboot, an unmount) is rebuilt from it by the next pull or mount, and costs no refetch, since
+The metadata under layers/ (record and entry table) stays the source of truth: a tree lost
+with the tmpfs (a reboot, an unmount) is rebuilt from it by the next pull or mount at no refetch, since
 the objects are on disk.  A tree is built in a staging name on the tmpfs and renamed into
 place, so `meta/<alg>-<hex>` exists only complete.  Legacy (non-lazy) layers keep their full
 tree on disk under layers/, as in v1.
@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import cbor2
 
 from ..errors import LazyshimError
 from ..formats.toc import Entry
 from .filler import BlobSource, LayerFiller, filled_map_path
 from .layout import digest_dirname
-from .layouts import META_DIR, LayerLayout, MountSpec, load_meta
+from .layouts import META_DIR, LayerLayout, MountSpec, load_meta, read_inodes, write_inodes
 from .metadata import LayerMeta
-from .objects import ObjectFiller, object_name
+from .objects import ObjectFiller, object_name, table_object_name
 from .sysmount import MS_RDONLY, detach, mount
 
 _META = META_DIR
@@ -149,7 +147,7 @@ class MetaLayout(LayerLayout):
             inodes = build_tree(meta.toc, staging / _TREE, TreeOptions(privileged=True), own_xattrs=redirect)
         except OSError as e:
             raise LazyshimError(f"building the metadata tree of layer {digest[:19]}: {e.strerror}") from e
-        (staging / _INODES).write_bytes(cbor2.dumps(inodes))
+        write_inodes(staging / _INODES, inodes)
 
     def _ensure_tmpfs(self) -> None:
         if os.path.ismount(self.meta_root):
@@ -187,16 +185,18 @@ class MetaLayout(LayerLayout):
                 mount("overlay", view, "overlay", opts, MS_RDONLY)
         return view
 
-    def inodes(self, digest: str, meta: LayerMeta) -> list[int]:
+    def inodes(self, digest: str, meta: LayerMeta) -> Sequence[int]:
         if self._is_disk_tree(digest):
-            return meta.inodes
+            return super().inodes(digest, meta)
         self.activate(digest, meta)
         path = self.meta_root / digest_dirname(digest) / _INODES
         try:
-            inodes = cbor2.loads(path.read_bytes())
-        except (OSError, cbor2.CBORDecodeError) as e:
-            raise LazyshimError(f"metadata tree of layer {digest[:19]} is damaged: {e}") from e
-        if not isinstance(inodes, list) or len(inodes) != len(meta.toc.entries):
+            inodes = read_inodes(path, digest)
+        except LazyshimError:
+            inodes = _cbor_inodes(path)  # a tree an older version built (CBOR): still valid
+        if len(inodes) != len(meta.toc.entries):
+            inodes = _cbor_inodes(path)
+        if len(inodes) != len(meta.toc.entries):
             raise LazyshimError(f"metadata tree of layer {digest[:19]} does not match its metadata")
         return inodes
 
@@ -220,10 +220,9 @@ class MetaLayout(LayerLayout):
                 marks = filled_map_path(d).read_bytes()
             except (LazyshimError, OSError):
                 continue  # a layer being deleted: it names nothing
-            for i, e in enumerate(meta.toc.entries):
-                name = object_name(meta.digest, i, e)
-                if name is not None and i < len(marks) and marks[i]:
-                    names.add(name)
+            for i in meta.table.data_files():
+                if i < len(marks) and marks[i]:
+                    names.add(table_object_name(meta.digest, meta.table, i))
         return collect_unnamed(self.data_root, self.store.tmp, names)
 
     def collect_data(self) -> tuple[int, int]:
@@ -232,10 +231,7 @@ class MetaLayout(LayerLayout):
         names = set()
         for d in sorted(self.store.layers.iterdir()):
             meta = load_meta(self.store, d.name.replace("-", ":", 1))
-            for i, e in enumerate(meta.toc.entries):
-                name = object_name(meta.digest, i, e)
-                if name is not None:
-                    names.add(name)
+            names.update(table_object_name(meta.digest, meta.table, i) for i in meta.table.data_files())
         from .partials import collect
 
         files, size = collect_unnamed(self.data_root, self.store.tmp, names)
@@ -250,12 +246,13 @@ class MetaLayout(LayerLayout):
         files = 0
         for d in sorted(self.store.layers.iterdir()):
             meta = load_meta(self.store, d.name.replace("-", ":", 1))
-            for i, e in enumerate(meta.toc.entries):
-                name = object_name(meta.digest, i, e)
-                if name is not None and not meta.complete:
-                    files += 1
-                    users[name] += 1
-                    sizes[name] = e.size
+            if meta.complete:
+                continue
+            for i in meta.table.data_files():
+                name = table_object_name(meta.digest, meta.table, i)
+                files += 1
+                users[name] += 1
+                sizes[name] = meta.table.size[i]
         present = {n for n in sizes if (self.data_root / n).is_file()}
         out = {"files": files, "filled": sum(users[n] for n in present),
                "data_bytes": sum(sizes[n] for n in present),
@@ -270,6 +267,17 @@ class MetaLayout(LayerLayout):
         d = self.meta_root / digest_dirname(digest)
         detach(d / _VIEW)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _cbor_inodes(path: Path) -> Sequence[int]:
+    """The inode list of a tree built before they were written as u64s, or [] (no match)."""
+    import cbor2
+
+    try:
+        inodes = cbor2.loads(path.read_bytes())
+    except (OSError, ValueError, cbor2.CBORDecodeError):
+        return []
+    return inodes if isinstance(inodes, list) and all(type(i) is int for i in inodes) else []
 
 
 def _escape(p: Path) -> str:

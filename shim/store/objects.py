@@ -19,32 +19,46 @@ names, once, before the first unflushed object of a new boot.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..formats.toc import Entry, FormatError
+from ..formats.toctable import REG, TocTable
 from .filler import SYNCER, BlobSource, Fetched, FillError, LayerFiller
 from .layout import digest_dirname
 from .metadata import LayerMeta
 
 _HEX = frozenset("0123456789abcdef")
 _TMP_SEQ = itertools.count(1)  # temporary names unique in this process (next() is atomic)
-_OBJECT_LOCKS: dict[Path, threading.Lock] = {}
+_OBJECT_LOCKS: dict[str, list] = {}  # object path -> [lock, holders and waiters]
 _OBJECT_LOCKS_GUARD = threading.Lock()
 
 
-def _object_lock(path: Path) -> threading.Lock:
+@contextlib.contextmanager
+def _object_lock(path: Path) -> Iterator[None]:
     """One lock per object in this process: two entries (of any layers) with the same content,
-    opened at once, make one fetch; the second finds the object the first renamed in."""
+    opened at once, make one fetch; the second finds the object the first renamed in.  A lock
+    lives only while someone holds or waits for it: one per object ever filled would grow
+    with every file of the image."""
+    key = str(path)
     with _OBJECT_LOCKS_GUARD:
-        lock = _OBJECT_LOCKS.get(path)
-        if lock is None:
-            lock = _OBJECT_LOCKS[path] = threading.Lock()
-        return lock
+        slot = _OBJECT_LOCKS.get(key)
+        if slot is None:
+            slot = _OBJECT_LOCKS[key] = [threading.Lock(), 0]
+        slot[1] += 1
+    try:
+        with slot[0]:
+            yield
+    finally:
+        with _OBJECT_LOCKS_GUARD:
+            slot[1] -= 1
+            if not slot[1]:
+                del _OBJECT_LOCKS[key]
 
 
 def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
@@ -54,7 +68,18 @@ def object_name(layer_digest: str, idx: int, e: Entry) -> str | None:
     only lowercase hex reaches the path."""
     if e.type != "reg" or not e.size:
         return None
-    alg, _, hexpart = e.digest.partition(":")
+    return _name_of(layer_digest, idx, e.digest)
+
+
+def table_object_name(layer_digest: str, table: TocTable, idx: int) -> str | None:
+    """`object_name` of entry idx of a table, without making its Entry."""
+    if table.kind[idx] != REG or not table.size[idx]:
+        return None
+    return _name_of(layer_digest, idx, table.digest_of(idx))
+
+
+def _name_of(layer_digest: str, idx: int, digest: str | None) -> str:
+    alg, _, hexpart = (digest or "").partition(":")
     if alg == "sha256" and len(hexpart) == 64 and _HEX.issuperset(hexpart):
         return f"objects/{hexpart[:2]}/{hexpart}"
     return f"entries/{digest_dirname(layer_digest)}/{idx}"
@@ -134,14 +159,12 @@ class ObjectFiller(LayerFiller):
                  data_dir: Path, tmp_dir: Path) -> None:
         self.data_dir = data_dir
         self.tmp_dir = tmp_dir
-        self._names: dict[int, str | None] = {}
         super().__init__(layer_dir, meta, source_factory, tree=data_dir)
 
     def object_path(self, idx: int) -> Path | None:
-        try:
-            name = self._names[idx]
-        except KeyError:
-            name = self._names[idx] = object_name(self.meta.digest, idx, self.meta.toc.entries[idx])
+        """Made on each call (a microsecond) rather than cached: a cache of every file's name
+        would be the biggest thing in a supervisor's memory after the first recount."""
+        name = table_object_name(self.meta.digest, self.meta.table, idx)
         return None if name is None else self.data_dir / name
 
     def is_filled(self, idx: int) -> bool:
@@ -154,7 +177,7 @@ class ObjectFiller(LayerFiller):
             st = os.stat(path)
         except OSError:
             return False
-        if st.st_size != self.meta.toc.entries[idx].size:
+        if st.st_size != self.meta.table.size[idx]:
             return False
         self.ready[idx] = 1  # another layer, image or container brought it in
         SYNCER.add(self, [idx])  # marked once flushed: it may not be on disk yet
@@ -162,8 +185,8 @@ class ObjectFiller(LayerFiller):
 
     def _check_marks(self) -> None:
         """A mark whose object is gone (deleted by gc or by recovery): refetch those."""
-        for i, e in enumerate(self.meta.toc.entries):
-            if self.filled[i] and e.type == "reg" and e.size:
+        for i in self.meta.table.data_files():
+            if self.filled[i]:
                 path = self.object_path(i)
                 if path is None or not path.exists():
                     self.filled[i] = 0

@@ -91,14 +91,18 @@ def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None,
     b = TreeBuilder(dest, opts)
     owner: dict[str, int] = {}  # name -> index of the regular file that made it last
     linked: set[int] = set()  # regular files some hardlink entry points at
+    names: list[str | None] = []  # per entry, a regular file's name (the strings `owner` holds)
     try:
         inodes = []
         for i, e in enumerate(toc.entries):
             inodes.append(b.add(e, own_xattrs(i, e) if own_xattrs is not None and e.type == "reg" else None))
             if e.type == "reg":
                 owner[e.name] = i
-            elif e.type == "hardlink" and e.link in owner:
-                linked.add(owner[e.link])
+                names.append(e.name)
+            else:
+                names.append(None)
+                if e.type == "hardlink" and e.link in owner:
+                    linked.add(owner[e.link])
     except BaseException:
         b.close()
         raise
@@ -107,7 +111,7 @@ def build_tree(toc: Toc, dest: Path, opts: TreeOptions | None = None,
     # Still reachable through a hardlink, its inode lives on and stays ours to fill.
     for i, ino in enumerate(inodes):
         if ino and i not in linked:
-            name = toc.entries[i].name
+            name = names[i]
             if owner.get(name) != i or b._kinds.get(name) != "reg":
                 inodes[i] = 0
     b.finish()

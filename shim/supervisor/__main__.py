@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(a: argparse.Namespace, handover) -> int:
+    from .heap import bound_heap
+
+    bound_heap()  # before any thread: the fills' buffers must not stay resident
     from seccomp.verdict import Verdicts
 
     from ..errors import LazyshimError

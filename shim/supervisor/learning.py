@@ -79,7 +79,7 @@ class Learner:
             if not needed or len(needed) == self._written:
                 return
             files = []
-            for filler, idx, _size in needed:
+            for filler, idx in needed:
                 e = filler.meta.toc.entries[idx]
                 files.append((e.name, e.digest or "", e.size))
             cut_short = cut_short or self.partial or len(needed) >= profiles.MAX_FILES
