@@ -65,7 +65,17 @@ def release(container_id: str) -> None:
 
 
 def _host_ifname(container_id: str) -> str:
-    return "lz" + hashlib.sha256(container_id.encode()).hexdigest()[:10]  # IFNAMSIZ: 15 chars
+    return _ifname(container_id, "h")
+
+
+def _peer_ifname(container_id: str) -> str:
+    """The container's end before it is renamed eth0: never the host end's name (a suffix
+    that is not a hex digit), or adding the pair fails with EEXIST."""
+    return _ifname(container_id, "p")
+
+
+def _ifname(container_id: str, end: str) -> str:
+    return "lz" + hashlib.sha256(container_id.encode()).hexdigest()[:10] + end  # IFNAMSIZ: 15 chars
 
 
 def _ensure_bridge(ipr) -> int:
@@ -107,7 +117,7 @@ def setup(container_id: str, pid: int) -> ipaddress.IPv4Address:
     from pyroute2 import IPRoute, NetNS
 
     ip = _allocate(container_id)
-    host, peer = _host_ifname(container_id), _host_ifname(container_id)[:-1] + "c"
+    host, peer = _host_ifname(container_id), _peer_ifname(container_id)
     try:
         with IPRoute() as ipr:
             bridge = _ensure_bridge(ipr)
