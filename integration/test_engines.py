@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from integration.images import Containerd, fetch_manifest
+from integration.podman_env import private_podman
 from integration.registry import Registry
 from integration.storeview import layout_name, release_store_mounts_below
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
@@ -50,22 +51,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def podman_als(store: Path) -> Iterator[tuple[list[str], dict[str, str]]]:
     """A private podman whose storage.conf names lazyshim's additional layer store."""
-    top = Path(tempfile.mkdtemp(prefix="lzp-"))  # podman wants a runroot shorter than 50 chars
-    conf = top / "storage.conf"
-    conf.write_text(
-        '[storage]\ndriver = "overlay"\n'
-        f'graphroot = "{top}/root"\nrunroot = "{top}/run"\n'
-        f'[storage.options]\nadditionallayerstores = ["{store}/als:ref"]\n')
-    # Roots come from storage.conf only: podman drops the conf's [storage.options] (the layer
-    # store) when --root/--runroot/--storage-driver are given on its command line.
-    argv = ["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime", LAZYSHIM]
-    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}  # podman does not pass it on anyway
-    env["CONTAINERS_STORAGE_CONF"] = str(conf)
-    yield argv, env
-    sh(*argv, "rm", "--all", "--force", env=env)
-    sh(*argv, "rmi", "--all", "--force", env=env)
-    subprocess.run(["umount", "-R", "-l", f"{top}/root/overlay"], capture_output=True)
-    shutil.rmtree(top, ignore_errors=True)
+    with private_podman(f"{store}/als", "lzp-") as pod:
+        yield pod
 
 
 def test_podman_pulls_through_the_layer_store_and_runs_lazily(

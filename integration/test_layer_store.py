@@ -25,12 +25,13 @@ from pathlib import Path
 import pytest
 
 from integration.images import fetch_manifest
+from integration.podman_env import private_podman
 from integration.procs import stop_group, wait_for_line
 from integration.registry import Registry
 from integration.storeview import release_store_mounts_below
 from integration.test_lazy_run import LAZYSHIM as LAZYSHIM_PY
 from integration.test_lazy_run import lazyshim
-from integration.test_runtime_cli import LAZYSHIM, RANDOM_SHA, RUN_FLAGS, sh
+from integration.test_runtime_cli import RANDOM_SHA, RUN_FLAGS, sh
 from integration.test_store_layouts import image_digests
 
 # Files the container hashes: the interpreter's own modules, read through the lazy tree.
@@ -85,20 +86,8 @@ def layer_store() -> Iterator[LayerStore]:
 def podman(layer_store: LayerStore) -> Iterator[tuple[list[str], dict[str, str]]]:
     """A private podman whose storage.conf names the FUSE layer store (roots from the conf
     only: podman drops [storage.options] when --root/--runroot are on its command line)."""
-    top = Path(tempfile.mkdtemp(prefix="lzq-"))  # podman wants a runroot shorter than 50 chars
-    conf = top / "storage.conf"
-    conf.write_text(
-        '[storage]\ndriver = "overlay"\n'
-        f'graphroot = "{top}/root"\nrunroot = "{top}/run"\n'
-        f'[storage.options]\nadditionallayerstores = ["{layer_store.mnt}:ref"]\n')
-    argv = ["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime", LAZYSHIM]
-    env = {k: v for k, v in os.environ.items() if k != "LAZYSHIM_ROOT"}
-    env["CONTAINERS_STORAGE_CONF"] = str(conf)
-    yield argv, env
-    sh(*argv, "rm", "--all", "--force", env=env)
-    sh(*argv, "rmi", "--all", "--force", env=env)
-    subprocess.run(["umount", "-R", "-l", f"{top}/root/overlay"], capture_output=True)
-    shutil.rmtree(top, ignore_errors=True)
+    with private_podman(layer_store.mnt, "lzq-") as pod:
+        yield pod
 
 
 def test_podman_pull_is_lazy_without_lazyshim_pull_and_runs(
