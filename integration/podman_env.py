@@ -4,9 +4,13 @@ layer store (lazyshim's static one under a store, or the FUSE layer store's moun
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,3 +39,19 @@ def private_podman(layer_store: str | Path, prefix: str) -> Iterator[tuple[list[
         sh(*argv, "rmi", "--all", "--force", env=env)
         subprocess.run(["umount", "-R", "-l", f"{top}/root/overlay"], capture_output=True)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def saved_layer_diff_ids(archive: Path) -> list[str]:
+    """The diff_ids of the layers in a `podman save --format oci-archive` tarball, after
+    checking that every blob in it is what its name says."""
+    with tarfile.open(archive) as t:
+        blobs = {m.name.rsplit("/", 1)[1]: t.extractfile(m).read() for m in t.getmembers()  # type: ignore[union-attr]
+                 if m.isfile() and m.name.startswith("blobs/sha256/")}
+        index = json.loads(t.extractfile("index.json").read())  # type: ignore[union-attr]
+    assert all(hashlib.sha256(data).hexdigest() == name for name, data in blobs.items())
+    manifest = json.loads(blobs[index["manifests"][0]["digest"].split(":")[1]])
+    out = []
+    for layer in manifest["layers"]:
+        data = blobs[layer["digest"].split(":")[1]]
+        out.append("sha256:" + hashlib.sha256(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).hexdigest())
+    return out
