@@ -97,23 +97,9 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
         ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         argv += _profile_args(config, image_id)
-        try:
-            proc = subprocess.Popen(
-                argv, pass_fds=(listener.fileno(), ready_w), start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                cwd="/", env=supervisor_env(),
-            )
-        finally:
-            os.close(ready_w)
-        # Recorded before waiting: a run interrupted here must still find it to stop it.
-        (sdir / "supervisor.pid").write_text(str(proc.pid))
-        try:
-            ok = os.read(ready_r, 1) == b"1"
-        finally:
-            os.close(ready_r)
+        proc, ok = start_daemon(argv, ready_r, ready_w, sdir / "supervisor.pid", pass_fds=(listener.fileno(),))
     if not ok:
-        proc.wait()
-        raise LazyshimError(f"supervisor failed to start: {_last_line(sdir / 'supervisor.log')}")
+        raise LazyshimError(f"supervisor failed to start: {last_log_line(sdir / 'supervisor.log')}")
     return proc.pid
 
 
@@ -197,9 +183,39 @@ def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
     shutil.rmtree(sdir, ignore_errors=True)
 
 
-def _last_line(path: Path) -> str:
+def start_daemon(argv: list[str], ready_r: int, ready_w: int, pid_file: Path,
+                 pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, bool]:
+    """Start one of lazyshim's helper processes (the supervisor, the big-file FUSE server):
+    its own session, no stdio, the supervisor's environment.  It writes b"1" to `ready_w`
+    (a pipe whose ends the caller made and named in argv) once it serves.  Its pid is in
+    `pid_file` before the wait, so a run interrupted meanwhile still finds it to stop it.
+    Returns (process, ready); a process that did not get ready has been reaped.  Closes
+    both pipe ends."""
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(*pass_fds, ready_w), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd="/", env=supervisor_env())
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)
+    pid_file.write_text(str(proc.pid))
+    try:
+        ok = os.read(ready_r, 1) == b"1"
+    finally:
+        os.close(ready_r)
+    if not ok:
+        proc.wait()
+    return proc, ok
+
+
+def last_log_line(path: Path, prefix: str = "") -> str:
+    """The last line of a helper's log (after `prefix`, where it has one), for an error."""
     try:
         lines = path.read_text().strip().splitlines()
-        return lines[-1] if lines else "no log"
     except OSError:
         return "no log"
+    if not lines:
+        return "no log"
+    return lines[-1].partition(prefix)[2] or lines[-1] if prefix else lines[-1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def start(store_root: Path, layers: list[str], sources: list[str] | None, cdir: 
     from shim.bigfs.plan import served
     from shim.store.layout import Store
 
-    from .attach import supervisor_env
+    from .attach import last_log_line, start_daemon
 
     limit = bigfs.threshold()
     if not served(Store(store_root), layers, limit):
@@ -43,20 +42,10 @@ def start(store_root: Path, layers: list[str], sources: list[str] | None, cdir: 
     argv = [sys.executable, "-m", "shim.bigfs", "--store", str(store_root), "--layers", ",".join(layers),
             "--mount", str(mnt), "--threshold", str(limit), "--ready-fd", str(ready_w),
             "--log", str(cdir / LOG_FILE)] + (["--sources", ",".join(sources)] if sources else [])
-    try:
-        proc = subprocess.Popen(argv, pass_fds=(ready_w,), start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=supervisor_env())
-    finally:
-        os.close(ready_w)
-    (cdir / PID_FILE).write_text(str(proc.pid))
-    try:
-        ok = os.read(ready_r, 1) == b"1"
-    finally:
-        os.close(ready_r)
+    _, ok = start_daemon(argv, ready_r, ready_w, cdir / PID_FILE)
     if not ok:
-        proc.wait()
         (cdir / PID_FILE).unlink(missing_ok=True)
-        _unavailable(f"the FUSE layer did not start ({_last_line(cdir / LOG_FILE)})")
+        _unavailable(f"the FUSE layer did not start ({last_log_line(cdir / LOG_FILE, 'bigfs: ')})")
         return None
     return mnt, limit
 
@@ -86,11 +75,3 @@ def _unavailable(reason: str) -> None:
     if not _said_unavailable:
         _said_unavailable = True
         print(f"lazyshim: {reason}: big files are filled whole", file=sys.stderr)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text().strip().splitlines()
-        return lines[-1].partition("bigfs: ")[2] or lines[-1] if lines else "no log"
-    except OSError:
-        return "no log"
