@@ -87,6 +87,18 @@ def podman(layer_store: LayerStore) -> Iterator[tuple[list[str], dict[str, str]]
         yield pod
 
 
+def _toc_requests(registry: Registry, ref: str, layer: dict) -> int:
+    """How many range requests a pull makes for an eStargz layer's footer and TOC: one for the
+    blob's tail, and one more when the TOC begins before that tail."""
+    from shim.formats import estargz
+    from shim.pull import tail_size
+
+    repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+    blob = registry.blob_path(repo, layer["digest"]).read_bytes()
+    toc_offset, _ = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:])
+    return 1 if toc_offset >= len(blob) - tail_size(len(blob)) else 2
+
+
 def test_podman_pull_is_lazy_without_lazyshim_pull_and_runs(
         layer_store: LayerStore, podman, images: dict[str, str], registry: Registry) -> None:
     ref = images["python:esgz"]
@@ -95,9 +107,10 @@ def test_podman_pull_is_lazy_without_lazyshim_pull_and_runs(
     registry.clear_access_log()
     pulled = sh(*podman_argv, "pull", "--tls-verify=false", ref, env=env, timeout=300)
     assert pulled.returncode == 0, pulled.stderr
-    for la in layers:  # footer + TOC: two ranges per layer, no whole blob (a range GET is answered 206)
-        registry.bytes_served(la["digest"], min_requests=2)
-        assert [e.status for e in registry.blob_requests(la["digest"])] == [206, 206], la["digest"][:19]
+    for la in layers:  # footer + TOC: one tail range (two if the TOC outgrows it), no whole blob (206)
+        n = _toc_requests(registry, ref, la)
+        registry.bytes_served(la["digest"], min_requests=n)
+        assert [e.status for e in registry.blob_requests(la["digest"])] == [206] * n, la["digest"][:19]
     for la in layers:
         served = registry.bytes_served(la["digest"])
         assert 0 < served < la["size"] * 0.5, (la["digest"][:19], served, la["size"])
@@ -171,8 +184,9 @@ def test_lookups_at_once_pull_a_layer_once(layer_store: LayerStore, images: dict
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(look, ["info", "diff"] * 8))
     assert len(set(got[0::2])) == 1 and len(set(got[1::2])) == 1
-    registry.bytes_served(layer["digest"], min_requests=2)
-    assert [e.status for e in registry.blob_requests(layer["digest"])] == [206, 206]  # one footer, one TOC
+    n = _toc_requests(registry, ref, layer)
+    registry.bytes_served(layer["digest"], min_requests=n)
+    assert [e.status for e in registry.blob_requests(layer["digest"])] == [206] * n  # footer and TOC, once
 
 
 def test_hostile_and_unknown_names_are_enoent(layer_store: LayerStore, images: dict[str, str]) -> None:

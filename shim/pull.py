@@ -1,7 +1,9 @@
 """`lazyshim pull`: manifest, config and tables of contents only.
 
-For each layer we fetch the footer and the TOC with two range requests, check the TOC
-against the digest the (digest-verified) manifest carries, and build the placeholder tree.
+The config and all layers are fetched side by side.  For an eStargz layer one range request
+for the blob's tail usually brings both the footer and the TOC (else a second one brings the
+rest of the TOC); the TOC is checked against the digest the (digest-verified) manifest
+carries, and the layer's metadata tree is built.
 A layer whose TOC cannot be verified (no eStargz/zstd:chunked annotation) is not lazy: it
 is streamed, checked against its blob digest and unpacked in full, so every image runs.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +32,12 @@ from .store.metadata import ImageRecord, LayerMeta, dump_image, write_atomic
 from .store.placeholders import TreeOptions
 
 MAX_CONFIG = 4 << 20
+#: Layers pulled at once (and the config beside them): enough to overlap the round trips of
+#: a typical image, few enough not to open a connection per layer of a 100-layer one.
+MAX_PARALLEL = 8
+#: Bounds of the first (tail) request of an eStargz layer: see tail_size.
+MIN_TAIL = 64 << 10
+MAX_TAIL = 512 << 10
 T = TypeVar("T")
 
 
@@ -57,20 +67,18 @@ def pull(ref_str: str, store: Store, client: RegistryClient | None = None,
 def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
           progress: PullProgress | None = None) -> ImageRecord:
     manifest = client.get_manifest(ref.repository, ref.digest or ref.tag or "latest")
-    config_raw = client.get_blob(ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
+    # The config and every layer's table of contents at once: on a link with a round trip
+    # of 20 ms, one after another cost a round trip (or two) each.
+    with ThreadPoolExecutor(max_workers=MAX_PARALLEL, thread_name_prefix="lazyshim-pull") as pool:
+        config_job = pool.submit(client.get_blob, ref.repository, manifest.config.digest, max_size=MAX_CONFIG)
+        metas = _ensure_layers(pool, store, client, ref, manifest.layers, progress)
+        config_raw = config_job.result()
     try:
         config = json.loads(config_raw)
     except (ValueError, RecursionError):  # RecursionError: a few MB of `[` fit under MAX_CONFIG
         raise LazyshimError(f"{ref_str}: image config is not JSON") from None
     if not isinstance(config, dict):
         raise LazyshimError(f"{ref_str}: image config is not a JSON object")
-    metas = []
-    for i, layer in enumerate(manifest.layers):
-        if progress:
-            progress(i, len(manifest.layers), layer, None)
-        metas.append(ensure_layer(store, client, ref, layer))
-        if progress:
-            progress(i, len(manifest.layers), layer, metas[-1])
     layout = layout_of(store)
     for meta in metas:
         layout.activate(meta.digest, meta)
@@ -84,6 +92,41 @@ def _pull(ref: Reference, ref_str: str, store: Store, client: RegistryClient,
 
     als.publish(store, rec, metas, [ref_str, str(ref)])
     return rec
+
+
+def _ensure_layers(pool: ThreadPoolExecutor, store: Store, client: RegistryClient, ref: Reference,
+                   layers: list[Descriptor], progress: PullProgress | None) -> list[LayerMeta]:
+    """Every layer's metadata, the layers pulled side by side (each layer digest once: two
+    builders of one digest in one process would share a staging name).  If one fails, the
+    others are waited for (or cancelled) before its error is raised, so nothing is left
+    half-built and no image record names a layer that is not there."""
+    lock = threading.Lock()
+    count = len(layers)
+
+    def one(i: int, layer: Descriptor) -> LayerMeta:
+        if progress:
+            with lock:
+                progress(i, count, layer, None)
+        meta = ensure_layer(store, client, ref, layer)
+        if progress:
+            with lock:
+                progress(i, count, layer, meta)
+        return meta
+
+    jobs: dict[str, Future[LayerMeta]] = {}
+    for i, layer in enumerate(layers):
+        if layer.digest not in jobs:
+            jobs[layer.digest] = pool.submit(one, i, layer)
+    done = {}
+    try:
+        for digest, job in jobs.items():
+            done[digest] = job.result()
+    except BaseException:
+        for job in jobs.values():
+            job.cancel()
+        wait(jobs.values())
+        raise
+    return [done[layer.digest] for layer in layers]
 
 
 def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
@@ -176,16 +219,43 @@ def _checked_range(client: RegistryClient, ref: Reference, desc: Descriptor, sta
         raise FormatError(str(e)) from e
 
 
+def tail_size(blob_size: int) -> int:
+    """How many bytes at the end of an eStargz blob the first request asks for: the footer
+    and, usually, the whole TOC behind it, so that one round trip brings both.  A TOC grows
+    with the layer's file count, which grows (loosely) with its size: about 1/50 of the blob,
+    at least 64 KiB, at most 512 KiB (what is read for nothing stays under a round trip's
+    worth of bytes at 100 Mbit/s, most of the time).  A TOC that does not fit costs a second
+    request for the part before the tail, as the footer and the TOC cost two before."""
+    return min(blob_size, max(MIN_TAIL, min(blob_size // 50, MAX_TAIL)))
+
+
 def _estargz_meta(client: RegistryClient, ref: Reference, desc: Descriptor) -> LayerMeta:
     size = desc.size
     if size < estargz.FOOTER_SIZE:
         raise FormatError("blob too small for eStargz")
-    toc_offset, footer_size = _checked_range(client, ref, desc, size - estargz.FOOTER_SIZE, size,
-                                             estargz.parse_footer)
-    start, end = estargz.toc_range(size, toc_offset, footer_size)
     want = desc.annotations[estargz.TOC_DIGEST_ANNOTATION]
-    # Parsed as it is checked: bytes a mirror got wrong (digest, format) are read from the next endpoint.
-    toc: Toc = _checked_range(client, ref, desc, start, end, lambda region: estargz.read_toc(region, toc_offset, want))
+    tail_start = size - tail_size(size)
+
+    def from_tail(tail: bytes) -> tuple[int, int, int, bytes, Toc | None]:
+        if len(tail) != size - tail_start:
+            raise FormatError("short tail of the blob")
+        toc_offset, footer_size = estargz.parse_footer(tail)
+        start, end = estargz.toc_range(size, toc_offset, footer_size)  # bounded: inside the blob, <= 64 MiB
+        if start < tail_start:
+            return toc_offset, start, end, tail, None
+        view = memoryview(tail)[start - tail_start:end - tail_start]
+        return toc_offset, start, end, b"", estargz.read_toc(view, toc_offset, want)
+
+    # Parsed as it is checked: bytes a mirror got wrong (footer, digest, format) are read from the next endpoint.
+    toc_offset, start, end, tail, toc = _checked_range(client, ref, desc, tail_start, size, from_tail)
+    if toc is None:  # the TOC begins before the tail: fetch only what is missing
+        held = memoryview(tail)[:end - tail_start]
+        try:
+            toc = _checked_range(client, ref, desc, start, tail_start,
+                                 lambda head: estargz.read_toc(head + held, toc_offset, want))
+        except FormatError:  # perhaps the tail was the wrong part: the whole region, checked on its own
+            toc = _checked_range(client, ref, desc, start, end,
+                                 lambda region: estargz.read_toc(region, toc_offset, want))
     return LayerMeta(digest=desc.digest, format="estargz", blob_size=size, toc=toc, toc_digest=want)
 
 
