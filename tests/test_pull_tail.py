@@ -62,7 +62,7 @@ def _desc(blob_size: int, toc_digest: str) -> Descriptor:
 def test_tail_size_is_bounded() -> None:
     assert tail_size(100) == 100
     assert tail_size(1 << 20) == MIN_TAIL
-    assert tail_size(10 << 20) == (10 << 20) // 50
+    assert tail_size(10 << 20) == (10 << 20) // 100
     assert tail_size(10 << 30) == MAX_TAIL
 
 
