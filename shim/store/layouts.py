@@ -18,6 +18,7 @@ the store and kept.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,15 +148,22 @@ def layout_of(store: Store) -> LayerLayout:
     cached = getattr(store, "_layout_impl", None)
     if cached is not None:
         return cached
-    name = _decide(store)
-    if name == "v2":
-        from .metatree import MetaLayout
+    with _DECIDE_LOCK:  # a pull's layer threads ask at once: one records the layout (one temp name)
+        cached = getattr(store, "_layout_impl", None)
+        if cached is not None:
+            return cached
+        name = _decide(store)
+        if name == "v2":
+            from .metatree import MetaLayout
 
-        impl: LayerLayout = MetaLayout(store)
-    else:
-        impl = PlaceholderLayout(store)
-    store._layout_impl = impl
-    return impl
+            impl: LayerLayout = MetaLayout(store)
+        else:
+            impl = PlaceholderLayout(store)
+        store._layout_impl = impl
+        return impl
+
+
+_DECIDE_LOCK = threading.Lock()
 
 
 def _decide(store: Store) -> str:
