@@ -244,3 +244,46 @@ def test_without_fuse_big_files_are_filled_whole_and_that_is_said_once(monkeypat
     bigmount._unavailable("no fuse here")
     bigmount._unavailable("no fuse here")
     assert capsys.readouterr().err == "lazyshim: no fuse here: big files are filled whole\n"
+
+
+def test_a_chunk_is_fetched_in_parts_that_cover_it_exactly() -> None:
+    from shim.bigfs.fetch import MIN_PART, PARTS, parts
+
+    assert parts(100, 100 + 4 * MIN_PART) == [(100 + i * MIN_PART, 100 + (i + 1) * MIN_PART) for i in range(4)]
+    assert parts(0, MIN_PART + 1) == [(0, MIN_PART + 1)]  # too small to split
+    got = parts(7, 7 + 10 * MIN_PART + 3)
+    assert len(got) == PARTS and got[0][0] == 7 and got[-1][1] == 7 + 10 * MIN_PART + 3
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))
+
+
+BIG_CHUNK = 2 << 20
+BIG_DATA = random.Random(8).randbytes(2 * BIG_CHUNK)
+
+
+def _big_layer() -> tuple[Entry, CountingSource]:
+    ti = tarfile.TarInfo("model/weights.bin")
+    ti.size = len(BIG_DATA)
+    layer = build_estargz([(ti, BIG_DATA)], chunk_size=BIG_CHUNK)
+    toc_offset, _ = estargz.parse_footer(layer.blob[-51:])
+    entry = next(e for e in estargz.parse_toc(layer.toc_json, toc_offset).entries if e.type == "reg")
+    return entry, CountingSource(layer.blob)
+
+
+def test_a_big_chunk_comes_in_parts_and_a_lying_part_costs_a_refetch_not_a_wrong_byte(tmp_path: Path) -> None:
+    entry, src = _big_layer()
+    f = _bigfile(tmp_path, entry, src)
+    c = entry.chunks[1]
+    assert f.read(BIG_CHUNK + 3, 10) == BIG_DATA[BIG_CHUNK + 3: BIG_CHUNK + 13]
+    assert len(src.requests) == 4 and sorted(src.requests)[0][0] == c.offset
+    assert sum(e - s for s, e in src.requests) == c.end - c.offset
+    # Parts after the first come from somewhere that lies: the chunk is fetched again in one request.
+    del src.requests[:]
+    entry0 = entry.chunks[0]
+    served = src.read_range
+
+    def lying(start: int, end: int) -> bytes:
+        data = served(start, end)
+        return data if start == entry0.offset else bytes(len(data))
+    src.read_range = lying  # type: ignore[method-assign]
+    assert f.read(5, 10) == BIG_DATA[5:15]
+    assert src.requests[-1] == (entry0.offset, entry0.end)
