@@ -95,7 +95,8 @@ def weights_spec(cache: Path = CACHE) -> ImageSpec:
     libs.tree(NUMPY_DIR, NUMPY_EXCLUDE)
     libs.file("app/sample.py", WORKLOAD.encode(), 0o755)
     model = _LayerBuilder()
-    model.add(Entry("model/weights.npy", "file", 0o644, source=weights_file(cache)))
+    # Resolved: a checkout whose .cache links to another's shares its built images (same key).
+    model.add(Entry("model/weights.npy", "file", 0o644, source=weights_file(cache).resolve()))
     return ImageSpec(NAME, [*base.layers, _finish(libs), _finish(model)], cmd=["/app/sample.py"])
 
 
