@@ -364,6 +364,10 @@ def test_stats_reports_fills_of_a_running_container(store: Path, images: dict[st
         c.finish()
     assert doc["fills"] >= 1 and doc["files_filled"] >= 1 and doc["bytes_fetched"] > 0
     assert doc["notifications"] >= doc["fills"]
+    # Where the start waited: the first on-demand fills, in order, the file the shell read among them.
+    waits = doc["first_waits"]
+    assert 1 <= len(waits) <= doc["fills"] and "/app/hello.txt" in [w["path"] for w in waits]
+    assert all(w["waited"] >= 0 and w["size"] >= 0 for w in waits)
     p = lazyshim(store, "stats", c.name, check=False)
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,3 +255,38 @@ def test_a_start_up_set_is_claimed_at_once_and_requested_first_need_first(tmp_pa
     for ti, data in entries:
         if regs[ti.name] in need:
             assert (tmp_path / "layer/tree" / ti.name).read_bytes() == data
+
+
+def test_a_file_asked_for_by_name_reads_no_neighbours(tmp_path: Path) -> None:
+    meta, filler, source, regs = _filler_with(tmp_path, _files(10))
+    filler.fill(regs["lib/m000.py"], neighbours=False)  # a prefill (/etc/passwd): no miss, no locality
+    _wait_idle(filler)
+    assert len(source.reads) == 1
+    assert [n for n, i in regs.items() if filler.is_filled(i)] == ["lib/m000.py"]
+
+
+def test_a_big_miss_has_the_link_to_itself_before_its_neighbours_come(tmp_path: Path) -> None:
+    big = reg("lib/a-big.so", os.urandom(filler_mod.AHEAD_AFTER + 4096))
+    meta, filler, source, regs = _filler_with(tmp_path, [big, *_files(10)])
+    times: list[tuple[int, float, float]] = []
+    plain = source.read_range
+    idx = regs["lib/a-big.so"]
+    own_start = meta.table.span(idx)[0]
+    another = threading.Event()
+
+    def timed(start: int, end: int) -> bytes:
+        t0 = time.monotonic()
+        if start == own_start:
+            another.wait(0.5)  # a window to be caught in: a neighbour's request sent beside this one
+        else:
+            another.set()
+        data = plain(start, end)
+        times.append((start, t0, time.monotonic()))
+        return data
+    source.read_range = timed  # type: ignore[method-assign]
+    filler.fill(idx)
+    _wait_idle(filler)
+    own = next(t for t in times if t[0] == own_start)
+    others = [t for t in times if t[0] != own_start]
+    assert others and all(t[1] >= own[2] for t in others), times
+    assert all(filler.is_filled(i) for i in regs.values())

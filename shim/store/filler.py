@@ -48,6 +48,8 @@ READAHEAD_MAX = 8 << 20
 #: A window is fetched in requests of about this size, this many in flight (over as many connections).
 READAHEAD_PIECE = 1 << 20
 READAHEAD_PARALLEL = 2
+#: A missed file bigger than this (compressed) is fetched before its window, not beside it.
+AHEAD_AFTER = 256 << 10
 #: Files closer than this in the blob share a request (the bytes between are fetched too).
 MERGE_GAP = 64 << 10
 #: Range requests a filler has in flight beside on-demand fills (readahead, parallel prefetch).
@@ -289,9 +291,10 @@ class LayerFiller:
         return self._source
 
     # ---- on demand -----------------------------------------------------------------------
-    def fill(self, idx: int) -> None:
+    def fill(self, idx: int, neighbours: bool = True) -> None:
         """Make entry `idx` readable; returns when it is (or raises FillError).  Its
-        neighbours in the blob are fetched beside it and committed as they arrive."""
+        neighbours in the blob are fetched beside it and committed as they arrive (unless
+        not `neighbours`: a file asked for by name, not by a workload's miss, says nothing of them)."""
         for _attempt in (0, 1):
             if self.is_filled(idx):
                 return
@@ -309,14 +312,23 @@ class LayerFiller:
             if self.is_filled(idx):
                 return
             raise FillError(f"filling {self.meta.toc.entries[idx].name!r} failed")
+        ahead: list[int] = []
+        later = False
         try:
-            ahead = self._claim_window(idx) if self.readahead else []
-            if ahead:
+            ahead = self._claim_window(idx) if self.readahead and neighbours else []
+            # A big missed file first, its neighbours after it: beside it they would take most of
+            # the link from the one file an open waits for.  A small one's request is a round
+            # trip either way, and the neighbours' requests are best already in flight.
+            s, e = self.meta.table.span(idx)
+            later = bool(ahead) and e - s > AHEAD_AFTER
+            if ahead and not later:
                 self._read_ahead(ahead)
             self._note_miss(ahead[-1] if ahead else idx)
             self._fill_locked(idx, None)
         finally:
             self._release([idx])
+            if later:
+                self._read_ahead(ahead)
 
     def _read_ahead(self, claimed: list[int]) -> None:
         """Fetch a claimed window in pieces of READAHEAD_PIECE, in blob order, READAHEAD_PARALLEL
