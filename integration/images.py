@@ -704,6 +704,7 @@ class BuildStats:
 
     built: list[str] = field(default_factory=list)  # "name:variant" produced from scratch
     from_cache: list[str] = field(default_factory=list)  # "name:variant" pushed from the cache
+    failed: dict[str, str] = field(default_factory=dict)  # "name:variant" -> why it could not be built
     seconds: float = 0.0
 
 
@@ -768,8 +769,12 @@ def build_and_push(
     *,
     stats: BuildStats | None = None,
     optimize: dict[str, OptimizeRun] | None = None,
+    may_fail: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Make sure ``registry`` holds every ``name:variant``; return ``{"name:variant": full_ref}``.
+
+    A variant in ``may_fail`` whose build fails is left out of the result and its error kept in
+    ``stats.failed`` (the benchmark reports it and runs the rest); any other failure raises.
 
     Variants missing from the cache are produced by the reference tools (a private containerd is
     started only when a ctr-remote conversion is needed) and then stored in the cache. The
@@ -813,7 +818,14 @@ def build_and_push(
                 if variant == "podman-zstdchunked":
                     # podman refuses a runroot path longer than 50 characters: keep it short.
                     pdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lzp-")))
-                    _podman_zstd_chunked(host, name, pdir, penv, prefix)
+                    try:
+                        _podman_zstd_chunked(host, name, pdir, penv, prefix)
+                    except ImageBuildError as exc:
+                        if variant not in may_fail:
+                            raise
+                        stats.failed[key] = str(exc)
+                        del refs[key]
+                        continue
                 else:
                     if containerd is None:
                         containerd = Containerd(tmp / "containerd").start()
