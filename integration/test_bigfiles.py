@@ -327,3 +327,58 @@ def test_the_background_completes_a_big_file_and_the_next_container_reads_it_nat
     assert second.stdout == expected
     assert registry.bytes_served(layer["digest"]) == 0
     assert not (tmp_path / "store" / "containers" / "second" / "bigfs.log").exists()  # no FUSE layer
+
+
+KILLED = """
+import mmap, os, sys
+fd = os.open("/model/weights.npy", os.O_RDONLY)
+os.pread(fd, 16, 0)
+open("/sig/go").read()
+try:
+    os.pread(fd, 16, 100 << 20)
+    print("READ-OK")
+except OSError as e:
+    print("READ-ERRNO", e.errno)
+sys.stdout.flush()
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+print("MAPPED", m[200 << 20])
+"""
+
+
+def test_a_killed_fuse_server_is_an_error_for_readers_and_its_mount_is_still_detached(
+        tmp_path: Path, rundir: Path, weights: dict[str, str]) -> None:
+    """The FUSE server killed under a running container: the reader of a chunk it had not
+    served gets ENOTCONN/EIO (a mapping SIGBUS), never a hang or other bytes, and the teardown
+    detaches the dead mount (whose stat fails: os.path.ismount would say "not mounted")."""
+    import signal
+
+    from integration.lazyenv import poll
+
+    env = _env(tmp_path, rundir)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    sig = _signal_dir(tmp_path)
+    name = f"killfuse-{os.getpid()}"
+    cdir = tmp_path / "store" / "containers" / name
+    run = _popen(env, "run", "--rm", "--no-background-fetch", "--name", name, "-v", f"{sig}:/sig", ref,
+                 "/usr/bin/python3", "-c", KILLED)
+
+    def dead(server: int) -> bool:  # gone, or a zombie its parent (lazyshim run) has not reaped
+        try:
+            return Path(f"/proc/{server}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def kill_server() -> None:  # the workload has read the first chunk and waits on the fifo
+        server = int((cdir / "bigfs.pid").read_text())
+        assert b"shim.bigfs" in _cmdline(server)
+        os.kill(server, signal.SIGKILL)
+        poll(lambda: dead(server), "the FUSE server to die")
+    _release(sig, run, kill_server)
+    out, err = run.communicate(timeout=120)
+    errno_line = next((line for line in out.splitlines() if line.startswith("READ-")), "")
+    assert errno_line in ("READ-ERRNO 107", "READ-ERRNO 5"), out + err  # ENOTCONN or EIO
+    assert "MAPPED" not in out
+    assert run.returncode == 128 + 7, (run.returncode, err)  # SIGBUS
+    assert _fuse_mounts_under(tmp_path) == []
+    assert not cdir.exists()

@@ -3,10 +3,11 @@
 `shim.bigfs` serves the big files of the image chunk by chunk; this module runs its
 process for one container (mount point `<container dir>/big`, pid in `bigfs.pid`, the
 chunks it saw touched in `bigfs.touched`, which the supervisor learns into the image's
-profile: `record_path`) and tears it down.  The runtime stacks the mount as the last
-data-only lower layer of the container's overlay.  Where FUSE cannot be served (no usable
-/dev/fuse, no libfuse3), big files are filled whole by the supervisor, and that is said once
-per process on stderr.
+profile: `record_path`) and tears it down.  A server that died (killed) leaves a mount
+whose every access fails with ENOTCONN: `mounted` reads /proc/self/mountinfo, never stats
+it.  The runtime stacks the mount as the last data-only lower layer of the container's
+overlay.  Where FUSE cannot be served (no usable /dev/fuse, no libfuse3), big files are
+filled whole by the supervisor, and that is said once per process on stderr.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def stop(cdir: Path) -> None:
     from shim.store.sysmount import detach
 
     mnt = cdir / MOUNT
-    if os.path.ismount(mnt):
+    if mounted(cdir):
         detach(mnt)
     try:
         pid = int((cdir / PID_FILE).read_text())
@@ -79,7 +80,11 @@ def stop(cdir: Path) -> None:
 
 
 def mounted(cdir: Path) -> bool:
-    return os.path.ismount(cdir / MOUNT)
+    """The FUSE layer is mounted, alive or not (os.path.ismount stats it: a dead server's mount
+    answers ENOTCONN, which ismount takes for "not a mount point")."""
+    from shim.store.sysmount import mounts_below
+
+    return os.path.join(os.path.realpath(cdir), MOUNT) in mounts_below(cdir)
 
 
 def _unavailable(reason: str) -> None:
