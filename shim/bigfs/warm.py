@@ -17,7 +17,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from ..pacing import QUIET, is_quiet
 from .chunked import BigFile, ChunkError
@@ -91,23 +90,35 @@ def profile_plan(files: Sequence[BigFile], chunks: Sequence[tuple[str, str, int,
 
 def prefetch(plan: list[tuple[BigFile, int]], log: Log, parallel: int = PARALLEL) -> None:
     """Fetch the plan's chunks now, `parallel` at once, first touched first; returns when done.
-    A chunk that fails is left to its reader (who gets EIO if it fails again)."""
+    A chunk that fails is left to its reader (who gets EIO if it fails again).  Daemon threads,
+    not an executor: a server told to stop must not wait for the rest of the plan."""
     if not plan:
         return
     t0 = time.monotonic()
+    todo = iter(plan)
+    lock = threading.Lock()
     failed = 0
 
-    def one(item: tuple[BigFile, int]) -> None:
+    def worker() -> None:
         nonlocal failed
-        f, k = item
-        try:
-            f.ensure(k)
-        except (ChunkError, OSError) as e:
-            failed += 1
-            log(f"profile prefetch: {e}")
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            f, k = item
+            try:
+                f.ensure(k)
+            except (ChunkError, OSError) as e:
+                with lock:
+                    failed += 1
+                log(f"profile prefetch: {e}")
 
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-prefetch") as pool:
-        list(pool.map(one, plan))
+    threads = [threading.Thread(target=worker, daemon=True, name="chunk-prefetch") for _ in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     log(f"profile prefetch of {len(plan)} chunks done in {time.monotonic() - t0:.2f} s ({failed} failed)")
 
 
