@@ -76,7 +76,7 @@ BENCH_ARGS ?= --image py --link 100mbit:20ms --runs 3 \
               --micro --json docs/bench/py.json --png docs/bench/py.png
 # A 256 MiB weights file mapped and sampled (8 of 64 chunks): sub-file fills through the FUSE layer.
 BENCH_WEIGHTS_ARGS ?= --image weights --link 100mbit:20ms --runs 2 \
-              --variants podman,lazyshim,lazyshim-nobg,stargz --json docs/bench/weights.json
+              --variants podman,lazyshim,lazyshim-nobg,lazyshim-prof,lazyshim-warm,stargz --json docs/bench/weights.json
 
 $(VENV)/.bench-stamp: $(VENV)/.stamp requirements-bench.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.lock

@@ -9,6 +9,7 @@ EIO or SIGBUS for the reader, and no mount or server outlives the container.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -67,8 +68,10 @@ def _weights_layer(ref: str) -> dict:
 
 
 def _fuse_mounts_under(path: Path) -> list[str]:
+    """FUSE mount points below `path` (by the file system type, after mountinfo's " - ")."""
     with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path)) and "fuse" in line]
+        return [line.split()[4] for line in f
+                if line.split()[4].startswith(str(path)) and line.partition(" - ")[2].startswith("fuse")]
 
 
 @pytest.mark.parametrize("variant", ["esgz", "zstdchunked"])
@@ -208,3 +211,174 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+# ---- chunks in the learned profile, the background, a dead server ---------------------------
+TOUCHED = list(range(0, weights_image.WEIGHTS_BYTES // CHUNK, weights_image.STRIDE_BYTES // CHUNK))
+#: The sample, once the test lets it go: so the test sees what was fetched before the reader asked.
+GO_THEN_SAMPLE = "open('/sig/go').read(); exec(open('/app/sample.py').read())"
+SAMPLE_THEN_WAIT = "exec(open('/app/sample.py').read()); import sys; sys.stdout.flush(); open('/sig/go').read()"
+
+
+def _signal_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "sig"
+    d.mkdir()
+    os.mkfifo(d / "go")
+    return d
+
+
+def _release(sig: Path, proc: subprocess.Popen, before=None) -> None:
+    """Let the container's workload go: once it waits on the fifo (a reader is there), one write
+    (after `before()`, if given: what the test does while the workload waits)."""
+    from integration.lazyenv import poll
+
+    def writer() -> int | None:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        try:
+            return os.open(sig / "go", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            return None
+    fd = poll(writer, "the workload to wait on its fifo", timeout=240)
+    if before is not None:
+        before()
+    os.write(fd, b"go")
+    os.close(fd)
+
+
+def _popen(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(LAZYSHIM + list(args), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_the_chunks_run_1_touched_are_fetched_at_the_start_of_run_2(tmp_path: Path, rundir: Path,
+                                                                    weights: dict[str, str], expected: str,
+                                                                    registry: Registry) -> None:
+    """Run 1 learns which chunks of the weights the workload touched; on a fresh store given
+    only that profile, run 2's FUSE layer fetches exactly those before the workload reads any
+    (it waits on a fifo meanwhile), and the workload's reads then fetch nothing more."""
+    from integration.lazyenv import poll
+
+    ref = weights["weights:esgz"]
+    layer = _weights_layer(ref)
+    sig = _signal_dir(tmp_path)
+    cmd = ["-v", f"{sig}:/sig", ref, "/usr/bin/python3", "-c", GO_THEN_SAMPLE]
+    env = _env(tmp_path, rundir)
+    lazyshim(env, "pull", ref)
+    run1 = _popen(env, "run", "--rm", "--no-background-fetch", *cmd)
+    _release(sig, run1)
+    out, err = run1.communicate(timeout=300)
+    assert (run1.returncode, out) == (0, expected), err
+    shown = json.loads(lazyshim(env, "profile", "show", "--format", "json", ref).stdout)
+    (big,) = shown[0]["chunks"]
+    assert big["path"] == "/model/weights.npy" and big["chunks"] == TOUCHED, big["chunks"]
+    exported = tmp_path / "profile.json"
+    lazyshim(env, "profile", "export", "-o", str(exported), ref)
+
+    fresh = dict(_env(tmp_path, rundir), LAZYSHIM_ROOT=str(tmp_path / "fresh"),
+                 LAZYSHIM_BACKGROUND_FETCH="prioritized")  # the profile, nothing of the rest
+    lazyshim(fresh, "profile", "import", str(exported))
+    lazyshim(fresh, "pull", ref)
+    registry.clear_access_log()
+    run2 = _popen(fresh, "run", "--rm", *cmd)
+    want = len(TOUCHED) * CHUNK * 0.9
+    poll(lambda: registry.bytes_served(layer["digest"]) >= want or run2.poll() is not None,
+         "the profile's chunks to be fetched", timeout=240)
+    assert run2.poll() is None  # the workload has not read a byte of the weights yet
+    _release(sig, run2)
+    out, err = run2.communicate(timeout=300)
+    assert (run2.returncode, out) == (0, expected), err
+    assert registry.bytes_served(layer["digest"]) <= len(TOUCHED) * (CHUNK + (64 << 10))  # none fetched twice
+
+
+def test_a_hostile_profile_of_chunks_is_refused_with_one_line(tmp_path: Path, rundir: Path) -> None:
+    env = _env(tmp_path, rundir)
+    doc = {"v": 1, "image": "sha256:" + "a" * 64, "registry": "127.0.0.1:5000", "repository": "weights",
+           "command": {"args": ["/app/sample.py"], "cwd": "/"}, "files": []}
+    for chunks, words in ((["model/weights.npy", "", 256 << 20, list(range(70000))], "more than 65536 chunks"),
+                          (["model/weights.npy", "", 8 << 20, [3, 1 << 40]], "out of range")):
+        path = tmp_path / "hostile.json"
+        path.write_text(json.dumps(dict(doc, chunks=[chunks])))
+        p = lazyshim(env, "profile", "import", str(path), check=False)
+        assert p.returncode != 0 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert lazyshim(env, "profile", "show", "--format", "json").stdout.strip() == "[]"
+
+
+def test_the_background_completes_a_big_file_and_the_next_container_reads_it_natively(
+        tmp_path: Path, rundir: Path, weights: dict[str, str], expected: str, registry: Registry) -> None:
+    """Background fetch `all`: while the workload waits after its sample, the FUSE layer fetches
+    the other chunks, verifies the whole file and publishes it; the next container has no FUSE
+    layer and fetches nothing of the weights."""
+    from integration.lazyenv import poll
+
+    env = _env(tmp_path, rundir)
+    ref = weights["weights:esgz"]
+    layer = _weights_layer(ref)
+    lazyshim(env, "pull", ref)
+    sig = _signal_dir(tmp_path)
+    size = weights_image.weights_file().stat().st_size
+    run = _popen(env, "run", "--rm", "-v", f"{sig}:/sig", ref, "/usr/bin/python3", "-c", SAMPLE_THEN_WAIT)
+    poll(lambda: any(o.stat().st_size == size for o in (tmp_path / "store").glob("data/objects/*/*"))
+         or run.poll() is not None, "the weights to be published", timeout=240)
+    _release(sig, run)
+    out, err = run.communicate(timeout=300)
+    assert (run.returncode, out) == (0, expected), err
+    registry.clear_access_log()
+    second = lazyshim(env, "run", "--no-background-fetch", "--name", "second", ref)
+    assert second.stdout == expected
+    assert registry.bytes_served(layer["digest"]) == 0
+    assert not (tmp_path / "store" / "containers" / "second" / "bigfs.log").exists()  # no FUSE layer
+
+
+KILLED = """
+import mmap, os, sys
+fd = os.open("/model/weights.npy", os.O_RDONLY)
+os.pread(fd, 16, 0)
+open("/sig/go").read()
+try:
+    os.pread(fd, 16, 100 << 20)
+    print("READ-OK")
+except OSError as e:
+    print("READ-ERRNO", e.errno)
+sys.stdout.flush()
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+print("MAPPED", m[200 << 20])
+"""
+
+
+def test_a_killed_fuse_server_is_an_error_for_readers_and_its_mount_is_still_detached(
+        tmp_path: Path, rundir: Path, weights: dict[str, str]) -> None:
+    """The FUSE server killed under a running container: the reader of a chunk it had not
+    served gets ENOTCONN/EIO (a mapping SIGBUS), never a hang or other bytes, and the teardown
+    detaches the dead mount (whose stat fails: os.path.ismount would say "not mounted")."""
+    import signal
+
+    from integration.lazyenv import poll
+
+    env = _env(tmp_path, rundir)
+    ref = weights["weights:esgz"]
+    lazyshim(env, "pull", ref)
+    sig = _signal_dir(tmp_path)
+    name = f"killfuse-{os.getpid()}"
+    cdir = tmp_path / "store" / "containers" / name
+    run = _popen(env, "run", "--rm", "--no-background-fetch", "--name", name, "-v", f"{sig}:/sig", ref,
+                 "/usr/bin/python3", "-c", KILLED)
+
+    def dead(server: int) -> bool:  # gone, or a zombie its parent (lazyshim run) has not reaped
+        try:
+            return Path(f"/proc/{server}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def kill_server() -> None:  # the workload has read the first chunk and waits on the fifo
+        server = int((cdir / "bigfs.pid").read_text())
+        assert b"shim.bigfs" in _cmdline(server)
+        os.kill(server, signal.SIGKILL)
+        poll(lambda: dead(server), "the FUSE server to die")
+    _release(sig, run, kill_server)
+    out, err = run.communicate(timeout=120)
+    errno_line = next((line for line in out.splitlines() if line.startswith("READ-")), "")
+    assert errno_line in ("READ-ERRNO 107", "READ-ERRNO 5"), out + err  # ENOTCONN or EIO
+    assert "MAPPED" not in out
+    assert run.returncode == 128 + 7, (run.returncode, err)  # SIGBUS
+    assert _fuse_mounts_under(tmp_path) == []
+    assert not cdir.exists()

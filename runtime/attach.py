@@ -55,7 +55,7 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
            metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
            record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
-           big_threshold: int = 0, image_id: str | None = None) -> int:
+           big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
@@ -64,7 +64,8 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     `notify` or `ptrace` (default: as `runtime.trap` chooses).  Under ptrace the socket
     takes the createRuntime hook's connection instead of the delegate's listener fd.
     `big_threshold`: the container has a FUSE layer of big files (`runtime.bigmount`) that
-    serves the files this big: the supervisor leaves them to it.
+    serves the files this big: the supervisor leaves them to it; `big_record`: where that
+    layer records the chunks it saw touched, which the supervisor merges into the profile.
     `image_id`: the image's, whose start-up profile the supervisor learns and uses (without
     it: the image made of `layers`); unless profiles are off.
     """
@@ -95,6 +96,7 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
             "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
             "--background", mode, "--trap", trap,
         ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
+          + (["--big-record", str(big_record)] if big_record else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         argv += _profile_args(config, image_id)
         proc, ok = start_daemon(argv, ready_r, ready_w, sdir / "supervisor.pid", pass_fds=(listener.fileno(),))
@@ -105,12 +107,18 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
 
 def _profile_args(config: dict, image_id: str | None) -> list[str]:
     """The supervisor's start-up profile flags: the workload is its argv and working dir."""
+    process = config.get("process") or {}
+    return profile_flags(process.get("args") or [], process.get("cwd") or "/", image_id)
+
+
+def profile_flags(args: list, cwd: str, image_id: str | None) -> list[str]:
+    """The start-up profile flags of a helper (the supervisor, the FUSE layer of big files) for
+    the workload `args` run in `cwd`: both must name the same profile.  None if profiles are off."""
     from shim import api
 
     if not api.profiles_enabled():
         return []
-    process = config.get("process") or {}
-    command = {"args": [str(x) for x in process.get("args") or []], "cwd": str(process.get("cwd") or "/")}
+    command = {"args": [str(x) for x in args], "cwd": str(cwd or "/")}
     return ["--profile-command", json.dumps(command)] + (["--profile-image", image_id] if image_id else [])
 
 

@@ -93,7 +93,7 @@ def detect(bundle: str) -> Found | None:
 
 def prepare(found: Found, container_id: str, sdir: str) -> str:
     """Start the supervisor for `found` and write the private bundle; returns its path."""
-    from . import agent_policy, attach
+    from . import agent_policy, attach, bigmount
 
     state = Path(sdir)
     if state.exists():
@@ -111,9 +111,10 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
             agent_policy.complete_for_agent(config, reason, Path(store_root), list(layers),
                                             f"container {container_id}")
         else:
+            scratch = _scratch(state)
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
-                          sources=sources, big_threshold=big_threshold,
-                          image_id=image_id)
+                          sources=sources, big_threshold=big_threshold, image_id=image_id,
+                          big_record=bigmount.record_path(scratch) if big_threshold and scratch else None)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))
@@ -149,10 +150,24 @@ def _mount_image(found: Found, container_id: str, state: Path) -> tuple[str, lis
     (state / "mounted").write_text(json.dumps({"target": found.rootfs, "scratch": str(scratch)}))
     big = None
     if spec.data_lowers and agent_policy.foreign_reason(found.config) is None:
-        big = bigmount.start(store.root, list(image.layers), sources, scratch)
+        from . import attach
+
+        process = found.config.get("process") or {}
+        big = bigmount.start(store.root, list(image.layers), sources, scratch,
+                             background=attach.background_mode(found.config),
+                             profile=attach.profile_flags(process.get("args") or [], process.get("cwd") or "/",
+                                                          image.id))
     overlay.mount_overlay(spec.lowers + [Path(found.rootfs)], scratch / "upper", scratch / "work", Path(found.rootfs),
                           data_lowers=[*spec.data_lowers, big[0]] if big else spec.data_lowers, options=spec.options)
     return str(store.root), list(image.layers), sources, big[1] if big else 0, image.id
+
+
+def _scratch(state: Path) -> Path | None:
+    """The scratch dir of the image this bundle's overlay was mounted from (None: not ours)."""
+    try:
+        return Path(json.loads((state / "mounted").read_text())["scratch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _scaffold_only(path: str, limit: int = 64) -> bool:

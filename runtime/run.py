@@ -93,21 +93,24 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
 
         lower = api.layer_mount(store, image)
         sources = api.image_sources(store, image, args.image)
+        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
+        if not args_:
+            raise LazyshimError(f"{args.image}: no command given and the image has none")
+        cwd = args.workdir or settings.workdir or "/"
+        background = attach.background_mode({}, "none" if args.no_background_fetch else None)
         # Big files read sparsely go through the container's FUSE layer, the last data-only lower.
-        big = bigmount.start(store.root, image.layers, sources, cdir) \
+        big = bigmount.start(store.root, image.layers, sources, cdir, background=background,
+                             profile=attach.profile_flags(args_, cwd, image.id)) \
             if lazy and agent is None and lower.data_lowers else None
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big
                               else lower.data_lowers, options=lower.options)
-        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
-        if not args_:
-            raise LazyshimError(f"{args.image}: no command given and the image has none")
         uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
         if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
         config = spec.build_spec(
             rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, _env(args)),
-            cwd=args.workdir or settings.workdir or "/",
+            cwd=cwd,
             uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
         _apply_run_flags(config, args)
@@ -125,9 +128,9 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             agent_policy.complete_for_agent(config, agent, store.root, image.layers, f"container {cid}")
         elif lazy:
             attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                          background="none" if args.no_background_fetch else None,
-                          record=Path(args.record) if args.record else None,
-                          sources=sources, big_threshold=big[1] if big else 0, image_id=image.id)
+                          background=background, record=Path(args.record) if args.record else None,
+                          sources=sources, big_threshold=big[1] if big else 0, image_id=image.id,
+                          big_record=bigmount.record_path(cdir) if big else None)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]

@@ -73,9 +73,12 @@ def _row(p, with_files: bool) -> dict:
         "Repository": f"{p.registry}/{p.repository}", "Image": p.image, "ID": p.image.removeprefix("sha256:")[:12],
         "Command": " ".join(p.args), "Cwd": p.cwd, "Files": len(p.files), "Size": p.total_size,
         "Updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.updated)),
+        "Chunks": sum(len(ks) for *_, ks in p.chunks),
     }
     if with_files:
         row["files"] = [{"path": "/" + name, "digest": digest, "size": size} for name, digest, size in p.files]
+        row["chunks"] = [{"path": "/" + name, "digest": digest, "size": size, "chunks": list(ks)}
+                         for name, digest, size, ks in p.chunks]
     return row
 
 
@@ -97,9 +100,11 @@ def cmd_show(args) -> int:
         return 0
     for r in rows:  # one image: each profile's files, first need first (as `lazyshim record` lists them)
         print(f"# {r['Repository']} {r['ID']} {r['Command']!r} in {r['Cwd']}: {r['Files']} files, "
-              f"{human(r['Size'])}, {r['Updated']}")
+              f"{human(r['Size'])}, {r['Chunks']} chunks of big files, {r['Updated']}")
         for f in r["files"]:
             print(f["path"])
+        for f in r["chunks"]:  # big files: the chunks touched, first touch first
+            print(f"{f['path']} chunks {','.join(map(str, f['chunks']))}")
     return 0
 
 

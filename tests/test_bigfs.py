@@ -287,3 +287,110 @@ def test_a_big_chunk_comes_in_parts_and_a_lying_part_costs_a_refetch_not_a_wrong
     src.read_range = lying  # type: ignore[method-assign]
     assert f.read(5, 10) == BIG_DATA[5:15]
     assert src.requests[-1] == (entry0.offset, entry0.end)
+
+
+# ---- chunks touched, prefetched, fetched in the background ----------------------------------
+def test_each_chunk_s_first_touch_is_recorded_once_in_order_and_read_back(tmp_path: Path) -> None:
+    from shim.bigfs.touched import Recorder, read
+
+    a, b = ("model/a", "sha256:" + "a" * 64, 10 * CHUNK), ("model/b", "", 3 * CHUNK)
+    rec = Recorder(tmp_path / "touched", [a, b], print)
+    rec.touch(1, range(2, 3))
+    rec.touch(0, range(4, 6))
+    rec.touch(0, range(5, 7))
+    rec.touch(1, range(2, 3))
+    rec.touch(7, range(0, 1))  # not a file of the record: ignored
+    assert read(tmp_path / "touched") == ([a, b], [(*b, [2]), (*a, [4, 5, 6])])
+    assert read(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("tail", [
+    b"t 0 99999\n",  # beyond the file's size
+    b"t 5 1\n",  # no such file
+    b"t 0 1\n",  # twice
+    b"t x y\n",
+    b"s [1, 2]\n",
+    b"garbage\n",
+])
+def test_a_hostile_record_ends_where_it_stops_making_sense(tmp_path: Path, tail: bytes) -> None:
+    from shim.bigfs.touched import read
+
+    path = tmp_path / "touched"
+    path.write_bytes(b's ["model/a", "", 4096]\nt 0 1\n' + tail + b"t 0 2\n")
+    assert read(path) == ([("model/a", "", 4096)], [("model/a", "", 4096, [1])])
+
+
+def test_the_fuse_read_records_the_chunks_it_touches(tmp_path: Path) -> None:
+    pytest.importorskip("mfusepy")
+    from shim.bigfs.fs import BigFS
+    from shim.bigfs.touched import Recorder, read
+
+    entry, src = _layer()
+    key = (entry.name, entry.digest or "", entry.size)
+    rec = Recorder(tmp_path / "touched", [key], print)
+    fs = BigFS({"objects/ab/" + "ab" * 32: _bigfile(tmp_path, entry, src)}, print, recorder=rec)
+    fh = fs.open("/objects/ab/" + "ab" * 32, os.O_RDONLY)
+    fs.read("", 10, 3 * CHUNK + 5, fh)
+    fs.read("", CHUNK + 20, CHUNK - 10, fh)  # across 0|1|2: 1 and 2 are new
+    fs.read("", 10, 3 * CHUNK, fh)
+    assert read(tmp_path / "touched") == ([key], [(*key, [3, 0, 1, 2])])
+
+
+def test_the_profile_s_chunks_are_fetched_once_and_a_reader_waits_for_that_fetch(tmp_path: Path) -> None:
+    import threading
+
+    from shim.bigfs import warm
+
+    entry, src = _layer()
+    gate, entered = threading.Event(), threading.Event()
+    c4 = entry.chunks[4]
+    plain = src.read_range
+
+    def held(start: int, end: int) -> bytes:
+        if start == c4.offset:  # chunk 4's fetch waits until the reader is started
+            entered.set()
+            gate.wait(30)
+        return plain(start, end)
+    src.read_range = held
+    f = _bigfile(tmp_path, entry, src)
+    logs: list[str] = []
+    plan = warm.profile_plan([f], [("other", "", 5, [0]), (entry.name, entry.digest or "", entry.size, [4, 1]),
+                                   (entry.name, entry.digest or "", entry.size + 1, [2])], logs.append)
+    assert plan == [(f, 4), (f, 1)]  # by digest and size: another file's entries are not this one's
+    assert warm.profile_plan([f], [(entry.name, entry.digest or "", entry.size, [0, 99])], logs.append) == []
+    assert "beyond" in logs[-1]
+    t = threading.Thread(target=warm.prefetch, args=(plan, logs.append))
+    t.start()
+    assert entered.wait(30)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(f.read(c4.file_offset + 1, 10)))
+    reader.start()  # chunk 4's lock is held by the prefetch: the reader cannot fetch it again
+    gate.set()
+    reader.join(30)
+    t.join(30)
+    assert got == [DATA[c4.file_offset + 1: c4.file_offset + 11]]
+    assert sorted(src.requests) == sorted([(c4.offset, c4.end), (entry.chunks[1].offset, entry.chunks[1].end)])
+    assert f.chunks_fetched == 2 and "2 chunks done" in logs[-1]
+
+
+def test_the_background_completes_the_file_in_single_requests(tmp_path: Path) -> None:
+    from shim.bigfs import warm
+
+    entry, src = _layer()
+    done: list[BigFile] = []
+    f = _bigfile(tmp_path, entry, src, done.append)
+    f.read(0, 10)
+    readers = warm.Readers()
+    readers.first_read.set()
+    warm.background([f], readers, print)
+    assert done == [f] and len(src.requests) == len(entry.chunks)
+    assert os.pread(f.fd, len(DATA), 0) == DATA
+
+
+def test_background_none_fetches_nothing_unasked(tmp_path: Path) -> None:
+    from shim.bigfs import warm
+
+    entry, src = _layer()
+    f = _bigfile(tmp_path, entry, src)
+    assert warm.start([f], [], False, warm.Readers(), print) is None
+    assert src.requests == []

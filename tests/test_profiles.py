@@ -211,3 +211,81 @@ def test_the_lazy_root_notes_each_file_once_filled_or_not_up_to_its_cap() -> Non
     assert [idx for _, idx in noted] == [1, 0]
     assert root.recording is None  # the cap is reached: the answer path stops noting
     assert root.lookup(st(12)) == (filler, 2) and len(noted) == 2
+
+
+# ---- big files' chunks ---------------------------------------------------------------------
+BIG = ("model/weights.npy", D2, 64 << 20)
+
+
+def test_touched_chunks_round_trip_in_first_touch_order(store: Store) -> None:
+    p = _profile()
+    p.chunks = [(*BIG, [5, 0, 9]), ("model/other.bin", "", 8 << 20, [1])]
+    got = profiles.load(profiles.save(store, p))
+    assert got is not None and got.chunks == p.chunks
+    assert "chunks" not in profiles.to_doc(_profile())  # absent where none was touched
+
+
+def _with_chunks(chunks) -> bytes:
+    return json.dumps(dict(profiles.to_doc(_profile()), chunks=chunks)).encode()
+
+
+@pytest.mark.parametrize("data,words", [
+    (_with_chunks([[*BIG, list(range(profiles.MAX_CHUNKS + 1))]]), "more than"),
+    (_with_chunks([[f"f{i}", "", 100, [0]] for i in range(profiles.MAX_CHUNK_FILES + 1)]), "at most"),
+    (_with_chunks([[*BIG, [-1]]]), "out of range"),
+    (_with_chunks([["model/small", "", 3, [3]]]), "out of range"),  # beyond the file's size
+    (_with_chunks([[*BIG, [profiles.MAX_CHUNKS]]]), "out of range"),
+    (_with_chunks([[*BIG, [True]]]), "out of range"),
+    (_with_chunks([[*BIG, [1, 1]]]), "twice"),
+    (_with_chunks([[*BIG, []]]), "non-empty"),
+    (_with_chunks([["../x", "", 10, [0]]]), "bad big file name"),
+    (_with_chunks([[*BIG]]), "not \\[name"),
+    (_with_chunks({"a": 1}), "at most"),
+])
+def test_hostile_chunk_lists_are_one_line_errors(data: bytes, words: str) -> None:
+    with pytest.raises(LazyshimError, match=words) as e:
+        profiles.parse(data)
+    assert "\n" not in str(e.value)
+
+
+def test_chunks_of_big_files_not_seen_this_run_are_kept() -> None:
+    old = _profile()
+    other = ("model/b.bin", "", 8 << 20)
+    old.chunks = [(*BIG, [1, 2]), (*other, [3])]
+    # the run served both and touched only BIG's chunk 7: that replaces the old lists
+    assert profiles.merge_chunks([(*BIG, [7])], {BIG, other}, old, cut_short=False) == [(*BIG, [7])]
+    # `other` was not served (complete, read natively): its chunks stay
+    assert profiles.merge_chunks([(*BIG, [7])], {BIG}, old, cut_short=False) == [(*BIG, [7]), (*other, [3])]
+    assert profiles.merge_chunks([(*BIG, [7])], {BIG, other}, old, cut_short=True) == [(*BIG, [7]), (*other, [3])]
+    many = [(f"f{i}", "", 1 << 30, list(range(1000))) for i in range(100)]
+    merged = profiles.merge_chunks(many, set(), None, cut_short=False)
+    assert sum(len(ks) for *_, ks in merged) == profiles.MAX_CHUNKS
+
+
+def test_the_learner_merges_the_chunks_the_fuse_layer_saw_touched(store: Store, tmp_path: Path) -> None:
+    from shim.bigfs.touched import Recorder
+
+    f = _Filler([_entry("usr/bin/python3")])
+    root = _Root([f])
+    logs: list[str] = []
+    learner = Learner(store, root, IMG_A, "reg.example:5000", "lib/py", ["python3"], "/", logs.append)
+    learner.big_record = tmp_path / "bigfs.touched"
+    rec = Recorder(learner.big_record, [BIG], logs.append)
+    root.look(f, 0)
+    rec.touch(0, range(3, 5))
+    rec.touch(0, range(4, 5))
+    rec.touch(0, range(0, 1))
+    learner.save()
+    saved = profiles.find(store, IMG_A, "reg.example:5000", "lib/py", ["python3"], "/")
+    assert saved.chunks == [(*BIG, [3, 4, 0])]
+    rec.touch(0, range(9, 10))  # a touch after a save: written again, though no file was new
+    learner.save()
+    assert profiles.find(store, IMG_A, "reg.example:5000", "lib/py", ["python3"], "/").chunks == [(*BIG, [3, 4, 0, 9])]
+    # A run without a FUSE layer (the big file is complete) keeps the chunks for the next cold store.
+    f2 = _Filler([_entry("usr/bin/python3"), _entry("etc/passwd", D2, 3)])
+    root2 = _Root([f2])
+    nxt = Learner(store, root2, IMG_A, "reg.example:5000", "lib/py", ["python3"], "/", logs.append)
+    root2.look(f2, 1)
+    nxt.save()
+    saved = profiles.find(store, IMG_A, "reg.example:5000", "lib/py", ["python3"], "/")
+    assert [n for n, _, _ in saved.files] == ["etc/passwd"] and saved.chunks == [(*BIG, [3, 4, 0, 9])]

@@ -1,7 +1,14 @@
 """The per-container FUSE server of big files (started by the runtime before the overlay).
 
     python -m shim.bigfs --store ROOT --layers D1,D2 --mount DIR --threshold N
-                         [--sources REF,...] [--ready-fd N] [--log FILE]
+                         [--sources REF,...] [--ready-fd N] [--log FILE] [--record FILE]
+                         [--background none|prioritized|all]
+                         [--profile-command JSON [--profile-image ID]]
+
+`--record`: each chunk's first touch is appended there (`shim.bigfs.touched`), for the
+supervisor to learn into the image's profile.  Unless `--background none`, the chunks the
+image's profile lists for this command are fetched at once; with `all` the rest follow, paced
+(`shim.bigfs.warm`); with `none` no chunk is fetched that no reader asked for.
 
 Mounts DIR, writes b"1" on the ready fd once the kernel serves it, and runs until DIR is
 unmounted or the process gets SIGTERM (libfuse then unmounts it).  Exits 1 (ready fd
@@ -26,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=int, required=True)
     p.add_argument("--ready-fd", type=int, default=-1)
     p.add_argument("--log")
+    p.add_argument("--record")
+    p.add_argument("--background", choices=("none", "prioritized", "all"), default="none")
+    p.add_argument("--profile-command")
+    p.add_argument("--profile-image")
     a = p.parse_args(argv)
     a.started = time.monotonic()
     log_file = open(a.log, "a", buffering=1) if a.log else sys.stderr  # noqa: SIM115 - the process's log
@@ -112,7 +123,48 @@ def _operations(a: argparse.Namespace, log):
             a.ready_fd = -1
         log(f"serving {len(files)} big files on {a.mount} ({_since(a.started)} after start)")
 
-    return BigFS(files, log, on_init=ready)
+    from . import warm
+    from .touched import Recorder
+
+    served_files = list(files.values())  # the FUSE file handles' order, and the record's
+    recorder = None
+    if a.record:
+        keys = [(f.entry.name, f.entry.digest or "", f.entry.size) for f in served_files]
+        recorder = Recorder(Path(a.record), keys, log)
+    readers = warm.Readers()
+    if a.background != "none":
+        plan = _profile_plan(a, store, layers, served_files, log)
+        warm.start(served_files, plan, a.background == "all", readers, log)  # at once, beside the mount
+    return BigFS(files, log, on_init=ready, recorder=recorder, readers=readers)
+
+
+def _profile_plan(a: argparse.Namespace, store, layers: list[str], files, log) -> list:
+    """The chunks the image's start-up profile for this command lists (none without one)."""
+    import json
+
+    from ..errors import LazyshimError
+    from ..store import profiles
+    from ..store.metadata import load_image
+    from .warm import profile_plan
+
+    if not a.profile_command:
+        return []
+    try:
+        cmd = json.loads(a.profile_command)
+        args, cwd = cmd["args"], cmd["cwd"]
+        image_id = a.profile_image or profiles.image_of_layers(store, layers)
+        if image_id is None:
+            return []
+        rec = load_image(store.image_file(image_id).read_bytes())
+    except (ValueError, KeyError, TypeError, OSError, LazyshimError) as e:
+        log(f"profile: {str(e)[:200]}; no chunk prefetched")
+        return []
+    p = profiles.find(store, rec.id, rec.registry, rec.repository, args, cwd, log)
+    if p is None or not p.chunks:
+        return []
+    plan = profile_plan(files, p.chunks, log)
+    log(f"profile: {sum(len(ks) for *_, ks in p.chunks)} chunks of {len(p.chunks)} big files, {len(plan)} to fetch now")
+    return plan
 
 
 def _since(t: float) -> str:

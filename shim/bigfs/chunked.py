@@ -64,7 +64,21 @@ class BigFile:
                 self._ensure(k)
         return os.pread(self.fd, end - offset, offset)
 
-    def _ensure(self, k: int) -> None:
+    def chunk_range(self, offset: int, size: int) -> range:
+        """The indices of the chunks a read of [offset, offset+size) touches."""
+        end = min(offset + size, self.entry.size)
+        if offset >= end:
+            return range(0)
+        return range(bisect.bisect_right(self._starts, offset) - 1, bisect.bisect_left(self._starts, end))
+
+    def ensure(self, k: int, split: bool = True) -> None:
+        """Chunk k verified in the partial file, unasked (a prefetch, the background): exactly
+        as a read would, under the same per-chunk lock, so a reader of it waits for this fetch.
+        `split=False`: one request, which leaves more of the link to readers' split fetches."""
+        if not self.verified[k]:
+            self._ensure(k, split)
+
+    def _ensure(self, k: int, split: bool = True) -> None:
         with self._locks[k]:
             if self.verified[k]:
                 return
@@ -75,7 +89,7 @@ class BigFile:
                     self._verified(k)
                     return
             t0 = time.monotonic()
-            data, piece = self._fetch(k, split=True)
+            data, piece = self._fetch(k, split=split)
             if len(piece) != c.size or _sha256(piece) != c.digest:
                 # A part may have come from an endpoint that lies: once more in one request, and
                 # if the source can name that request's endpoint, without it the next time.

@@ -14,13 +14,18 @@ from collections.abc import Callable
 import mfusepy as fuse
 
 from .chunked import BigFile, ChunkError
+from .touched import Recorder
+from .warm import Readers
 
 
 class BigFS(fuse.Operations):
     use_ns = True
 
     def __init__(self, files: dict[str, BigFile], log: Callable[[str], None],
-                 on_init: Callable[[], None] | None = None) -> None:
+                 on_init: Callable[[], None] | None = None, recorder: Recorder | None = None,
+                 readers: Readers | None = None) -> None:
+        """`recorder`: where each chunk's first touch is noted (file i of its list is the i-th
+        of `files`); `readers`: the readers' fetches, which the background yields to."""
         self.files = {"/" + k: f for k, f in files.items()}
         self._by_fh = list(self.files.values())
         self._fh = {p: i for i, p in enumerate(self.files)}
@@ -34,6 +39,8 @@ class BigFS(fuse.Operations):
                     self._dirs.setdefault("/" + "/".join(parts[: i + 1]), set())
         self._log = log
         self._on_init = on_init
+        self._recorder = recorder
+        self._readers = readers or Readers()
 
     def init(self, path: str) -> None:
         if self._on_init is not None:
@@ -65,8 +72,17 @@ class BigFS(fuse.Operations):
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         f = self._by_fh[fh]
+        chunks = f.chunk_range(offset, size)
+        if self._recorder is not None:
+            self._recorder.touch(fh, chunks)  # before the fetch: the order is that of first need
+        readers = self._readers
+        if not readers.first_read.is_set():
+            readers.first_read.set()
         try:
-            return f.read(offset, size)
+            if all(f.verified[k] for k in chunks):
+                return f.read(offset, size)
+            with readers.fetching():
+                return f.read(offset, size)
         except ChunkError as e:
             self._log(f"read of {f.entry.name!r} at {offset}: {e}")
             raise fuse.FuseOSError(errno.EIO) from None

@@ -14,6 +14,11 @@ and are what makes the next pull of the image, or of its next tag, start warm.  
 repository and command keeps its `PER_COMMAND` newest, the store its `MAX_PROFILES` newest;
 `lazyshim profile rm` removes them.
 
+Big files served chunk by chunk (`shim.bigfs`) are recorded apart, in `chunks`: per big file
+(first touch first) the indices of the chunks the run touched, in first-touch order, so that
+the next cold start fetches those chunks, not the whole file.  At most `MAX_CHUNK_FILES` files
+and `MAX_CHUNKS` indices; an index must lie inside the file (below its size and the bound).
+
 Every profile file is read as hostile: one bigger than `MAX_BYTES`, with more than
 `MAX_FILES` entries, or of the wrong shape is ignored (one log line) or refused by `import`.
 """
@@ -36,6 +41,9 @@ DIR = "profiles"
 VERSION = 1
 #: A profile lists at most this many files (a start-up set, not an image).
 MAX_FILES = 16384
+#: Big files with touched chunks a profile lists at most, and chunk indices in all of them.
+MAX_CHUNK_FILES = 256
+MAX_CHUNKS = 65536
 #: A profile file larger than this is not read.
 MAX_BYTES = 4 << 20
 MAX_NAME = 4096
@@ -55,7 +63,8 @@ class Profile:
     """What one image needed when run with one command.
 
     `files`: (TOC name, content digest or "", size), first need first; the name is relative
-    to the image root, as in the TOC."""
+    to the image root, as in the TOC.  `chunks`: (TOC name, digest or "", size, chunk indices)
+    of the big files a FUSE layer served, first touch first (`shim.bigfs`)."""
 
     image: str
     registry: str
@@ -64,6 +73,7 @@ class Profile:
     cwd: str
     files: list[tuple[str, str, int]] = field(default_factory=list)
     updated: float = 0.0
+    chunks: list[tuple[str, str, int, list[int]]] = field(default_factory=list)
 
     @property
     def command_key(self) -> str:
@@ -102,11 +112,14 @@ def path_of(store: Store, p: Profile) -> Path:
 
 # ---- the file format ---------------------------------------------------------------------
 def dump(p: Profile) -> bytes:
-    return json.dumps({
+    doc = {
         "v": VERSION, "image": p.image, "registry": p.registry, "repository": p.repository,
         "command": {"args": p.args, "cwd": p.cwd}, "updated": p.updated,
         "files": [list(f) for f in p.files],
-    }, separators=(",", ":")).encode()
+    }
+    if p.chunks:  # absent, not empty, where no big file was touched: as profiles were before
+        doc["chunks"] = [[name, digest, size, list(ks)] for name, digest, size, ks in p.chunks]
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def parse(data: bytes) -> Profile:
@@ -169,7 +182,36 @@ def parse_doc(d) -> Profile:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 62:
             raise LazyshimError(f"profile: bad size for {name[:80]!r}")
         out.append((name, digest, size))
-    return Profile(image, registry, repository, list(args), cwd, out, float(updated))
+    return Profile(image, registry, repository, list(args), cwd, out, float(updated), _chunks(d.get("chunks", [])))
+
+
+def _chunks(doc) -> list[tuple[str, str, int, list[int]]]:
+    """The `chunks` field checked: bounded counts, each index a distinct int inside its file."""
+    if not isinstance(doc, list) or len(doc) > MAX_CHUNK_FILES:
+        raise LazyshimError(f"profile: chunks must be a list of at most {MAX_CHUNK_FILES} files")
+    out: list[tuple[str, str, int, list[int]]] = []
+    total = 0
+    for f in doc:
+        if not (isinstance(f, list) and len(f) == 4):
+            raise LazyshimError("profile: a big file is not [name, digest, size, chunks]")
+        name, digest, size, ks = f
+        if not _valid_name(name):
+            raise LazyshimError(f"profile: bad big file name {str(name)[:80]!r}")
+        if not isinstance(digest, str) or (digest and not _DIGEST.match(digest)):
+            raise LazyshimError(f"profile: bad digest for {name[:80]!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 62:
+            raise LazyshimError(f"profile: bad size for {name[:80]!r}")
+        if not isinstance(ks, list) or not ks:
+            raise LazyshimError(f"profile: chunks of {name[:80]!r} must be a non-empty list")
+        total += len(ks)
+        if total > MAX_CHUNKS:
+            raise LazyshimError(f"profile: more than {MAX_CHUNKS} chunks")
+        if not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < min(size, MAX_CHUNKS) for k in ks):
+            raise LazyshimError(f"profile: a chunk index of {name[:80]!r} is out of range")
+        if len(set(ks)) != len(ks):
+            raise LazyshimError(f"profile: a chunk of {name[:80]!r} is listed twice")
+        out.append((name, digest, size, list(ks)))
+    return out
 
 
 def _short_str(v) -> bool:
@@ -350,6 +392,30 @@ def image_of_layers(store: Store, layers: Sequence[str]) -> str | None:
         if rec.layers == want:
             hits.add(rec.id)
     return hits.pop() if len(hits) == 1 else None
+
+
+def merge_chunks(new: list[tuple[str, str, int, list[int]]], seen: set[tuple[str, str, int]],
+                 old: Profile | None, cut_short: bool) -> list[tuple[str, str, int, list[int]]]:
+    """The big files' chunks a run writes: what it touched; then the earlier profile's entries
+    of big files it could not see (no FUSE layer served them: complete, read natively), or of
+    any file when it was cut short.  `seen`: (name, digest, size) of the big files it served."""
+    out, total = [], 0
+    for name, digest, size, ks in new[:MAX_CHUNK_FILES]:
+        ks = ks[:MAX_CHUNKS - total]
+        if ks:
+            out.append((name, digest, size, ks))
+            total += len(ks)
+    if old is not None:
+        have = {(name, digest, size) for name, digest, size, _ in out}
+        for name, digest, size, ks in old.chunks:
+            key = (name, digest, size)
+            if key in have or (key in seen and not cut_short) or len(out) >= MAX_CHUNK_FILES:
+                continue
+            ks = ks[:MAX_CHUNKS - total]
+            if ks:
+                out.append((name, digest, size, ks))
+                total += len(ks)
+    return out
 
 
 def keep_or_merge(new: list[tuple[str, str, int]], old: Profile | None, cut_short: bool) -> list[tuple[str, str, int]]:

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="files this big with verifiable chunks are served by the container's FUSE layer")
     p.add_argument("--profile-command", help='JSON {"args": [...], "cwd": "..."}: learn and use start-up profiles '
                    "of the image for this command")
+    p.add_argument("--big-record", help="where the container's FUSE layer records the chunks it saw touched "
+                   "(merged into the learned profile)")
     p.add_argument("--profile-image", help="the image's id (manifest digest); default: the image made of --layers")
     p.add_argument("--no-keeper", action="store_true", help="serve in this process, without a keeper")
     p.add_argument("--trap", choices=("notify", "ptrace"), default="notify",
@@ -80,6 +82,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
         sup.learner = _learner(a, root, sup.fills.log)
         if sup.learner is not None:
             sup.learner.partial = resumed  # what the dead predecessor saw is lost: keep the old profile's rest
+            sup.learner.big_record = Path(a.big_record) if a.big_record else None
         if sup.learner is not None and not a.record and a.background != "none" and not resumed:
             sup.fills.prefetch_startup(sup.learner.plan())  # before and beside the prefill
     if a.record:

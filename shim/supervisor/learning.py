@@ -6,12 +6,17 @@ is written when the runtime tells the supervisor to finish, or when it ends; nev
 answer.  What an earlier run of the image (or of another tag of its repository, with the same
 command) needed is matched by path and content digest and fetched as a start-up set.  A
 profile only decides what is fetched early: every byte is verified against the TOC as always.
+
+Big files are the container's FUSE layer's: the chunks it saw touched (`shim.bigfs.touched`,
+a file the runtime names in `big_record`) are merged into the profile here, so that one
+process writes it; the FUSE server of the next cold start fetches them (`shim.bigfs.warm`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
@@ -33,8 +38,9 @@ class Learner:
         root.recording = self.needed
         root.recording_cap = profiles.MAX_FILES
         self.partial = False  # this process does not see the whole run (a restarted supervisor)
+        self.big_record: Path | None = None  # where the FUSE layer writes the chunks it saw touched
         self._lock = threading.Lock()
-        self._written = 0
+        self._written: tuple[int, int] = (0, 0)
 
     @classmethod
     def for_image(cls, store: Store, root: LazyRoot, image_id: str | None, layers: list[str], args: Sequence[str],
@@ -71,12 +77,17 @@ class Learner:
         return plan
 
     def save(self, cut_short: bool = False) -> None:
-        """Write what this run needed (if it needed anything new since the last save).
-        `cut_short`: the run stopped seeing its needs (the image became complete), so the
-        earlier profile's other files are kept after them."""
+        """Write what this run needed (if it needed anything new since the last save), and the
+        chunks of big files it touched.  `cut_short`: the run stopped seeing its needs (the
+        image became complete), so the earlier profile's other files are kept after them."""
+        from ..bigfs import touched
+
         with self._lock:
             needed = list(self.needed)  # one C-level copy: notify threads may add beside it
-            if not needed or len(needed) == self._written:
+            big = touched.read(self.big_record) if self.big_record is not None else None
+            served, chunks = big if big is not None else ([], [])
+            state = (len(needed), sum(len(ks) for *_, ks in chunks))
+            if (not needed and not chunks) or state == self._written:
                 return
             files = []
             for filler, idx in needed:
@@ -84,11 +95,15 @@ class Learner:
                 files.append((e.name, e.digest or "", e.size))
             cut_short = cut_short or self.partial or len(needed) >= profiles.MAX_FILES
             p = profiles.Profile(self.image_id, self.registry, self.repository, self.args, self.cwd,
-                                 profiles.keep_or_merge(files, self.previous, cut_short))
+                                 profiles.keep_or_merge(files, self.previous, cut_short or not needed),
+                                 chunks=profiles.merge_chunks(chunks, set(served), self.previous,
+                                                              cut_short or state[1] >= profiles.MAX_CHUNKS))
             try:
                 profiles.save(self.store, p)
             except (OSError, LazyshimError) as e:
                 self.log(f"profile not saved: {e}")
                 return
-            self._written = len(needed)
-            self.log(f"profile saved: {len(p.files)} files ({len(needed)} needed by this run)")
+            self._written = state
+            self.log(f"profile saved: {len(p.files)} files ({len(needed)} needed by this run), "
+                     f"{sum(len(ks) for *_, ks in p.chunks)} chunks of {len(p.chunks)} big files "
+                     f"({state[1]} touched by this run)")
