@@ -394,3 +394,25 @@ def test_background_none_fetches_nothing_unasked(tmp_path: Path) -> None:
     f = _bigfile(tmp_path, entry, src)
     assert warm.start([f], [], False, warm.Readers(), print) is None
     assert src.requests == []
+
+
+@pytest.mark.parametrize("elf", [True, False])
+def test_an_elf_big_file_has_all_its_chunks_fetched_after_its_header_others_only_what_is_read(
+        tmp_path: Path, elf: bool) -> None:
+    pytest.importorskip("mfusepy")
+    import threading as _threading
+
+    from shim.bigfs.fs import BigFS
+
+    data = (b"\x7fELF" if elf else b"\x93NUMPY") + DATA[6:]
+    entry, src = _layer(data)
+    f = _bigfile(tmp_path, entry, src)
+    fs = BigFS({"objects/ab/" + "ab" * 32: f}, lambda _m: None)
+    path = "/objects/ab/" + "ab" * 32
+    fh = fs.open(path, os.O_RDONLY)
+    assert fs.read(path, 64, 0, fh) == data[:64]  # the loader's (or numpy's) header read
+    for t in [t for t in _threading.enumerate() if t.name == "chunk-dense"]:
+        t.join(10)
+    want = len(entry.chunks) if elf else 1
+    assert sum(f.verified) == want and f.chunks_fetched == want
+    assert fs.read(path, 100, 3 * CHUNK, fh) == data[3 * CHUNK: 3 * CHUNK + 100]  # verified bytes, either way

@@ -15,7 +15,7 @@ import mfusepy as fuse
 
 from .chunked import BigFile, ChunkError
 from .touched import Recorder
-from .warm import Readers
+from .warm import Readers, fetch_whole, is_dense
 
 
 class BigFS(fuse.Operations):
@@ -41,6 +41,7 @@ class BigFS(fuse.Operations):
         self._on_init = on_init
         self._recorder = recorder
         self._readers = readers or Readers()
+        self._dense_checked: set[int] = set()  # files whose chunk 0 was looked at (by id)
 
     def init(self, path: str) -> None:
         if self._on_init is not None:
@@ -70,6 +71,16 @@ class BigFS(fuse.Operations):
             raise fuse.FuseOSError(errno.EROFS)
         return fh
 
+    def _maybe_dense(self, f: BigFile) -> None:
+        """After a read that fetched: an executable or library is read nearly whole, so its
+        other chunks come now, several at once, rather than one fault after another."""
+        if id(f) in self._dense_checked or not f.verified[0]:
+            return
+        self._dense_checked.add(id(f))
+        if is_dense(f):
+            self._log(f"{f.entry.name!r} is an ELF file: its other chunks are fetched now")
+            fetch_whole(f, self._log)
+
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         f = self._by_fh[fh]
         chunks = f.chunk_range(offset, size)
@@ -82,7 +93,9 @@ class BigFS(fuse.Operations):
             if all(f.verified[k] for k in chunks):
                 return f.read(offset, size)
             with readers.fetching():
-                return f.read(offset, size)
+                data = f.read(offset, size)
+            self._maybe_dense(f)
+            return data
         except ChunkError as e:
             self._log(f"read of {f.entry.name!r} at {offset}: {e}")
             raise fuse.FuseOSError(errno.EIO) from None

@@ -158,3 +158,44 @@ def start(files: Sequence[BigFile], plan: list[tuple[BigFile, int]], everything:
     t = threading.Thread(target=run, daemon=True, name="chunk-warm")
     t.start()
     return t
+
+
+#: An executable's or shared library's chunks are fetched this many at once once its header is in.
+DENSE_PARALLEL = 3
+ELF_MAGIC = b"\x7fELF"
+
+
+def is_dense(f: BigFile) -> bool:
+    """Read nearly whole once opened: an ELF file (the loader maps it and its code and data pages
+    fault in all over it; measured on gcc's 30 MB cc1: 7 chunk faults one after the other, 1.4 s
+    of the run, against 1.0 s for its 12.8 MB at the link's rate).  Known once chunk 0 is verified."""
+    if not f.verified[0] or f.entry.chunks[0].zeros:
+        return False
+    import os
+
+    return os.pread(f.fd, len(ELF_MAGIC), 0) == ELF_MAGIC
+
+
+def fetch_whole(f: BigFile, log: Log, parallel: int = DENSE_PARALLEL) -> threading.Thread:
+    """Every chunk of `f` not verified yet, `parallel` at once in single requests (a few
+    connections fill the link; sub-ranges of each would open a dozen), in file order, in
+    daemon threads.  Each goes through `BigFile.ensure`, so a reader's fault on one of them waits
+    for that fetch; a failure is left to the reader who needs the chunk."""
+    todo = iter([k for k in range(len(f.entry.chunks)) if not f.verified[k]])
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return
+            try:
+                f.ensure(k, split=False)
+            except (ChunkError, OSError) as e:
+                log(f"readahead of {f.entry.name!r}: {e}")
+
+    threads = [threading.Thread(target=worker, daemon=True, name="chunk-dense") for _ in range(parallel)]
+    for t in threads:
+        t.start()
+    return threads[0]
