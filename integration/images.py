@@ -136,7 +136,8 @@ class TarLayer:
 
     def fingerprint(self) -> str:
         st = self.path.stat()
-        return f"tar\0{self.path}\0{st.st_size}\0{st.st_mtime_ns}"
+        # Resolved: a checkout whose .cache links to another's shares its builds (one key).
+        return f"tar\0{self.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
 
 
 @dataclass
