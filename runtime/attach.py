@@ -97,6 +97,9 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
         ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         argv += _profile_args(config, image_id)
+        from shim.trace import mark
+
+        mark("runtime", "supervisor spawn")
         proc, ok = start_daemon(argv, ready_r, ready_w, sdir / "supervisor.pid", pass_fds=(listener.fileno(),))
     if not ok:
         raise LazyshimError(f"supervisor failed to start: {last_log_line(sdir / 'supervisor.log')}")

@@ -22,6 +22,9 @@ before the verb) they are runc's.
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shim.trace import mark
+
+    mark("runtime", "main")
     argv = sys.argv[1:] if argv is None else list(argv)
     from . import oci
 
@@ -72,10 +75,14 @@ def image_main(argv: list[str]) -> int:
 def _swept(args) -> int:
     """Every verb that uses the store first sweeps what killed lazyshims left (gc does it
     itself, and reports it)."""
+    from shim.trace import mark
+
+    mark("runtime", "parsed")
     if args.verb != "gc":
         from .stale import sweep_before
 
         sweep_before(args.verb)
+    mark("runtime", "swept")
     return args.func(args)
 
 

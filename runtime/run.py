@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
+from shim.trace import mark
 
 from . import agent_policy, attach, bigmount, containers, overlay, runflags, sigproxy, spec
 from .delegate import find_delegate
@@ -65,11 +66,14 @@ def _image(store, args):
 def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     profile = _seccomp_profile(args.security_opt)
     store = api.open_store()
+    mark("runtime", "store open")
     image = _image(store, args)
+    mark("runtime", "image")
     settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
     from shim.lazyroot import layers_complete
 
     lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
+    mark("runtime", "layers_complete")
     cid = args.name or secrets.token_hex(8)
     # A profile with its own seccomp agent keeps it: refused (if asked) before anything is made.
     agent = agent_policy.foreign_reason({"linux": {"seccomp": profile}}) if lazy else None
@@ -89,28 +93,35 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             owned.save()
             monitor.redirect(Path(record.log))
         containers.claim_state_dir(owned)
+        mark("runtime", "container dir")
         from shim.userns import in_user_namespace
 
         lower = api.layer_mount(store, image)
+        mark("runtime", "layer_mount")
         sources = api.image_sources(store, image, args.image)
+        mark("runtime", "image_sources")
         # Big files read sparsely go through the container's FUSE layer, the last data-only lower.
         big = bigmount.start(store.root, image.layers, sources, cdir) \
             if lazy and agent is None and lower.data_lowers else None
+        mark("runtime", "bigmount")
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big
                               else lower.data_lowers, options=lower.options)
+        mark("runtime", "overlay")
         args_ = spec.process_args(settings, list(args.command), args.entrypoint)
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
         uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
         if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
+        mark("runtime", "resolve_user")
         config = spec.build_spec(
             rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, _env(args)),
             cwd=args.workdir or settings.workdir or "/",
             uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
         _apply_run_flags(config, args)
+        mark("runtime", "spec")
         if args.network == "bridge":
             from shim.userns import in_user_namespace
 
@@ -128,11 +139,13 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
                           background="none" if args.no_background_fetch else None,
                           record=Path(args.record) if args.record else None,
                           sources=sources, big_threshold=big[1] if big else 0, image_id=image.id)
+        mark("runtime", "attach")
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]
         bundle = ["--bundle", str(cdir / "bundle"), cid]
         sys.stdout.flush()
+        mark("runtime", "delegate run")
         if monitor is not None:
             pid_file = cdir / "init.pid"
             rc = monitor.run_and_wait(cmd + ["--detach", "--pid-file", str(pid_file)] + bundle, pid_file,
@@ -140,6 +153,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             return rc
         rc = sigproxy.run_forwarding(cmd + bundle, lambda: containers.delegate(record, "kill", cid, "KILL") == 0,
                                      stdin_null=not (args.interactive or args.tty))
+        mark("runtime", "delegate exit")
         if rc != 0:
             rc = _start_failure(log, rc)[0]
         return rc
@@ -149,6 +163,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             containers.teardown(cdir, record, rc, remove=args.rm)
         finally:
             owned.release()
+            mark("runtime", "teardown")
 
 
 def _apply_run_flags(config: dict, args) -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..trace import mark
+
+    mark("supervisor", "main")
     p = argparse.ArgumentParser(prog="lazyshim-supervisor")
     p.add_argument("--store", required=True)
     p.add_argument("--layers", required=True, help="comma-separated layer digests, bottom first")
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(a: argparse.Namespace, handover) -> int:
+    from ..trace import mark
+
+    mark("supervisor", "forked")
     from .heap import bound_heap
 
     bound_heap()  # before any thread: the fills' buffers must not stay resident
@@ -62,8 +68,10 @@ def _serve(a: argparse.Namespace, handover) -> int:
     from ..errors import LazyshimError
     from ..lazyroot import LazyRoot
     from ..store.layout import Store
+    from ..trace import mark
     from .server import Supervisor
 
+    mark("supervisor", "imports")
     state = Path(a.state_dir)
     log = open(state / "supervisor.log", "a", buffering=1)
     resumed = handover is not None and handover.restarts > 0
@@ -71,17 +79,21 @@ def _serve(a: argparse.Namespace, handover) -> int:
         root = LazyRoot(Store(Path(a.store)), [d for d in a.layers.split(",") if d],
                         [r for r in a.sources.split(",") if r], big_threshold=a.big_threshold)
         vpath = state / "verdicts.json"
+        mark("supervisor", "LazyRoot")
         verdicts = Verdicts.from_json(vpath.read_text()) if vpath.exists() else Verdicts.allow_all()
     except (LazyshimError, OSError, ValueError) as e:
         print(f"supervisor: {e}", file=log)
         return 1
+    mark("supervisor", "verdicts")
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log, handover=handover)
+    mark("supervisor", "Supervisor")
     if a.profile_command:
         sup.learner = _learner(a, root, sup.fills.log)
         if sup.learner is not None:
             sup.learner.partial = resumed  # what the dead predecessor saw is lost: keep the old profile's rest
         if sup.learner is not None and not a.record and a.background != "none" and not resumed:
             sup.fills.prefetch_startup(sup.learner.plan())  # before and beside the prefill
+        mark("supervisor", "learner")
     if a.record:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
         for filler in root.fillers:  # every file the workload opens must be a miss, to be recorded
@@ -96,6 +108,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
                 print(f"supervisor: prefill: {e}", file=log)
                 sup.fills.flush()  # what prefill did fill stays marked
                 return 1
+        mark("supervisor", "prefill")
         if a.ready_fd >= 0:
             os.write(a.ready_fd, b"1")
             os.close(a.ready_fd)

@@ -23,6 +23,7 @@ from pathlib import Path
 from seccomp.notify import Notification, Notifier
 from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
+from .. import trace
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
 from ..pacing import HOLD, PARALLEL, QUIET, Pacer, is_quiet, request_size
@@ -119,6 +120,8 @@ class FillService:
     def _fill(self, filler, idx: int):
         """Fill one file; returns (filler, idx) for the record, after the stats are counted."""
         t0 = time.monotonic()
+        if trace.enabled():
+            trace.mark("fill", f"start {filler.meta.toc.entries[idx].name} {filler.meta.table.size[idx]}")
         with self._idle:
             self._ondemand += 1
         try:
@@ -133,6 +136,8 @@ class FillService:
                 if not self._ondemand:
                     self._idle.notify_all()
         dt = time.monotonic() - t0
+        if trace.enabled():
+            trace.mark("fill", f"done {filler.meta.toc.entries[idx].name}")
         s = self.stats
         s.fills += 1
         s.fill_seconds += dt
@@ -201,6 +206,7 @@ class FillService:
         pending = []
         try:
             self.root.check_rootfs(root_fd)  # a rootfs of other trees than ours: refuse, never serve ENOENT
+            trace.mark("supervisor", "check_rootfs")
             for p in paths:  # fetched alongside the exec chain, not one round trip after another
                 hit = self.root.lookup_path(root_fd, p.encode())
                 if hit is not None:

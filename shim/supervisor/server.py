@@ -108,6 +108,10 @@ class Supervisor:
     def add_fd(self, fd: int) -> None:
         with self._lock:
             self._active += 1
+        if not self.fills.started.is_set():
+            from ..trace import mark
+
+            mark("supervisor", "first notify fd")
         self.fills.started.set()
         fills = self.fills
         loop = NotifyLoop(Notifier(fd), self.verdicts, fills, fills.submit, self._log, counter=fills.stats)
