@@ -29,7 +29,7 @@ class FakeRoot:
     def __init__(self) -> None:
         self.paths: dict[bytes, tuple] = {}
 
-    def complete(self) -> bool:
+    def complete(self, recount: bool = True) -> bool:
         return False
 
     def lookup(self, st):

@@ -66,8 +66,9 @@ class FillService:
         self.stats_path = stats_path
         self.record = None  # a text file: every file filled on demand, in the order of need
         self.started = threading.Event()  # the first notify fd arrived: the container exists
-        # Once every file is filled, answer at once: no path to read, nothing to resolve.
-        self.complete = root.complete()
+        # Once every file is filled, answer at once: no path to read, nothing to resolve.  The
+        # fillers have just counted: no recount (a stat per file) on the way to readiness.
+        self.complete = root.complete(recount=False)
         self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
         self._lock = threading.Lock()  # the record file and the exec-chain cache
