@@ -68,7 +68,7 @@ def store_layout(store: Store) -> str:
 def image_sources(store: Store, image: ImageRecord, asked: str | None = None) -> list[str]:
     """The references a container of `image` fills from (the supervisor's `--sources`);
     `asked`: the name the user gave, tried first."""
-    from .sources import image_references
+    from .store.refs import image_references  # not .sources: no HTTP client for a list of names
 
     return image_references(store, image, asked)
 
@@ -258,10 +258,11 @@ def _layer_built(store: Store, layer_digest: str) -> bool:
 
 
 def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
-    """Every file of these layers is filled (reads of their trees need no supervisor)."""
-    from .lazyroot import layers_complete
+    """Every file of these layers is filled (reads of their trees need no supervisor).  Reads
+    the layers' marks only: a run that needs no supervisor imports no fill machinery."""
+    from .store.marks import is_complete
 
-    return layers_complete(store, layer_digests)
+    return all(is_complete(store.layer_dir(d)) for d in layer_digests)
 
 
 def fill_files_in_layers(store: Store, layer_digests: list[str], paths: list[str]) -> int:

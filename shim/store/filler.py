@@ -37,6 +37,7 @@ from ..formats.chunks import decode_chunk
 from ..formats.toc import Entry, FormatError
 from ..pacing import RateMeter
 from ..ranges import Span, merge
+from .marks import COMPLETE_MARK, create_filled_map, filled_map_path, is_complete, mark_complete  # noqa: F401
 from .metadata import LayerMeta
 
 #: One range request fetches at most this much, so a huge file streams in pieces.
@@ -105,30 +106,6 @@ class FileBlobSource:
         if len(data) != end - start:
             raise FillError(f"blob {self.path} is shorter than expected")
         return data
-
-
-def filled_map_path(layer_dir: Path) -> Path:
-    return layer_dir / "filled"
-
-
-COMPLETE_MARK = "complete"
-
-
-def create_filled_map(layer_dir: Path, entries: int, all_filled: bool = False) -> None:
-    with open(filled_map_path(layer_dir), "wb") as f:
-        f.write((b"\1" if all_filled else b"\0") * max(entries, 1))
-    if all_filled:
-        mark_complete(layer_dir)
-
-
-def mark_complete(layer_dir: Path) -> None:
-    """Record that every file of the layer is on disk (after the data was made durable), so
-    a runtime can start containers of it without any supervisor: native speed."""
-    (layer_dir / COMPLETE_MARK).touch()
-
-
-def is_complete(layer_dir: Path) -> bool:
-    return (layer_dir / COMPLETE_MARK).exists()
 
 
 _POOL: ThreadPoolExecutor | None = None
