@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +46,7 @@ def _run_detached(args) -> int:
     store = api.open_store()
     _image(store, args)
     args.pull, args.no_pull = "never", True
-    args.name = args.name or secrets.token_hex(8)
+    args.name = args.name or os.urandom(8).hex()  # secrets.token_hex without its imports
     from . import detach
 
     def body(monitor) -> int:
@@ -70,11 +70,9 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     image = _image(store, args)
     mark("runtime", "image")
     settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
-    from shim.lazyroot import layers_complete
-
-    lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
+    lazy = not api.layers_complete_in(store, image.layers)  # a fully filled image runs natively
     mark("runtime", "layers_complete")
-    cid = args.name or secrets.token_hex(8)
+    cid = args.name or os.urandom(8).hex()  # secrets.token_hex without its imports
     # A profile with its own seccomp agent keeps it: refused (if asked) before anything is made.
     agent = agent_policy.foreign_reason({"linux": {"seccomp": profile}}) if lazy else None
     if agent is not None:
@@ -87,6 +85,7 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     owned = containers.create(store.containers, record)
     cdir = owned.cdir
     rc: int | None = None
+    starting: attach.Starting | None = None
     try:
         if monitor is not None:
             record.log = str(cdir / containers.LOG)
@@ -96,6 +95,13 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         mark("runtime", "container dir")
         from shim.userns import in_user_namespace
 
+        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
+        if not args_:
+            raise LazyshimError(f"{args.image}: no command given and the image has none")
+        if args.network == "bridge" and in_user_namespace():
+            raise LazyshimError("--network bridge needs root; rootless containers use none or host")
+        env = spec.merged_env(settings, _env(args))
+        cwd = args.workdir or settings.workdir or "/"
         lower = api.layer_mount(store, image)
         mark("runtime", "layer_mount")
         sources = api.image_sources(store, image, args.image)
@@ -104,29 +110,32 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         big = bigmount.start(store.root, image.layers, sources, cdir) \
             if lazy and agent is None and lower.data_lowers else None
         mark("runtime", "bigmount")
+        # The supervisor starts now, loading the layers while the overlay is mounted; it looks
+        # at the rootfs only once `go` says it is there.
+        starting = attach.start({"linux": {"seccomp": profile}, "process": {"args": args_, "env": env, "cwd": cwd}},
+                                cid, store.root, image.layers, cdir / "rootfs",
+                                background="none" if args.no_background_fetch else None,
+                                record=Path(args.record) if args.record else None,
+                                sources=sources, big_threshold=big[1] if big else 0, image_id=image.id) \
+            if lazy and agent is None else None
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big
                               else lower.data_lowers, options=lower.options)
         mark("runtime", "overlay")
-        args_ = spec.process_args(settings, list(args.command), args.entrypoint)
-        if not args_:
-            raise LazyshimError(f"{args.image}: no command given and the image has none")
+        if starting is not None:
+            starting.go()  # ready: /etc/passwd and /etc/group are filled, which resolve_user reads
+            mark("runtime", "supervisor ready")
         uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
         if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
         mark("runtime", "resolve_user")
         config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, _env(args)),
-            cwd=args.workdir or settings.workdir or "/",
+            rootfs=str(cdir / "rootfs"), args=args_, env=env, cwd=cwd,
             uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
         _apply_run_flags(config, args)
         mark("runtime", "spec")
         if args.network == "bridge":
-            from shim.userns import in_user_namespace
-
-            if in_user_namespace():
-                raise LazyshimError("--network bridge needs root; rootless containers use none or host")
             from . import network
 
             config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
@@ -134,12 +143,8 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             config["linux"]["seccomp"] = profile
         if agent is not None:  # the image in full, no supervisor: the agent gets its notifications
             agent_policy.complete_for_agent(config, agent, store.root, image.layers, f"container {cid}")
-        elif lazy:
-            attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                          background="none" if args.no_background_fetch else None,
-                          record=Path(args.record) if args.record else None,
-                          sources=sources, big_threshold=big[1] if big else 0, image_id=image.id)
-        mark("runtime", "attach")
+        elif starting is not None:
+            starting.patch(config)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]
@@ -159,6 +164,8 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         return rc
     finally:
         guard.hold()
+        if starting is not None:
+            starting.abandon()  # not told to go (an error before): it ends by itself, and is stopped
         try:
             containers.teardown(cdir, record, rc, remove=args.rm)
         finally:

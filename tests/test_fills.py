@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,3 +114,41 @@ def test_prefill_remembers_the_entrypoints_chain(tmp_path: Path) -> None:
     svc.prefill(rootfs, [], ["/usr/bin/tool", "/bin/tool"])
     root = os.stat(rootfs)
     assert svc.exec_chain_filled(chain_key(os.stat(rootfs / "bin" / "tool"), (root.st_dev, root.st_ino)))
+
+
+class _BlockingFiller(FakeFiller):
+    """Holds the fill of one entry until released (a slow entrypoint fetch)."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__()
+        self.slow, self.release, self.entered = slow, threading.Event(), threading.Event()
+
+    def fill(self, idx: int) -> None:
+        if idx == self.slow:
+            self.entered.set()
+            self.release.wait()
+        super().fill(idx)
+
+
+def test_prefill_returns_with_passwd_while_the_entrypoint_is_still_filling(tmp_path: Path) -> None:
+    """Readiness (runc may start) waits for what runc reads before the filter, not for the
+    entrypoint: the container's exec of it waits for that fill itself."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    (rootfs / "bin").mkdir()
+    (rootfs / "bin" / "tool").write_bytes(b"plain\n")
+    root = FakeRoot()
+    filler = _BlockingFiller(slow=1)
+    root.paths[b"/etc/passwd"] = (filler, 0)
+    root.paths[b"/bin/tool"] = (filler, 1)
+    svc, _ = _service(tmp_path, root)
+    svc.prefill(rootfs, ["/etc/passwd"], ["/bin/tool"], wait_for_exec=False)
+    assert filler.filled == [0]  # passwd is in place when prefill returns
+    assert filler.entered.wait(60)  # and the entrypoint's fill is under way, not done
+    assert filler.filled == [0]
+    filler.release.set()
+    svc.pool.shutdown(wait=True)
+    for t in [t for t in threading.enumerate() if t.name == "prefill-exec"]:
+        t.join()
+    assert filler.filled == [0, 1]

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated references of the image the container runs: where fills go first")
     p.add_argument("--listen-fd", type=int, required=True)
     p.add_argument("--state-dir", required=True)
-    p.add_argument("--ready-fd", type=int, default=-1, help="closed once loaded and prefilled")
+    p.add_argument("--ready-fd", type=int, default=-1, help="written once loaded and prefilled")
+    p.add_argument("--go-fd", type=int, default=-1,
+                   help="read before the rootfs is looked at: b'1' once it is mounted, EOF if the runtime gave up")
     p.add_argument("--rootfs", help="the container's rootfs as the host sees it (for prefill)")
     p.add_argument("--prefill", default="", help="colon-separated paths to fill before start")
     p.add_argument("--prefill-exec-candidates", default="",
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The keeper stays small: nothing beyond the standard library is imported before the fork.
     return keep(lambda handover: _serve(a, handover),
-                close_after_start=(a.ready_fd,) if a.ready_fd >= 0 else ())
+                close_after_start=tuple(fd for fd in (a.ready_fd, a.go_fd) if fd >= 0))
 
 
 def _serve(a: argparse.Namespace, handover) -> int:
@@ -98,12 +100,25 @@ def _serve(a: argparse.Namespace, handover) -> int:
         sup.record = open(a.record, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
         for filler in root.fillers:  # every file the workload opens must be a miss, to be recorded
             filler.readahead = False
+    background_started = False
     if resumed:
         sup.resume()  # the container runs already: no prefill, nobody waits for readiness
     else:
+        if a.go_fd >= 0 and not _wait_for_go(a.go_fd):
+            print("supervisor: the runtime gave up before the container's rootfs was mounted", file=log)
+            return 1
+        mark("supervisor", "go")
+        if a.background != "none" and not a.record:
+            # The start-up set (landmarks) goes out now, beside the prefill, before runc starts.
+            sup.start_background(everything=a.background == "all")
+            background_started = True
         if a.rootfs:
             try:
-                sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates))
+                # Readiness waits for what runc reads before the filter (/etc/passwd, /etc/group);
+                # the entrypoint's chain goes on filling while runc starts (its exec waits for it).
+                # A recording waits for all: what the workload opens itself must be a miss.
+                sup.prefill(Path(a.rootfs), _split(a.prefill), _split(a.prefill_exec_candidates),
+                            wait_for_exec=bool(a.record))
             except (LazyshimError, OSError) as e:
                 print(f"supervisor: prefill: {e}", file=log)
                 sup.fills.flush()  # what prefill did fill stays marked
@@ -117,7 +132,7 @@ def _serve(a: argparse.Namespace, handover) -> int:
     from .control import NAME
 
     sup.serve_control(state / NAME)
-    if a.background != "none":
+    if a.background != "none" and not background_started:
         sup.start_background(everything=a.background == "all")
     listener = socket.socket(fileno=os.dup(a.listen_fd))  # the keeper keeps the original for a successor
     if a.trap == "ptrace":
@@ -146,6 +161,20 @@ def _learner(a: argparse.Namespace, root, log):
         return None
     return Learner.for_image(Store(Path(a.store)), root, a.profile_image,
                              [d for d in a.layers.split(",") if d], args, cwd, log)
+
+
+def _wait_for_go(fd: int) -> bool:
+    """Wait until the runtime has mounted the rootfs (b"1"); False if it gave up (EOF)."""
+    try:
+        while True:
+            try:
+                return os.read(fd, 1) == b"1"
+            except InterruptedError:
+                continue
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _split(s: str) -> list[str]:

@@ -200,9 +200,12 @@ class FillService:
         return False
 
     # ---- before start ----------------------------------------------------------------
-    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str], wait_for_exec: bool = True) -> None:
         """Fill files before the container starts (runc reads some before the filter), and
-        the entrypoint: the first of its candidate paths that exists, with its interpreters."""
+        the entrypoint: the first of its candidate paths that exists, with its interpreters
+        and libraries.  Without `wait_for_exec` this returns once `paths` are filled and the
+        entrypoint's chain goes on filling in the background: the container's own execve
+        then waits for the fill in flight (a failure there is its exec's, reported as EIO)."""
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pending = []
         try:
@@ -212,26 +215,48 @@ class FillService:
                 hit = self.root.lookup_path(root_fd, p.encode())
                 if hit is not None:
                     pending.append(self.pool.submit(self._fill, *hit))
-            for p in exec_candidates:
-                try:
-                    os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
-                except OSError:
-                    continue
-                if self.fill_exec_chain(root_fd, p.encode()):
-                    self._remember_entrypoint(root_fd, p.encode())
-                libraries = self._prefill_libraries(root_fd, p.encode())
-                break
-            else:
-                libraries = []
+            if wait_for_exec:
+                self._prefill_exec(root_fd, exec_candidates)
+            elif exec_candidates:
+                chain_fd = os.dup(root_fd)
+                threading.Thread(target=self._prefill_exec_quietly, args=(chain_fd, exec_candidates),
+                                 daemon=True, name="prefill-exec").start()
             for f in pending:
                 self._recorded(f.result())  # re-raises a failed fill
-            for f in libraries:
-                try:
-                    self._recorded(f.result())
-                except LazyshimError as e:  # the loader's own open will retry it, and report
-                    self.log(f"prefill of a library failed: {e}")
         finally:
             os.close(root_fd)
+
+    def _prefill_exec(self, root_fd: int, exec_candidates: list[str]) -> None:
+        """Fill the first existing candidate's exec chain, then its libraries (all at once),
+        and return after them (their failures only logged: the loader's own open retries
+        them, and reports)."""
+        for p in exec_candidates:
+            try:
+                os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+            except OSError:
+                continue
+            if self.fill_exec_chain(root_fd, p.encode()):
+                self._remember_entrypoint(root_fd, p.encode())
+            libraries = self._prefill_libraries(root_fd, p.encode())
+            break
+        else:
+            libraries = []
+        for f in libraries:
+            try:
+                self._recorded(f.result())
+            except LazyshimError as e:
+                self.log(f"prefill of a library failed: {e}")
+
+    def _prefill_exec_quietly(self, root_fd: int, exec_candidates: list[str]) -> None:
+        """`_prefill_exec` on a thread of its own (owns `root_fd`): a failure is logged; the
+        container's exec asks again and gets its own answer."""
+        try:
+            self._prefill_exec(root_fd, exec_candidates)
+        except Exception as e:  # noqa: BLE001 - a background prefill never ends the supervisor
+            self.log(f"prefill of the entrypoint failed: {e}")
+        finally:
+            os.close(root_fd)
+        trace.mark("supervisor", "exec chain prefilled")
 
     def _prefill_libraries(self, root_fd: int, path: bytes) -> list:
         """Start filling the shared libraries the entrypoint's ELF (after any #! hops) names in
