@@ -56,3 +56,13 @@ def test_a_supervisor_that_cannot_prefill_fails_go_in_one_line(tmp_path: Path, i
         starting.go()
     assert "\n" not in str(e.value)
     assert starting.proc.returncode == 1
+
+
+def test_a_named_user_is_read_from_the_passwd_the_supervisor_prefilled(tmp_path: Path,
+                                                                        images: dict[str, str]) -> None:
+    """The runtime resolves `--user NAME` after the supervisor is ready, from the image's own
+    /etc/passwd, which the supervisor filled before it said so (the runtime fills nothing)."""
+    store = tmp_path / "store"
+    p = lazyshim(store, "run", "--rm", "--no-background-fetch", "--user", "nobody", images["busybox:esgz"],
+                 "sh", "-c", "id -u; id -g")
+    assert p.stdout.split() == ["65534", "65534"]

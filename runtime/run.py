@@ -125,7 +125,8 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
         if starting is not None:
             starting.go()  # ready: /etc/passwd and /etc/group are filled, which resolve_user reads
             mark("runtime", "supervisor ready")
-        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user,
+                                    filled=not lazy or starting is not None)
         if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
         mark("runtime", "resolve_user")

@@ -6,6 +6,7 @@ a wire format.  Keep this the only door between the two.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -156,40 +157,45 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
     return FillResult(st["files_filled"], st["bytes_fetched"], time.monotonic() - t0)
 
 
-def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str) -> tuple[int, int]:
-    """uid/gid for an image `User` string; names are looked up in the image's own files."""
+def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str,
+                 filled: bool = False) -> tuple[int, int]:
+    """uid/gid for an image `User` string; names are looked up in the image's own files.
+    `filled`: /etc/passwd and /etc/group are in place already (a complete image, or one
+    whose supervisor prefilled them before it reported ready): they are only read."""
     if not user:
         return 0, 0
+    lookup = functools.partial(_lookup, filled=filled)
     name, _, group = user.partition(":")
     uid = int(name) if name.isdigit() else None
     gid = int(group) if group.isdigit() else None
     if uid is not None and (gid is not None or not group):
         if gid is None:
-            gid = _lookup(store, image, rootfs, "/etc/passwd", uid=uid, field=3)
+            gid = lookup(store, image, rootfs, "/etc/passwd", uid=uid, field=3)
         return uid, gid if gid is not None else 0
     if uid is None:
-        uid = _lookup(store, image, rootfs, "/etc/passwd", name=name, field=2)
+        uid = lookup(store, image, rootfs, "/etc/passwd", name=name, field=2)
         if uid is None:
             raise LazyshimError(f"user {name!r} not found in the image's /etc/passwd")
     if gid is None:
         if group:
-            gid = _lookup(store, image, rootfs, "/etc/group", name=group, field=2)
+            gid = lookup(store, image, rootfs, "/etc/group", name=group, field=2)
             if gid is None:
                 raise LazyshimError(f"group {group!r} not found in the image's /etc/group")
         else:
-            gid = _lookup(store, image, rootfs, "/etc/passwd", name=name, field=3) or 0
+            gid = lookup(store, image, rootfs, "/etc/passwd", name=name, field=3) or 0
     return uid, gid
 
 
 def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field: int,
-            name: str | None = None, uid: int | None = None) -> int | None:
+            name: str | None = None, uid: int | None = None, filled: bool = False) -> int | None:
     from seccomp.resolve import RESOLVE_IN_ROOT, openat2
-
-    from .lazyroot import LazyRoot
 
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
+        if not filled:
+            from .lazyroot import LazyRoot
+
+            LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
         try:
             fd = openat2(root_fd, path.encode(), os.O_RDONLY, RESOLVE_IN_ROOT)
         except OSError:
