@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 # Names under RUNTIME_DIR that are not standalone containers.
-RESERVED = frozenset({"oci", "sock", "delegate", "delegate-features.json"})  # the last: runtime.trap's cache
+RESERVED = frozenset({"oci", "sock", "delegate"})
 
 
 def runtime_dir() -> str:

@@ -50,75 +50,7 @@ def kernel_notifies() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def delegate_notifies(delegate: str) -> bool:
-    """Can this delegate hand a seccomp listener fd to `listenerPath`?  The answer is kept
-    per binary (path, inode, size, mtime) in the runtime dir: `features` costs every lazy
-    run ~10 ms before its supervisor can start, and a binary's answer never changes."""
-    key = _binary_key(delegate)
-    known = _known_answers() if key is not None else {}
-    if key in known and isinstance(known[key], bool):
-        return known[key]
-    answer = _ask_features(delegate)
-    if key is not None:
-        _remember_answer(key, answer)
-    return answer
-
-
-FEATURES_CACHE = "delegate-features.json"  # in paths.RESERVED: no container may be named so
-
-
-def _binary_key(delegate: str) -> str | None:
-    import shutil
-
-    path = shutil.which(delegate) if "/" not in delegate else delegate
-    if path is None:
-        return None
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-    except OSError:
-        return None
-    return f"{real}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _cache_path() -> str:
-    from .paths import runtime_dir
-
-    return os.path.join(runtime_dir(), FEATURES_CACHE)
-
-
-def _known_answers() -> dict:
-    import json
-
-    try:
-        with open(_cache_path(), encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _remember_answer(key: str, answer: bool) -> None:
-    """Best effort (a read-only or missing runtime dir costs the probe next time)."""
-    import json
-
-    known = {k: v for k, v in _known_answers().items() if isinstance(v, bool)}
-    known[key] = answer
-    known = dict(list(known.items())[-16:])  # a bound: delegates come and go with upgrades
-    path = _cache_path()
-    tmp = f"{path}.{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(known, f)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
-def _ask_features(delegate: str) -> bool:
+    """Can this delegate hand a seccomp listener fd to `listenerPath`?"""
     import json
 
     try:

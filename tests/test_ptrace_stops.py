@@ -249,25 +249,3 @@ def test_a_second_tracer_rules_the_ptrace_backend_out(monkeypatch) -> None:
     assert "tracer (pid 4321)" in agent_policy.foreign_reason({})
     monkeypatch.setenv("LAZYSHIM_TRAP", "notify")
     assert agent_policy.foreign_reason(own) is None and agent_policy.foreign_reason({}) is None
-
-
-def test_a_delegates_features_are_asked_once_per_binary(tmp_path, monkeypatch) -> None:
-    """The answer is kept in the runtime dir for that very file: asked again only when the
-    binary changes (an upgrade), never served for another binary."""
-    from runtime import trap
-
-    monkeypatch.setenv("LAZYSHIM_RUNTIME_DIR", str(tmp_path / "rt"))
-    calls = tmp_path / "calls"
-    script = f"""echo x >> {calls}; echo '{{"linux": {{"seccomp": {{"actions": ["SCMP_ACT_NOTIFY"]}}}}}}'"""
-    runc = _fake_delegate(tmp_path, "runc-cached", script)
-    assert trap._ask_features(runc) is True and calls.read_text().count("x") == 1
-    calls.unlink()
-    trap.delegate_notifies.cache_clear()
-    assert trap.delegate_notifies(runc) is True
-    trap.delegate_notifies.cache_clear()
-    assert trap.delegate_notifies(runc) is True  # a new process: from the runtime dir
-    assert calls.read_text().count("x") == 1
-    _fake_delegate(tmp_path, "runc-cached", script.replace("SCMP_ACT_NOTIFY", "SCMP_ACT_TRACE") + "\n# upgraded")
-    trap.delegate_notifies.cache_clear()
-    assert trap.delegate_notifies(runc) is False  # another binary at the same path: asked again
-    trap.delegate_notifies.cache_clear()
