@@ -159,6 +159,9 @@ def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, s
     for s in steps:
         _check(s, env, timeout)
     steps_time = time.monotonic() - t0
+    from shim.trace import mark
+
+    mark("bench", "run spawn")
     with tempfile.TemporaryFile() as errf:
         p = subprocess.Popen(list(final), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL,
                              env=env, cwd=REPO)
@@ -168,6 +171,7 @@ def timed(steps: Sequence[Sequence[str]], final: Sequence[str], env: dict[str, s
         rest = p.stdout.read()
         rc = p.wait(timeout=timeout)
         total = time.monotonic() - t0
+        mark("bench", "run exit")
         errf.seek(0)
         err = errf.read().decode(errors="replace")
     return ttfo, total, (first + rest).decode(errors="replace"), err, rc, steps_time

@@ -69,29 +69,98 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     `image_id`: the image's, whose start-up profile the supervisor learns and uses (without
     it: the image made of `layers`); unless profiles are off.
     """
+    starting = start(config, container_id, store_root, layers, rootfs, metadata=metadata, sdir=sdir,
+                     background=background, record=record, sources=sources, trap=trap,
+                     big_threshold=big_threshold, image_id=image_id, big_record=big_record)
+    pid = starting.go()
+    starting.patch(config)
+    return pid
+
+
+class Starting:
+    """A supervisor started before its container's rootfs is mounted.
+
+    It imports its modules and loads the layers' metadata meanwhile, then waits for `go`
+    (the rootfs is there) before it checks the rootfs and prefills, and reports ready.  If
+    the runtime gives up first (an error, a signal), `abandon` (or this process's exit)
+    closes the go pipe and the supervisor ends without touching anything."""
+
+    def __init__(self, proc: subprocess.Popen, ready_r: int, go_w: int, sdir: Path, profile: dict,
+                 hook_socket: str | None) -> None:
+        self.proc = proc
+        self.sdir = sdir
+        self._ready_r: int | None = ready_r
+        self._go_w: int | None = go_w
+        self._profile = profile
+        self._hook_socket = hook_socket  # ptrace: the createRuntime hook connects here
+
+    def go(self) -> int:
+        """The rootfs is mounted: let the supervisor prefill; returns its pid once it serves,
+        or raises the one-line error its log ends with."""
+        assert self._go_w is not None and self._ready_r is not None
+        try:
+            os.write(self._go_w, b"1")
+        except OSError:
+            pass  # it is gone already: the ready pipe says so
+        finally:
+            os.close(self._go_w)
+            self._go_w = None
+        try:
+            ok = os.read(self._ready_r, 1) == b"1"
+        finally:
+            os.close(self._ready_r)
+            self._ready_r = None
+        if not ok:
+            self.proc.wait()
+            raise LazyshimError(f"supervisor failed to start: {last_log_line(self.sdir / 'supervisor.log')}")
+        return self.proc.pid
+
+    def patch(self, config: dict) -> None:
+        """Give the container's config the seccomp profile (and hook) this supervisor serves."""
+        config.setdefault("linux", {})["seccomp"] = self._profile
+        if self._hook_socket is not None:
+            add_hook(config, self._hook_socket)
+
+    def abandon(self) -> None:
+        """The container will not be made: the supervisor ends (EOF on its go pipe)."""
+        for fd in (self._go_w, self._ready_r):
+            if fd is not None:
+                os.close(fd)
+        self._go_w = self._ready_r = None
+
+
+def start(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
+          metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
+          record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
+          big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None) -> Starting:
+    """Start the supervisor of a container whose rootfs (at `rootfs`) is not mounted yet.
+
+    `config` needs only what the supervisor is started with: `linux.seccomp` (the user's
+    profile, if any), `process` (args, env, cwd) and `annotations`; the container's full
+    config gets the patched profile from `Starting.patch`.  Its pid file is written before
+    this returns, so a teardown from here on stops it.  The rest as for `attach`."""
     mode = background_mode(config, background)
     trap = trap or choose_trap()
     sdir = Path(sdir) if sdir is not None else state_dir(container_id)
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock_path = _socket_path(sdir)
-    linux = config.setdefault("linux", {})
+    user_profile = (config.get("linux") or {}).get("seccomp")
     if trap == "ptrace":
-        profile, verdicts = trace_profile(linux.get("seccomp"))
-        add_hook(config, str(sock_path))
+        profile, verdicts = trace_profile(user_profile)
     else:
-        profile, verdicts = patch_profile(linux.get("seccomp"), str(sock_path), metadata)
-    linux["seccomp"] = profile
+        profile, verdicts = patch_profile(user_profile, str(sock_path), metadata)
     (sdir / "verdicts.json").write_text(verdicts.to_json())
     (sdir / TRAP_FILE).write_text(trap)  # `exec` must know: under ptrace it needs the tracer first
 
-    with _bound_socket(sock_path) as listener:
+    with _bound_socket(sock_path) as listener:  # the supervisor keeps it listening: ours is closed after
         ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
         args = config.get("process", {}).get("args") or []
         argv = [
             sys.executable, "-m", "shim.supervisor",
             "--store", str(store_root), "--layers", ",".join(layers),
             "--listen-fd", str(listener.fileno()), "--state-dir", str(sdir),
-            "--ready-fd", str(ready_w), "--rootfs", str(rootfs),
+            "--ready-fd", str(ready_w), "--go-fd", str(go_r), "--rootfs", str(rootfs),
             "--prefill", "/etc/passwd:/etc/group",
             "--prefill-exec-candidates", _exec_path(args[0], config) if args else "",
             "--background", mode, "--trap", trap,
@@ -99,10 +168,18 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
           + (["--big-record", str(big_record)] if big_record else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         argv += _profile_args(config, image_id)
-        proc, ok = start_daemon(argv, ready_r, ready_w, sdir / "supervisor.pid", pass_fds=(listener.fileno(),))
-    if not ok:
-        raise LazyshimError(f"supervisor failed to start: {last_log_line(sdir / 'supervisor.log')}")
-    return proc.pid
+        from shim.trace import mark
+
+        mark("runtime", "supervisor spawn")
+        try:
+            proc = spawn_daemon(argv, ready_w, sdir / "supervisor.pid", pass_fds=(listener.fileno(), go_r))
+        except BaseException:
+            os.close(ready_r)
+            os.close(go_w)
+            raise
+        finally:
+            os.close(go_r)
+    return Starting(proc, ready_r, go_w, sdir, profile, str(sock_path) if trap == "ptrace" else None)
 
 
 def _profile_args(config: dict, image_id: str | None) -> list[str]:
@@ -193,22 +270,14 @@ def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
 
 def start_daemon(argv: list[str], ready_r: int, ready_w: int, pid_file: Path,
                  pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, bool]:
-    """Start one of lazyshim's helper processes (the supervisor, the big-file FUSE server):
-    its own session, no stdio, the supervisor's environment.  It writes b"1" to `ready_w`
-    (a pipe whose ends the caller made and named in argv) once it serves.  Its pid is in
-    `pid_file` before the wait, so a run interrupted meanwhile still finds it to stop it.
+    """Start one of lazyshim's helper processes (`spawn_daemon`) and wait until it serves.
     Returns (process, ready); a process that did not get ready has been reaped.  Closes
     both pipe ends."""
     try:
-        proc = subprocess.Popen(argv, pass_fds=(*pass_fds, ready_w), start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd="/", env=supervisor_env())
+        proc = spawn_daemon(argv, ready_w, pid_file, pass_fds)
     except BaseException:
         os.close(ready_r)
         raise
-    finally:
-        os.close(ready_w)
-    pid_file.write_text(str(proc.pid))
     try:
         ok = os.read(ready_r, 1) == b"1"
     finally:
@@ -216,6 +285,22 @@ def start_daemon(argv: list[str], ready_r: int, ready_w: int, pid_file: Path,
     if not ok:
         proc.wait()
     return proc, ok
+
+
+def spawn_daemon(argv: list[str], ready_w: int, pid_file: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start one of lazyshim's helper processes (the supervisor, the big-file FUSE server):
+    its own session, no stdio, the supervisor's environment.  It writes b"1" to `ready_w`
+    (a pipe whose ends the caller made and named in argv) once it serves.  Its pid is in
+    `pid_file` when this returns, so a run interrupted from here on still finds it to stop
+    it.  Closes `ready_w`."""
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(*pass_fds, ready_w), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd="/", env=supervisor_env())
+    finally:
+        os.close(ready_w)
+    pid_file.write_text(str(proc.pid))
+    return proc
 
 
 def last_log_line(path: Path, prefix: str = "") -> str:

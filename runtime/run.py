@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
+import os
 import sys
 import time
 from pathlib import Path
 
 from shim import api
 from shim.errors import LazyshimError
+from shim.trace import mark
 
 from . import agent_policy, attach, bigmount, containers, overlay, runflags, sigproxy, spec
 from .delegate import find_delegate
@@ -45,7 +46,7 @@ def _run_detached(args) -> int:
     store = api.open_store()
     _image(store, args)
     args.pull, args.no_pull = "never", True
-    args.name = args.name or secrets.token_hex(8)
+    args.name = args.name or os.urandom(8).hex()  # secrets.token_hex without its imports
     from . import detach
 
     def body(monitor) -> int:
@@ -65,12 +66,13 @@ def _image(store, args):
 def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     profile = _seccomp_profile(args.security_opt)
     store = api.open_store()
+    mark("runtime", "store open")
     image = _image(store, args)
+    mark("runtime", "image")
     settings = spec.image_settings(image.config, args.image)  # checked before anything is mounted
-    from shim.lazyroot import layers_complete
-
-    lazy = not layers_complete(store, image.layers)  # a fully filled image runs natively
-    cid = args.name or secrets.token_hex(8)
+    lazy = not api.layers_complete_in(store, image.layers)  # a fully filled image runs natively
+    mark("runtime", "layers_complete")
+    cid = args.name or os.urandom(8).hex()  # secrets.token_hex without its imports
     # A profile with its own seccomp agent keeps it: refused (if asked) before anything is made.
     agent = agent_policy.foreign_reason({"linux": {"seccomp": profile}}) if lazy else None
     if agent is not None:
@@ -83,42 +85,60 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
     owned = containers.create(store.containers, record)
     cdir = owned.cdir
     rc: int | None = None
+    starting: attach.Starting | None = None
     try:
         if monitor is not None:
             record.log = str(cdir / containers.LOG)
             owned.save()
             monitor.redirect(Path(record.log))
         containers.claim_state_dir(owned)
+        mark("runtime", "container dir")
         from shim.userns import in_user_namespace
 
-        lower = api.layer_mount(store, image)
-        sources = api.image_sources(store, image, args.image)
         args_ = spec.process_args(settings, list(args.command), args.entrypoint)
         if not args_:
             raise LazyshimError(f"{args.image}: no command given and the image has none")
+        if args.network == "bridge" and in_user_namespace():
+            raise LazyshimError("--network bridge needs root; rootless containers use none or host")
+        env = spec.merged_env(settings, _env(args))
         cwd = args.workdir or settings.workdir or "/"
-        background = attach.background_mode({}, "none" if args.no_background_fetch else None)
+        lower = api.layer_mount(store, image)
+        mark("runtime", "layer_mount")
+        sources = api.image_sources(store, image, args.image)
+        mark("runtime", "image_sources")
         # Big files read sparsely go through the container's FUSE layer, the last data-only lower.
+        background = attach.background_mode({}, "none" if args.no_background_fetch else None)
         big = bigmount.start(store.root, image.layers, sources, cdir, background=background,
                              profile=attach.profile_flags(args_, cwd, image.id)) \
             if lazy and agent is None and lower.data_lowers else None
+        mark("runtime", "bigmount")
+        # The supervisor starts now, loading the layers while the overlay is mounted; it looks
+        # at the rootfs only once `go` says it is there.
+        starting = attach.start({"linux": {"seccomp": profile}, "process": {"args": args_, "env": env, "cwd": cwd}},
+                                cid, store.root, image.layers, cdir / "rootfs",
+                                background=background, record=Path(args.record) if args.record else None,
+                                sources=sources, big_threshold=big[1] if big else 0, image_id=image.id,
+                                big_record=bigmount.record_path(cdir) if big else None) \
+            if lazy and agent is None else None
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big
                               else lower.data_lowers, options=lower.options)
-        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user)
+        mark("runtime", "overlay")
+        if starting is not None:
+            starting.go()  # ready: /etc/passwd and /etc/group are filled, which resolve_user reads
+            mark("runtime", "supervisor ready")
+        uid, gid = api.resolve_user(store, image, cdir / "rootfs", args.user or settings.user,
+                                    filled=not lazy or starting is not None)
         if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise LazyshimError(f"user {args.user or settings.user!r}: uid/gid out of range (0-{MAX_ID})")
+        mark("runtime", "resolve_user")
         config = spec.build_spec(
-            rootfs=str(cdir / "rootfs"), args=args_, env=spec.merged_env(settings, _env(args)),
-            cwd=cwd,
+            rootfs=str(cdir / "rootfs"), args=args_, env=env, cwd=cwd,
             uid=uid, gid=gid, hostname=args.hostname or cid[:12], terminal=args.tty, network=args.network,
         )
         _apply_run_flags(config, args)
+        mark("runtime", "spec")
         if args.network == "bridge":
-            from shim.userns import in_user_namespace
-
-            if in_user_namespace():
-                raise LazyshimError("--network bridge needs root; rootless containers use none or host")
             from . import network
 
             config.setdefault("hooks", {}).setdefault("createRuntime", []).append(network.hook(cid))
@@ -126,16 +146,14 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             config["linux"]["seccomp"] = profile
         if agent is not None:  # the image in full, no supervisor: the agent gets its notifications
             agent_policy.complete_for_agent(config, agent, store.root, image.layers, f"container {cid}")
-        elif lazy:
-            attach.attach(config, cid, store.root, image.layers, cdir / "rootfs",
-                          background=background, record=Path(args.record) if args.record else None,
-                          sources=sources, big_threshold=big[1] if big else 0, image_id=image.id,
-                          big_record=bigmount.record_path(cdir) if big else None)
+        elif starting is not None:
+            starting.patch(config)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         log = cdir / "delegate.log"
         cmd = [delegate, "--root", record.delegate_root, "--log", str(log), "--log-format", "json", "run"]
         bundle = ["--bundle", str(cdir / "bundle"), cid]
         sys.stdout.flush()
+        mark("runtime", "delegate run")
         if monitor is not None:
             pid_file = cdir / "init.pid"
             rc = monitor.run_and_wait(cmd + ["--detach", "--pid-file", str(pid_file)] + bundle, pid_file,
@@ -143,15 +161,19 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
             return rc
         rc = sigproxy.run_forwarding(cmd + bundle, lambda: containers.delegate(record, "kill", cid, "KILL") == 0,
                                      stdin_null=not (args.interactive or args.tty))
+        mark("runtime", "delegate exit")
         if rc != 0:
             rc = _start_failure(log, rc)[0]
         return rc
     finally:
         guard.hold()
+        if starting is not None:
+            starting.abandon()  # not told to go (an error before): it ends by itself, and is stopped
         try:
             containers.teardown(cdir, record, rc, remove=args.rm)
         finally:
             owned.release()
+            mark("runtime", "teardown")
 
 
 def _apply_run_flags(config: dict, args) -> None:

@@ -6,6 +6,7 @@ a wire format.  Keep this the only door between the two.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -68,7 +69,7 @@ def store_layout(store: Store) -> str:
 def image_sources(store: Store, image: ImageRecord, asked: str | None = None) -> list[str]:
     """The references a container of `image` fills from (the supervisor's `--sources`);
     `asked`: the name the user gave, tried first."""
-    from .sources import image_references
+    from .store.refs import image_references  # not .sources: no HTTP client for a list of names
 
     return image_references(store, image, asked)
 
@@ -156,40 +157,45 @@ def fill_image(store: Store, image_or_layers: ImageRecord | list[str],
     return FillResult(st["files_filled"], st["bytes_fetched"], time.monotonic() - t0)
 
 
-def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str) -> tuple[int, int]:
-    """uid/gid for an image `User` string; names are looked up in the image's own files."""
+def resolve_user(store: Store, image: ImageRecord, rootfs: Path, user: str,
+                 filled: bool = False) -> tuple[int, int]:
+    """uid/gid for an image `User` string; names are looked up in the image's own files.
+    `filled`: /etc/passwd and /etc/group are in place already (a complete image, or one
+    whose supervisor prefilled them before it reported ready): they are only read."""
     if not user:
         return 0, 0
+    lookup = functools.partial(_lookup, filled=filled)
     name, _, group = user.partition(":")
     uid = int(name) if name.isdigit() else None
     gid = int(group) if group.isdigit() else None
     if uid is not None and (gid is not None or not group):
         if gid is None:
-            gid = _lookup(store, image, rootfs, "/etc/passwd", uid=uid, field=3)
+            gid = lookup(store, image, rootfs, "/etc/passwd", uid=uid, field=3)
         return uid, gid if gid is not None else 0
     if uid is None:
-        uid = _lookup(store, image, rootfs, "/etc/passwd", name=name, field=2)
+        uid = lookup(store, image, rootfs, "/etc/passwd", name=name, field=2)
         if uid is None:
             raise LazyshimError(f"user {name!r} not found in the image's /etc/passwd")
     if gid is None:
         if group:
-            gid = _lookup(store, image, rootfs, "/etc/group", name=group, field=2)
+            gid = lookup(store, image, rootfs, "/etc/group", name=group, field=2)
             if gid is None:
                 raise LazyshimError(f"group {group!r} not found in the image's /etc/group")
         else:
-            gid = _lookup(store, image, rootfs, "/etc/passwd", name=name, field=3) or 0
+            gid = lookup(store, image, rootfs, "/etc/passwd", name=name, field=3) or 0
     return uid, gid
 
 
 def _lookup(store: Store, image: ImageRecord, rootfs: Path, path: str, *, field: int,
-            name: str | None = None, uid: int | None = None) -> int | None:
+            name: str | None = None, uid: int | None = None, filled: bool = False) -> int | None:
     from seccomp.resolve import RESOLVE_IN_ROOT, openat2
-
-    from .lazyroot import LazyRoot
 
     root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
+        if not filled:
+            from .lazyroot import LazyRoot
+
+            LazyRoot(store, image.layers, image_sources(store, image)).fill_path(root_fd, path)
         try:
             fd = openat2(root_fd, path.encode(), os.O_RDONLY, RESOLVE_IN_ROOT)
         except OSError:
@@ -258,10 +264,11 @@ def _layer_built(store: Store, layer_digest: str) -> bool:
 
 
 def layers_complete_in(store: Store, layer_digests: list[str]) -> bool:
-    """Every file of these layers is filled (reads of their trees need no supervisor)."""
-    from .lazyroot import layers_complete
+    """Every file of these layers is filled (reads of their trees need no supervisor).  Reads
+    the layers' marks only: a run that needs no supervisor imports no fill machinery."""
+    from .store.marks import is_complete
 
-    return layers_complete(store, layer_digests)
+    return all(is_complete(store.layer_dir(d)) for d in layer_digests)
 
 
 def fill_files_in_layers(store: Store, layer_digests: list[str], paths: list[str]) -> int:

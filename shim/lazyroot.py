@@ -182,9 +182,12 @@ class LazyRoot:
                 rest.append((f, regs[n:], False))
         return first + rest
 
-    def complete(self) -> bool:
+    def complete(self, recount: bool = True) -> bool:
         """Every file of every layer is filled: nothing is left for the supervisor to do but
-        answer.  Recounts, so fills by other containers sharing the layers are seen."""
+        answer.  Recounts, so fills by other containers sharing the layers are seen; without
+        `recount`, what the fillers counted (no file looked at: at a supervisor's start)."""
+        if not recount:
+            return all(not f.unfilled for f in self.fillers)
         for f in self.fillers:
             f.unfilled = f.count_unfilled()
             if f.unfilled:

@@ -155,6 +155,10 @@ def ensure_layer(store: Store, client: RegistryClient, ref: Reference, desc: Des
                 create_filled_map(staging, len(meta.toc.entries))
             _warn_skipped(desc, opts)
             meta.registry, meta.repository = ref.registry, ref.repository
+            from .bigfs.plan import largest
+            from .store.partials import remember_largest_chunked
+
+            remember_largest_chunked(staging, largest(meta))  # before the meta: renamed in with it
             write_meta(staging, meta)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(staging, final)

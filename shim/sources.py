@@ -33,6 +33,7 @@ from .endpoints import MirroredBlobSource, MirroredClient
 from .errors import LazyshimError
 from .registry.client import RegistryClient
 from .registry.mirrors import Endpoint, MirrorConfig
+from .store.refs import image_references  # noqa: F401 - where callers of this module find it
 
 DEFAULT_FETCH_TIMEOUT = 30.0
 RETRIES_ENV = "LAZYSHIM_REGISTRY_RETRIES"
@@ -206,29 +207,6 @@ def _named_images(store) -> list[tuple[str, list[str]]]:
         if records[image_id] is not None:
             out.append((name, records[image_id]))
     return out
-
-
-def image_references(store, image, asked: str | None = None) -> list[str]:
-    """The names a pulled image is known by, where its fills may come from: the name the
-    user asked for first (one manifest may have been pulled from several registries), then
-    the one it was last pulled as, then the others."""
-    from .registry.reference import InvalidReference, parse_reference
-    from .store.refs import load_refs
-
-    try:
-        known = sorted(n for n, i in load_refs(store).items() if i == image.id)
-    except LazyshimError:
-        known = []
-    first = []
-    if asked:
-        try:
-            name = str(parse_reference(asked))
-        except InvalidReference:
-            name = ""
-        if name in known:
-            first.append(name)
-    names = first + [image.name] + known
-    return list(dict.fromkeys(names))
 
 
 _fill_sources: dict[tuple, FillSources] = {}

@@ -180,7 +180,7 @@ def test_only_files_close_past_a_miss_are_near(tmp_path: Path, monkeypatch: pyte
 class _Root:
     """The two things a FillService asks its lazy root for before any fill."""
 
-    def complete(self) -> bool:
+    def complete(self, recount: bool = True) -> bool:
         return False
 
     def lookup(self, *args):

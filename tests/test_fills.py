@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ class FakeFiller:
         self.fail = set(fail)
         self.filled: list[int] = []
         self.alone: list[int] = []  # filled without their neighbours
-        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=[SimpleNamespace(name=f"f{i}") for i in range(4)]))
+        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=[SimpleNamespace(name=f"f{i}", size=0) for i in range(4)]))
 
     def fill(self, idx: int, neighbours: bool = True) -> None:
         if idx in self.fail:
@@ -32,7 +33,7 @@ class FakeRoot:
     def __init__(self) -> None:
         self.paths: dict[bytes, tuple] = {}
 
-    def complete(self) -> bool:
+    def complete(self, recount: bool = True) -> bool:
         return False
 
     def lookup(self, st):
@@ -137,3 +138,41 @@ def test_prefill_asks_for_the_loader_and_libc_beside_the_entrypoint_and_no_neigh
     svc.pool.shutdown(wait=True)
     assert sorted(filler.filled) == [0, 1, 2, 3]
     assert sorted(filler.alone) == [0, 1, 2]  # named, not missed: their blob neighbours are no hint
+
+
+class _BlockingFiller(FakeFiller):
+    """Holds the fill of one entry until released (a slow entrypoint fetch)."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__()
+        self.slow, self.release, self.entered = slow, threading.Event(), threading.Event()
+
+    def fill(self, idx: int, neighbours: bool = True) -> None:
+        if idx == self.slow:
+            self.entered.set()
+            self.release.wait()
+        super().fill(idx, neighbours)
+
+
+def test_prefill_returns_with_passwd_while_the_entrypoint_is_still_filling(tmp_path: Path) -> None:
+    """Readiness (runc may start) waits for what runc reads before the filter, not for the
+    entrypoint: the container's exec of it waits for that fill itself."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    (rootfs / "bin").mkdir()
+    (rootfs / "bin" / "tool").write_bytes(b"plain\n")
+    root = FakeRoot()
+    filler = _BlockingFiller(slow=1)
+    root.paths[b"/etc/passwd"] = (filler, 0)
+    root.paths[b"/bin/tool"] = (filler, 1)
+    svc, _ = _service(tmp_path, root)
+    svc.prefill(rootfs, ["/etc/passwd"], ["/bin/tool"], wait_for_exec=False)
+    assert filler.filled == [0]  # passwd is in place when prefill returns
+    assert filler.entered.wait(60)  # and the entrypoint's fill is under way, not done
+    assert filler.filled == [0]
+    filler.release.set()
+    svc.pool.shutdown(wait=True)
+    for t in [t for t in threading.enumerate() if t.name == "prefill-exec"]:
+        t.join()
+    assert filler.filled == [0, 1]

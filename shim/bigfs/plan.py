@@ -24,7 +24,6 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
     entries claim with different sizes or chunks is served by none (their opens fail: the
     supervisor leaves big files to this layer), so no file reads another's bytes."""
     from ..store.layouts import layout_of, load_meta
-    from ..store.objects import object_name
     from ..store.partials import largest_chunked, object_path
 
     if not limit or layout_of(store).name != "v2":
@@ -32,8 +31,10 @@ def served(store: Store, layers: list[str], limit: int) -> list[Served]:
     out: dict[str, Served] = {}
     conflicts: set[str] = set()
     for digest in layers:
-        if largest_chunked(store, digest, lambda d=digest: _largest(load_meta(store, d))) < limit:
+        if largest_chunked(store, digest, lambda d=digest: largest(load_meta(store, d))) < limit:
             continue
+        from ..store.objects import object_name  # only for a layer that has a big file
+
         meta = load_meta(store, digest)
         for i, e in enumerate(meta.toc.entries):
             if not is_big(e, limit):
@@ -60,7 +61,7 @@ def _shape(e) -> tuple:
     return e.size, tuple((c.file_offset, c.size, c.digest, c.zeros) for c in e.chunks)
 
 
-def _largest(meta: LayerMeta) -> int:
+def largest(meta: LayerMeta) -> int:
     """The size of the largest file of the layer that is big at any threshold (0: none)."""
     if meta.complete:
         return 0

@@ -22,11 +22,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LazyshimError
-from .filler import BlobSource, LayerFiller
 from .layout import Store, digest_dirname
 from .metadata import LayerMeta, dump_layer, load_layer, write_atomic
+
+if TYPE_CHECKING:  # the fill machinery only once something fills: not for mounting or checking
+    from .filler import BlobSource, LayerFiller
 
 LAYOUT_ENV = "LAZYSHIM_STORE_LAYOUT"
 LAYOUTS = ("v1", "v2")
@@ -100,6 +103,8 @@ class LayerLayout:
         return inodes
 
     def filler(self, digest: str, meta: LayerMeta, source_factory: Callable[[], BlobSource]) -> LayerFiller:
+        from .filler import LayerFiller
+
         return LayerFiller(self.store.layer_dir(digest), meta, source_factory)
 
     # -- collecting and accounting --

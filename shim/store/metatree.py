@@ -23,15 +23,18 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LazyshimError
-from ..formats.toc import Entry
-from .filler import BlobSource, LayerFiller, filled_map_path
 from .layout import digest_dirname
 from .layouts import META_DIR, LayerLayout, MountSpec, load_meta, read_inodes, write_inodes
+from .marks import filled_map_path
 from .metadata import LayerMeta
-from .objects import ObjectFiller, object_name, table_object_name
 from .sysmount import MS_RDONLY, detach, mount
+
+if TYPE_CHECKING:  # the fill machinery only once something fills: not for mounting or checking
+    from ..formats.toc import Entry
+    from .filler import BlobSource, LayerFiller
 
 _META = META_DIR
 _DATA = "data"
@@ -133,6 +136,7 @@ class MetaLayout(LayerLayout):
             raise
 
     def _build(self, meta: LayerMeta, staging: Path) -> None:
+        from .objects import object_name
         from .placeholders import TreeOptions, build_tree
 
         digest = meta.digest
@@ -207,11 +211,13 @@ class MetaLayout(LayerLayout):
 
             recover_unflushed(self.store.tmp, self._collect_unmarked)
             self._recovered = True
+        from .objects import ObjectFiller
+
         return ObjectFiller(self.store.layer_dir(digest), meta, source_factory, self.data_root, self.store.tmp)
 
     def _collect_unmarked(self) -> tuple[int, int]:
         """Delete every object no layer marks filled (after a boot that may not have flushed)."""
-        from .objects import collect_unnamed
+        from .objects import collect_unnamed, table_object_name
 
         names = set()
         for d in sorted(self.store.layers.iterdir()):
@@ -226,7 +232,7 @@ class MetaLayout(LayerLayout):
         return collect_unnamed(self.data_root, self.store.tmp, names)
 
     def collect_data(self) -> tuple[int, int]:
-        from .objects import collect_unnamed
+        from .objects import collect_unnamed, table_object_name
 
         names = set()
         for d in sorted(self.store.layers.iterdir()):
@@ -240,6 +246,8 @@ class MetaLayout(LayerLayout):
 
     def usage(self) -> dict[str, int]:
         import collections
+
+        from .objects import table_object_name
 
         sizes: dict[str, int] = {}
         users: collections.Counter[str] = collections.Counter()

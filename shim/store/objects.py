@@ -158,6 +158,7 @@ class ObjectFiller(LayerFiller):
     def __init__(self, layer_dir: Path, meta: LayerMeta, source_factory: Callable[[], BlobSource],
                  data_dir: Path, tmp_dir: Path) -> None:
         self.data_dir = data_dir
+        self._data_prefix = os.fspath(data_dir) + "/"  # is_filled's stat takes a str: no Path per call
         self.tmp_dir = tmp_dir
         super().__init__(layer_dir, meta, source_factory, tree=data_dir)
 
@@ -170,11 +171,11 @@ class ObjectFiller(LayerFiller):
     def is_filled(self, idx: int) -> bool:
         if self.filled[idx] or self.ready[idx]:
             return True
-        path = self.object_path(idx)
-        if path is None:
+        name = table_object_name(self.meta.digest, self.meta.table, idx)
+        if name is None:
             return False
         try:
-            st = os.stat(path)
+            st = os.stat(self._data_prefix + name)
         except OSError:
             return False
         if st.st_size != self.meta.table.size[idx]:
@@ -187,8 +188,8 @@ class ObjectFiller(LayerFiller):
         """A mark whose object is gone (deleted by gc or by recovery): refetch those."""
         for i in self.meta.table.data_files():
             if self.filled[i]:
-                path = self.object_path(i)
-                if path is None or not path.exists():
+                name = table_object_name(self.meta.digest, self.meta.table, i)
+                if name is None or not os.path.exists(self._data_prefix + name):
                     self.filled[i] = 0
 
     def _fill_locked(self, idx: int, fetched: Fetched | None = None) -> bool:

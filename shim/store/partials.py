@@ -58,6 +58,13 @@ def largest_chunked(store: Store, digest: str, compute: Callable[[], int]) -> in
     return n
 
 
+def remember_largest_chunked(layer_dir: Path, n: int) -> None:
+    """Write `largest_chunked`'s answer into a layer dir being built (the pull has the
+    entries at hand; the first `lazyshim run` would otherwise load the layer's metadata
+    just to learn that it has no big file)."""
+    (layer_dir / _HINT).write_bytes(str(n).encode())
+
+
 def open_partial(store: Store, object_name: str, size: int) -> int:
     """An fd (read-write) of the object's partial file, created sparse at `size` if new."""
     path = partial_path(store, object_name)

@@ -59,3 +59,25 @@ def resolve_image(store: Store, name_or_id: str) -> ImageRecord:
         return load_image(store.image_file(image_id).read_bytes())
     except FileNotFoundError as e:
         raise LazyshimError(f"image {name_or_id!r}: record missing; pull it again") from e
+
+
+def image_references(store, image, asked: str | None = None) -> list[str]:
+    """The names a pulled image is known by, where its fills may come from: the name the
+    user asked for first (one manifest may have been pulled from several registries), then
+    the one it was last pulled as, then the others."""
+    from ..registry.reference import InvalidReference, parse_reference
+
+    try:
+        known = sorted(n for n, i in load_refs(store).items() if i == image.id)
+    except LazyshimError:
+        known = []
+    first = []
+    if asked:
+        try:
+            name = str(parse_reference(asked))
+        except InvalidReference:
+            name = ""
+        if name in known:
+            first.append(name)
+    names = first + [image.name] + known
+    return list(dict.fromkeys(names))

@@ -23,6 +23,7 @@ from pathlib import Path
 from seccomp.notify import Notification, Notifier
 from seccomp.resolve import O_PATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
+from .. import trace
 from ..errors import LazyshimError
 from ..lazyroot import LazyRoot
 from ..pacing import HOLD, PARALLEL, QUIET, Pacer, is_quiet, request_size
@@ -69,8 +70,9 @@ class FillService:
         self.stats_path = stats_path
         self.record = None  # a text file: every file filled on demand, in the order of need
         self.started = threading.Event()  # the first notify fd arrived: the container exists
-        # Once every file is filled, answer at once: no path to read, nothing to resolve.
-        self.complete = root.complete()
+        # Once every file is filled, answer at once: no path to read, nothing to resolve.  The
+        # fillers have just counted: no recount (a stat per file) on the way to readiness.
+        self.complete = root.complete(recount=False)
         self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
         self._lock = threading.Lock()  # the record file and the exec-chain cache
@@ -126,6 +128,8 @@ class FillService:
     def _fill(self, filler, idx: int, neighbours: bool = True):
         """Fill one file; returns (filler, idx) for the record, after the stats are counted."""
         t0 = time.monotonic()
+        if trace.enabled():
+            trace.mark("fill", f"start {filler.meta.toc.entries[idx].name} {filler.meta.table.size[idx]}")
         with self._idle:
             self._ondemand += 1
         try:
@@ -142,6 +146,8 @@ class FillService:
         dt = time.monotonic() - t0
         if len(self._first_waits) < FIRST_WAITS:
             self._first_waits.append((t0 - self._t0, dt, filler, idx))
+        if trace.enabled():
+            trace.mark("fill", f"done {filler.meta.toc.entries[idx].name}")
         s = self.stats
         s.fills += 1
         s.fill_seconds += dt
@@ -203,38 +209,64 @@ class FillService:
         return False
 
     # ---- before start ----------------------------------------------------------------
-    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str], wait_for_exec: bool = True) -> None:
         """Fill files before the container starts (runc reads some before the filter), and
-        the entrypoint: the first of its candidate paths that exists, with its interpreters."""
+        the entrypoint: the first of its candidate paths that exists, with its interpreters
+        and libraries.  Without `wait_for_exec` this returns once `paths` are filled and the
+        entrypoint's chain goes on filling in the background: the container's own execve
+        then waits for the fill in flight (a failure there is its exec's, reported as EIO)."""
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pending = []
         try:
             self.root.check_rootfs(root_fd)  # a rootfs of other trees than ours: refuse, never serve ENOENT
+            trace.mark("supervisor", "check_rootfs")
             for p in paths:  # fetched alongside the exec chain, not one round trip after another
                 hit = self.root.lookup_path(root_fd, p.encode())
                 if hit is not None:  # no readahead: their neighbours would take the link from the chain's
                     pending.append(self.pool.submit(self._fill, *hit, False))
-            runtime = self._prefill_c_runtime(root_fd)  # failures: as a library's, the loader retries
-            for p in exec_candidates:
-                try:
-                    os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
-                except OSError:
-                    continue
-                if self.fill_exec_chain(root_fd, p.encode()):
-                    self._remember_entrypoint(root_fd, p.encode())
-                libraries = self._prefill_libraries(root_fd, p.encode())
-                break
-            else:
-                libraries = []
+            if wait_for_exec:
+                self._prefill_exec(root_fd, exec_candidates)
+            elif exec_candidates:
+                chain_fd = os.dup(root_fd)
+                threading.Thread(target=self._prefill_exec_quietly, args=(chain_fd, exec_candidates),
+                                 daemon=True, name="prefill-exec").start()
             for f in pending:
                 self._recorded(f.result())  # re-raises a failed fill
-            for f in [*runtime, *libraries]:
-                try:
-                    self._recorded(f.result())
-                except LazyshimError as e:  # the loader's own open will retry it, and report
-                    self.log(f"prefill of a library failed: {e}")
         finally:
             os.close(root_fd)
+
+    def _prefill_exec(self, root_fd: int, exec_candidates: list[str]) -> None:
+        """Fill the first existing candidate's exec chain, then its libraries (all at once),
+        and return after them (their failures only logged: the loader's own open retries
+        them, and reports)."""
+        runtime = self._prefill_c_runtime(root_fd)
+        for p in exec_candidates:
+            try:
+                os.close(openat2(root_fd, p.encode(), O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS))
+            except OSError:
+                continue
+            if self.fill_exec_chain(root_fd, p.encode()):
+                self._remember_entrypoint(root_fd, p.encode())
+            libraries = self._prefill_libraries(root_fd, p.encode())
+            break
+        else:
+            libraries = []
+        for f in [*runtime, *libraries]:
+            try:
+                self._recorded(f.result())
+            except LazyshimError as e:
+                self.log(f"prefill of a library failed: {e}")
+
+    def _prefill_exec_quietly(self, root_fd: int, exec_candidates: list[str]) -> None:
+        """`_prefill_exec` on a thread of its own (owns `root_fd`): a failure is logged; the
+        container's exec asks again and gets its own answer."""
+        try:
+            self._prefill_exec(root_fd, exec_candidates)
+        except Exception as e:  # noqa: BLE001 - a background prefill never ends the supervisor
+            self.log(f"prefill of the entrypoint failed: {e}")
+        finally:
+            os.close(root_fd)
+        trace.mark("supervisor", "exec chain prefilled")
 
     def _prefill_c_runtime(self, root_fd: int) -> list:
         """Start filling the image's dynamic loader and C library beside the entrypoint: nearly

@@ -61,8 +61,8 @@ class Supervisor:
     def record(self, f) -> None:
         self.fills.record = f
 
-    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str]) -> None:
-        self.fills.prefill(rootfs, paths, exec_candidates)
+    def prefill(self, rootfs: Path, paths: list[str], exec_candidates: list[str], wait_for_exec: bool = True) -> None:
+        self.fills.prefill(rootfs, paths, exec_candidates, wait_for_exec)
 
     def start_background(self, everything: bool) -> None:
         self.fills.start_background(everything)
@@ -108,6 +108,10 @@ class Supervisor:
     def add_fd(self, fd: int) -> None:
         with self._lock:
             self._active += 1
+        if not self.fills.started.is_set():
+            from ..trace import mark
+
+            mark("supervisor", "first notify fd")
         self.fills.started.set()
         fills = self.fills
         loop = NotifyLoop(Notifier(fd), self.verdicts, fills, fills.submit, self._log, counter=fills.stats)
