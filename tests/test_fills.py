@@ -19,7 +19,8 @@ class FakeFiller:
         self.fail = set(fail)
         self.filled: list[int] = []
         self.alone: list[int] = []  # filled without their neighbours
-        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=[SimpleNamespace(name=f"f{i}", size=0) for i in range(4)]))
+        entries = [SimpleNamespace(name=f"f{i}", size=0) for i in range(4)]
+        self.meta = SimpleNamespace(toc=SimpleNamespace(entries=entries))
 
     def fill(self, idx: int, neighbours: bool = True) -> None:
         if idx in self.fail:
