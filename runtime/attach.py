@@ -249,6 +249,26 @@ class _bound_socket:
         self.sock.close()
 
 
+#: How long a stopped supervisor may take to exit before its state dir is removed anyway.
+STOP_TIMEOUT = 5.0
+
+
+def _terminate_and_wait(pid: int, timeout: float) -> None:
+    """SIGTERM `pid` and wait (bounded) until it has exited: a supervisor still writing its
+    log or statistics while the state dir is removed would leave the dir behind."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        os.kill(pid, signal.SIGTERM)
+        select.select([fd], [], [], timeout)  # readable once the process has exited
+    finally:
+        os.close(fd)
+
+
 def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
     """Stop the supervisor of a deleted container and remove its state."""
     sdir = Path(sdir) if sdir is not None else state_dir(container_id)
@@ -259,7 +279,7 @@ def stop_supervisor(container_id: str, sdir: Path | None = None) -> None:
         pid = int((sdir / "supervisor.pid").read_text())
         # The pid may have been reused since the supervisor left: only signal our own.
         if b"shim.supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGTERM)
+            _terminate_and_wait(pid, STOP_TIMEOUT)
     except (OSError, ValueError):
         pass
     sock = _socket_path(sdir)
