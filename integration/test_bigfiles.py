@@ -329,20 +329,11 @@ def test_the_background_completes_a_big_file_and_the_next_container_reads_it_nat
     assert not (tmp_path / "store" / "containers" / "second" / "bigfs.log").exists()  # no FUSE layer
 
 
-KILLED = """
-import mmap, os, sys
-fd = os.open("/model/weights.npy", os.O_RDONLY)
-os.pread(fd, 16, 0)
-open("/sig/go").read()
-try:
-    os.pread(fd, 16, 100 << 20)
-    print("READ-OK")
-except OSError as e:
-    print("READ-ERRNO", e.errno)
-sys.stdout.flush()
-m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-print("MAPPED", m[200 << 20])
-"""
+# PROBE, after a read that starts the file and then waiting for the go (the server is killed meanwhile).
+KILLED = PROBE.replace('fd = os.open("/model/weights.npy", os.O_RDONLY)\n',
+                       'fd = os.open("/model/weights.npy", os.O_RDONLY)\nos.pread(fd, 16, 0)\n'
+                       'open("/sig/go").read()\n', 1)
+assert KILLED != PROBE, "PROBE changed: KILLED no longer waits for the go"
 
 
 def test_a_killed_fuse_server_is_an_error_for_readers_and_its_mount_is_still_detached(

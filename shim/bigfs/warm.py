@@ -14,6 +14,7 @@ the data layer's object (`BigFile.on_complete`) and later containers read it nat
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -88,19 +89,16 @@ def profile_plan(files: Sequence[BigFile], chunks: Sequence[tuple[str, str, int,
     return plan
 
 
-def prefetch(plan: list[tuple[BigFile, int]], log: Log, parallel: int = PARALLEL) -> None:
-    """Fetch the plan's chunks now, `parallel` at once, first touched first; returns when done.
-    A chunk that fails is left to its reader (who gets EIO if it fails again).  Daemon threads,
-    not an executor: a server told to stop must not wait for the rest of the plan."""
-    if not plan:
-        return
-    t0 = time.monotonic()
-    todo = iter(plan)
+def _fetch_in_threads(items: list[tuple[BigFile, int]], parallel: int, name: str, split: bool,
+                      failed: Callable[[BaseException], None]) -> list[threading.Thread]:
+    """Start `parallel` daemon threads that take the chunks of `items` in order, one each at a
+    time, through `BigFile.ensure`; a chunk that fails is reported to `failed` and left to its
+    reader (who gets EIO if it fails again).  Daemon threads, not an executor: a server told to
+    stop must not wait for the rest."""
+    todo = iter(items)
     lock = threading.Lock()
-    failed = 0
 
     def worker() -> None:
-        nonlocal failed
         while True:
             with lock:
                 item = next(todo, None)
@@ -108,18 +106,30 @@ def prefetch(plan: list[tuple[BigFile, int]], log: Log, parallel: int = PARALLEL
                 return
             f, k = item
             try:
-                f.ensure(k)
+                f.ensure(k, split=split)
             except (ChunkError, OSError) as e:
-                with lock:
-                    failed += 1
-                log(f"profile prefetch: {e}")
+                failed(e)
 
-    threads = [threading.Thread(target=worker, daemon=True, name="chunk-prefetch") for _ in range(parallel)]
+    threads = [threading.Thread(target=worker, daemon=True, name=name) for _ in range(parallel)]
     for t in threads:
         t.start()
-    for t in threads:
+    return threads
+
+
+def prefetch(plan: list[tuple[BigFile, int]], log: Log, parallel: int = PARALLEL) -> None:
+    """Fetch the plan's chunks now, `parallel` at once, first touched first; returns when done."""
+    if not plan:
+        return
+    t0 = time.monotonic()
+    errors: list[BaseException] = []
+
+    def failed(e: BaseException) -> None:
+        errors.append(e)  # list.append is atomic: no lock needed
+        log(f"profile prefetch: {e}")
+
+    for t in _fetch_in_threads(plan, parallel, "chunk-prefetch", True, failed):
         t.join()
-    log(f"profile prefetch of {len(plan)} chunks done in {time.monotonic() - t0:.2f} s ({failed} failed)")
+    log(f"profile prefetch of {len(plan)} chunks done in {time.monotonic() - t0:.2f} s ({len(errors)} failed)")
 
 
 def background(files: Sequence[BigFile], readers: Readers, log: Log, start_idle: float = START_IDLE) -> None:
@@ -171,31 +181,14 @@ def is_dense(f: BigFile) -> bool:
     of the run, against 1.0 s for its 12.8 MB at the link's rate).  Known once chunk 0 is verified."""
     if not f.verified[0] or f.entry.chunks[0].zeros:
         return False
-    import os
-
     return os.pread(f.fd, len(ELF_MAGIC), 0) == ELF_MAGIC
 
 
-def fetch_whole(f: BigFile, log: Log, parallel: int = DENSE_PARALLEL) -> threading.Thread:
+def fetch_whole(f: BigFile, log: Log, parallel: int = DENSE_PARALLEL) -> list[threading.Thread]:
     """Every chunk of `f` not verified yet, `parallel` at once in single requests (a few
     connections fill the link; sub-ranges of each would open a dozen), in file order, in
-    daemon threads.  Each goes through `BigFile.ensure`, so a reader's fault on one of them waits
-    for that fetch; a failure is left to the reader who needs the chunk."""
-    todo = iter([k for k in range(len(f.entry.chunks)) if not f.verified[k]])
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                k = next(todo, None)
-            if k is None:
-                return
-            try:
-                f.ensure(k, split=False)
-            except (ChunkError, OSError) as e:
-                log(f"readahead of {f.entry.name!r}: {e}")
-
-    threads = [threading.Thread(target=worker, daemon=True, name="chunk-dense") for _ in range(parallel)]
-    for t in threads:
-        t.start()
-    return threads[0]
+    daemon threads (returned, started).  Each goes through `BigFile.ensure`, so a reader's fault
+    on one of them waits for that fetch; a failure is left to the reader who needs the chunk."""
+    todo = [(f, k) for k in range(len(f.entry.chunks)) if not f.verified[k]]
+    return _fetch_in_threads(todo, parallel, "chunk-dense", False,
+                             lambda e: log(f"readahead of {f.entry.name!r}: {e}"))
