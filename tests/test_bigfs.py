@@ -247,7 +247,7 @@ def test_without_fuse_big_files_are_filled_whole_and_that_is_said_once(monkeypat
 
 
 def test_a_chunk_is_fetched_in_parts_that_cover_it_exactly() -> None:
-    from shim.bigfs.fetch import MIN_PART, PARTS, parts
+    from shim.store.splitread import MIN_PART, PARTS, parts
 
     assert parts(100, 100 + 4 * MIN_PART) == [(100 + i * MIN_PART, 100 + (i + 1) * MIN_PART) for i in range(4)]
     assert parts(0, MIN_PART + 1) == [(0, MIN_PART + 1)]  # too small to split

@@ -290,3 +290,17 @@ def test_a_big_miss_has_the_link_to_itself_before_its_neighbours_come(tmp_path: 
     others = [t for t in times if t[0] != own_start]
     assert others and all(t[1] >= own[2] for t in others), times
     assert all(filler.is_filled(i) for i in regs.values())
+
+
+def test_a_missed_file_of_a_few_mb_comes_in_parallel_sub_ranges(tmp_path: Path) -> None:
+    """An exec waits on one big file (python3.11: 2.9 MB compressed): several connections ramp
+    up together, and what is verified and written is the whole file, exactly."""
+    data = os.urandom(filler_mod.SPLIT_FROM * 2 + 12345)
+    meta, filler, source, regs = _filler_with(tmp_path, [reg("usr/bin/big", data)])
+    idx = regs["usr/bin/big"]
+    start, end = meta.table.span(idx)
+    filler.fill(idx, neighbours=False)
+    assert len(source.reads) > 1, source.reads
+    assert min(s for s, _ in source.reads) == start and max(e for _, e in source.reads) == end
+    assert sum(e - s for s, e in source.reads) == end - start  # parts, not overlapping requests
+    assert (tmp_path / "layer/tree/usr/bin/big").read_bytes() == data

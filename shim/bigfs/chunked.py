@@ -22,7 +22,7 @@ from ..errors import LazyshimError
 from ..formats.chunks import decode_chunk
 from ..formats.toc import Entry
 from ..store.filler import BlobSource
-from .fetch import read_split
+from ..store.splitread import read_split
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 

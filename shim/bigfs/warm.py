@@ -1,7 +1,7 @@
 """Chunks of big files fetched before a reader asks: a learned profile's at start, then the rest.
 
 What an earlier run of the image touched (`shim.store.profiles`, `chunks`) is fetched as soon as
-the FUSE server starts, one chunk at a time in its parallel sub-ranges (`shim.bigfs.fetch`),
+the FUSE server starts, one chunk at a time in its parallel sub-ranges (`shim.store.splitread`),
 each exactly as a read would fetch it
 (`BigFile.ensure`: the chunk's lock, its digest, the partial file), so a reader of a chunk being
 prefetched waits for that fetch and never starts a second one, and a reader of another chunk
