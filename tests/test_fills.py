@@ -19,7 +19,7 @@ class FakeFiller:
         self.fail = set(fail)
         self.filled: list[int] = []
         self.alone: list[int] = []  # filled without their neighbours
-        entries = [SimpleNamespace(name=f"f{i}", size=0) for i in range(4)]
+        entries = [SimpleNamespace(name=f"f{i}", size=0) for i in range(8)]
         self.meta = SimpleNamespace(toc=SimpleNamespace(entries=entries))
 
     def fill(self, idx: int, neighbours: bool = True) -> None:
@@ -120,7 +120,8 @@ def test_prefill_remembers_the_entrypoints_chain(tmp_path: Path) -> None:
     assert svc.exec_chain_filled(chain_key(os.stat(rootfs / "bin" / "tool"), (root.st_dev, root.st_ino)))
 
 
-def test_prefill_asks_for_the_loader_and_libc_beside_the_entrypoint_and_no_neighbours(tmp_path: Path) -> None:
+def test_prefill_asks_for_the_loader_its_cache_and_libc_beside_the_entrypoint_and_no_neighbours(
+        tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     lib = rootfs / "usr/lib/x86_64-linux-gnu"
     lib.mkdir(parents=True)
@@ -129,16 +130,17 @@ def test_prefill_asks_for_the_loader_and_libc_beside_the_entrypoint_and_no_neigh
     for name in ("ld-linux-x86-64.so.2", "libc.so.6"):
         (lib / name).write_bytes(b"\x7fELF")
     (rootfs / "etc/passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    (rootfs / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1")
     (rootfs / "bin/tool").write_bytes(b"plain\n")
     root, filler = FakeRoot(), FakeFiller()
     root.paths = {b"/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2": (filler, 0),
                   b"/usr/lib/x86_64-linux-gnu/libc.so.6": (filler, 1), b"/etc/passwd": (filler, 2),
-                  b"/bin/tool": (filler, 3)}
+                  b"/bin/tool": (filler, 3), b"/etc/ld.so.cache": (filler, 4)}
     svc, _ = _service(tmp_path, root)
     svc.prefill(rootfs, ["/etc/passwd"], ["/bin/tool"])
     svc.pool.shutdown(wait=True)
-    assert sorted(filler.filled) == [0, 1, 2, 3]
-    assert sorted(filler.alone) == [0, 1, 2]  # named, not missed: their blob neighbours are no hint
+    assert sorted(filler.filled) == [0, 1, 2, 3, 4]
+    assert sorted(filler.alone) == [0, 1, 2, 4]  # named, not missed: their blob neighbours are no hint
 
 
 class _BlockingFiller(FakeFiller):
