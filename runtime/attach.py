@@ -55,7 +55,8 @@ def background_mode(config: dict, explicit: str | None = None) -> str:
 def attach(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
            metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
            record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
-           big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None) -> int:
+           big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None,
+           demand: Path | None = None) -> int:
     """Patch `config` in place and start the supervisor; returns its pid.
 
     `sdir` is the container's state directory (default: the standalone one for the id).
@@ -65,13 +66,15 @@ def attach(config: dict, container_id: str, store_root: Path, layers: list[str],
     takes the createRuntime hook's connection instead of the delegate's listener fd.
     `big_threshold`: the container has a FUSE layer of big files (`runtime.bigmount`) that
     serves the files this big: the supervisor leaves them to it; `big_record`: where that
-    layer records the chunks it saw touched, which the supervisor merges into the profile.
+    layer records the chunks it saw touched, which the supervisor merges into the profile;
+    `demand`: the board that layer and the supervisor share (`shim.demand`), so that neither's
+    background fetch takes the link while the other serves a reader.
     `image_id`: the image's, whose start-up profile the supervisor learns and uses (without
     it: the image made of `layers`); unless profiles are off.
     """
     starting = start(config, container_id, store_root, layers, rootfs, metadata=metadata, sdir=sdir,
                      background=background, record=record, sources=sources, trap=trap,
-                     big_threshold=big_threshold, image_id=image_id, big_record=big_record)
+                     big_threshold=big_threshold, image_id=image_id, big_record=big_record, demand=demand)
     pid = starting.go()
     starting.patch(config)
     return pid
@@ -132,7 +135,8 @@ class Starting:
 def start(config: dict, container_id: str, store_root: Path, layers: list[str], rootfs: Path,
           metadata: str = OWN_METADATA, sdir: Path | None = None, background: str | None = None,
           record: Path | None = None, sources: list[str] | None = None, trap: str | None = None,
-          big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None) -> Starting:
+          big_threshold: int = 0, image_id: str | None = None, big_record: Path | None = None,
+          demand: Path | None = None) -> Starting:
     """Start the supervisor of a container whose rootfs (at `rootfs`) is not mounted yet.
 
     `config` needs only what the supervisor is started with: `linux.seccomp` (the user's
@@ -166,6 +170,7 @@ def start(config: dict, container_id: str, store_root: Path, layers: list[str], 
             "--background", mode, "--trap", trap,
         ] + (["--big-threshold", str(big_threshold)] if big_threshold else []) \
           + (["--big-record", str(big_record)] if big_record else []) \
+          + (["--demand", str(demand)] if demand else []) \
           + (["--record", str(record)] if record else []) + (["--sources", ",".join(sources)] if sources else [])
         argv += _profile_args(config, image_id)
         from shim.trace import mark

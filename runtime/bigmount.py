@@ -3,7 +3,8 @@
 `shim.bigfs` serves the big files of the image chunk by chunk; this module runs its
 process for one container (mount point `<container dir>/big`, pid in `bigfs.pid`, the
 chunks it saw touched in `bigfs.touched`, which the supervisor learns into the image's
-profile: `record_path`) and tears it down.  A server that died (killed) leaves a mount
+profile: `record_path`; the demand board it shares with the supervisor: `demand_path`) and
+tears it down.  A server that died (killed) leaves a mount
 whose every access fails with ENOTCONN: `mounted` reads /proc/self/mountinfo, never stats
 it.  The runtime stacks the mount as the last data-only lower layer of the container's
 overlay.  Where FUSE cannot be served (no usable /dev/fuse, no libfuse3), big files are
@@ -21,12 +22,19 @@ MOUNT = "big"
 PID_FILE = "bigfs.pid"
 LOG_FILE = "bigfs.log"
 RECORD_FILE = "bigfs.touched"
+DEMAND_FILE = "demand"
 _said_unavailable = False
 
 
 def record_path(cdir: Path) -> Path:
     """Where the container's FUSE server records the chunks it saw touched."""
     return cdir / RECORD_FILE
+
+
+def demand_path(cdir: Path) -> Path:
+    """The container's demand board (`shim.demand`): its FUSE server and its supervisor each pace
+    their background fetch by the other's on-demand fetches through it."""
+    return cdir / DEMAND_FILE
 
 
 def start(store_root: Path, layers: list[str], sources: list[str] | None, cdir: Path,
@@ -54,6 +62,7 @@ def start(store_root: Path, layers: list[str], sources: list[str] | None, cdir: 
     argv = [sys.executable, "-m", "shim.bigfs", "--store", str(store_root), "--layers", ",".join(layers),
             "--mount", str(mnt), "--threshold", str(limit), "--ready-fd", str(ready_w),
             "--log", str(cdir / LOG_FILE), "--record", str(record_path(cdir)), "--background", background,
+            "--demand", str(demand_path(cdir)),
             *(profile or [])] + (["--sources", ",".join(sources)] if sources else [])
     _, ok = start_daemon(argv, ready_r, ready_w, cdir / PID_FILE)
     if not ok:

@@ -114,7 +114,8 @@ def prepare(found: Found, container_id: str, sdir: str) -> str:
             scratch = _scratch(state)
             attach.attach(config, container_id, Path(store_root), list(layers), Path(found.rootfs), sdir=state,
                           sources=sources, big_threshold=big_threshold, image_id=image_id,
-                          big_record=bigmount.record_path(scratch) if big_threshold and scratch else None)
+                          big_record=bigmount.record_path(scratch) if big_threshold and scratch else None,
+                          demand=bigmount.demand_path(scratch) if big_threshold and scratch else None)
         private = state / "bundle"
         private.mkdir(mode=0o700)
         (private / "config.json").write_text(json.dumps(config))

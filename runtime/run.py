@@ -118,7 +118,8 @@ def _run(args, guard: sigproxy.Guard, monitor=None) -> int:
                                 cid, store.root, image.layers, cdir / "rootfs",
                                 background=background, record=Path(args.record) if args.record else None,
                                 sources=sources, big_threshold=big[1] if big else 0, image_id=image.id,
-                                big_record=bigmount.record_path(cdir) if big else None) \
+                                big_record=bigmount.record_path(cdir) if big else None,
+                                demand=bigmount.demand_path(cdir) if big else None) \
             if lazy and agent is None else None
         overlay.mount_overlay(lower.lowers, cdir / "upper", cdir / "work", cdir / "rootfs",
                               userxattr=in_user_namespace(), data_lowers=[*lower.data_lowers, *big[:1]] if big

@@ -2,13 +2,14 @@
 
     python -m shim.bigfs --store ROOT --layers D1,D2 --mount DIR --threshold N
                          [--sources REF,...] [--ready-fd N] [--log FILE] [--record FILE]
-                         [--background none|prioritized|all]
+                         [--background none|prioritized|all] [--demand FILE]
                          [--profile-command JSON [--profile-image ID]]
 
 `--record`: each chunk's first touch is appended there (`shim.bigfs.touched`), for the
 supervisor to learn into the image's profile.  Unless `--background none`, the chunks the
 image's profile lists for this command are fetched at once; with `all` the rest follow, paced
-(`shim.bigfs.warm`); with `none` no chunk is fetched that no reader asked for.
+(`shim.bigfs.warm`), yielding to the supervisor's misses too through the `--demand` board
+(`shim.demand`); with `none` no chunk is fetched that no reader asked for.
 
 Mounts DIR, writes b"1" on the ready fd once the kernel serves it, and runs until DIR is
 unmounted or the process gets SIGTERM (libfuse then unmounts it).  Exits 1 (ready fd
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log")
     p.add_argument("--record")
     p.add_argument("--background", choices=("none", "prioritized", "all"), default="none")
+    p.add_argument("--demand", help="the container's demand board, shared with its supervisor (`shim.demand`)")
     p.add_argument("--profile-command")
     p.add_argument("--profile-image")
     a = p.parse_args(argv)
@@ -131,7 +133,9 @@ def _operations(a: argparse.Namespace, log):
     if a.record:
         keys = [(f.entry.name, f.entry.digest or "", f.entry.size) for f in served_files]
         recorder = Recorder(Path(a.record), keys, log)
-    readers = warm.Readers()
+    from ..demand import BIG_FILES, open_board
+
+    readers = warm.Readers(open_board(a.demand, BIG_FILES, log))
     if a.background != "none":
         plan = _profile_plan(a, store, layers, served_files, log)
         warm.start(served_files, plan, a.background == "all", readers, log)  # at once, beside the mount

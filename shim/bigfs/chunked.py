@@ -21,10 +21,13 @@ from collections.abc import Callable
 from ..errors import LazyshimError
 from ..formats.chunks import decode_chunk
 from ..formats.toc import Entry
+from ..pacing import RateMeter
 from ..store.filler import BlobSource
 from ..store.splitread import read_split
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+#: Every chunk request of this process, measured: the background sizes its requests by it.
+LINK = RateMeter()
 
 
 class ChunkError(LazyshimError):
@@ -80,47 +83,98 @@ class BigFile:
 
     def _ensure(self, k: int, split: bool = True) -> None:
         with self._locks[k]:
-            if self.verified[k]:
+            if self.verified[k] or self._verified_cached(k):
                 return
-            c = self.entry.chunks[k]
-            if self._cached(c.file_offset, c.size):
-                piece = os.pread(self.fd, c.size, c.file_offset)
-                if _sha256(piece) == c.digest:
-                    self._verified(k)
-                    return
             t0 = time.monotonic()
-            data, piece = self._fetch(k, split=split)
+            self._verify_and_cache(k, t0, *self._fetch(k, split=split))
+
+    def ensure_paced(self, k: int, have: bytes, piece: int, go_on: Callable[[], bool]) -> bytes | None:
+        """Chunk k for the background: its bytes in sequential requests of about `piece`, after
+        `have` (what an earlier call fetched of it); between requests `go_on()` may say a reader
+        now waits on the link, and the call stops there, returning what it has (pass it back to
+        go on).  None once the chunk is verified, by this call or anyone.  A 4 MiB chunk in one
+        request would hold the link for a third of a second at 100 Mbit/s, and every miss
+        arriving meanwhile would queue behind it; one piece sized by the measured rate
+        (`shim.pacing.request_size`) costs it tens of milliseconds at most."""
+        if self.verified[k]:
+            return None
+        with self._locks[k]:
+            if self.verified[k] or (not have and self._verified_cached(k)):
+                return None
+            c = self.entry.chunks[k]
+            data = bytearray(have if len(have) <= c.end - c.offset else b"")
+            src = self._source()
+            t0 = time.monotonic()
+            while c.offset + len(data) < c.end:
+                if data and not go_on():
+                    return bytes(data)
+                start = c.offset + len(data)
+                data += self._read(src, k, start, min(c.end, start + max(1, piece)))
+            self._verify_and_cache(k, t0, bytes(data), self._decode(k, bytes(data)))
+        return None
+
+    def _verified_cached(self, k: int) -> bool:
+        """Chunk k is in the partial file already (another container fetched it) and verifies."""
+        c = self.entry.chunks[k]
+        if self._cached(c.file_offset, c.size):
+            if _sha256(os.pread(self.fd, c.size, c.file_offset)) == c.digest:
+                self._verified(k)
+                return True
+        return False
+
+    def _verify_and_cache(self, k: int, t0: float, data: bytes, piece: bytes) -> None:
+        """Check chunk k's fetched content against its digest, and cache it; under its lock."""
+        c = self.entry.chunks[k]
+        if len(piece) != c.size or _sha256(piece) != c.digest:
+            # A part may have come from an endpoint that lies: once more in one request, and
+            # if the source can name that request's endpoint, without it the next time.
+            data, piece = self._fetch(k, split=False)
             if len(piece) != c.size or _sha256(piece) != c.digest:
-                # A part may have come from an endpoint that lies: once more in one request, and
-                # if the source can name that request's endpoint, without it the next time.
+                self._reject_last()
                 data, piece = self._fetch(k, split=False)
                 if len(piece) != c.size or _sha256(piece) != c.digest:
-                    self._reject_last()
-                    data, piece = self._fetch(k, split=False)
-                    if len(piece) != c.size or _sha256(piece) != c.digest:
-                        raise ChunkError(f"chunk {k} of {self.entry.name!r} does not match its digest")
-            t1 = time.monotonic()
-            os.pwrite(self.fd, piece, c.file_offset)
-            if self._log is not None:
-                self._log(f"chunk {k} of {self.entry.name!r}: {len(data)} bytes fetched in {t1 - t0:.3f} s, "
-                          f"verified and cached in {time.monotonic() - t1:.3f} s")
-            with self._counts:
-                self.chunks_fetched += 1
-                self.bytes_fetched += c.end - c.offset
-            self._verified(k)
+                    raise ChunkError(f"chunk {k} of {self.entry.name!r} does not match its digest")
+        t1 = time.monotonic()
+        os.pwrite(self.fd, piece, c.file_offset)
+        if self._log is not None:
+            self._log(f"chunk {k} of {self.entry.name!r}: {len(data)} bytes fetched in {t1 - t0:.3f} s, "
+                      f"verified and cached in {time.monotonic() - t1:.3f} s")
+        with self._counts:
+            self.chunks_fetched += 1
+            self.bytes_fetched += c.end - c.offset
+        self._verified(k)
 
     def _fetch(self, k: int, split: bool) -> tuple[bytes, bytes]:
         """Chunk k's compressed bytes and their decoded content (not verified yet)."""
         c = self.entry.chunks[k]
+        if split:
+            t0 = time.monotonic()
+            try:
+                data = read_split(self._source(), c.offset, c.end)
+            except Exception as err:  # the source's own errors (network, registry)
+                raise ChunkError(f"fetching chunk {k} of {self.entry.name!r}: {err}") from err
+            LINK.record(t0, time.monotonic(), len(data))
+        else:
+            data = self._read(self._source(), k, c.offset, c.end)
+        return data, self._decode(k, data)
+
+    def _read(self, src: BlobSource, k: int, start: int, end: int) -> bytes:
+        """One range request for chunk k, measured."""
+        t0 = time.monotonic()
         try:
-            src = self._source()
-            data = read_split(src, c.offset, c.end) if split else src.read_range(c.offset, c.end)
+            data = src.read_range(start, end)
         except Exception as err:  # the source's own errors (network, registry)
             raise ChunkError(f"fetching chunk {k} of {self.entry.name!r}: {err}") from err
+        LINK.record(t0, time.monotonic(), len(data))
+        return data
+
+    def _decode(self, k: int, data: bytes) -> bytes:
+        """Chunk k's content from its compressed bytes; b"" (which fails verification) if corrupt."""
+        c = self.entry.chunks[k]
         try:
-            return data, decode_chunk(self.fmt, data, c.inner_offset, c.size)
+            return decode_chunk(self.fmt, data, c.inner_offset, c.size)
         except ValueError:  # FormatError: a corrupt member, as a wrong digest is
-            return data, b""
+            return b""
 
     def _reject_last(self) -> None:
         """Set aside the endpoint of this thread's last read, where the source has several."""

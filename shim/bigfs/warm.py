@@ -6,8 +6,9 @@ each exactly as a read would fetch it
 (`BigFile.ensure`: the chunk's lock, its digest, the partial file), so a reader of a chunk being
 prefetched waits for that fetch and never starts a second one, and a reader of another chunk
 fetches its own beside them.  With background fetch `all`, the remaining chunks follow, one at a
-time in single requests, only while no reader has fetched for `shim.pacing.QUIET`: a reader's
-chunk is never queued behind them.  Once every chunk of a file is verified, it is published as
+time in requests of tens of milliseconds of the link (`BigFile.ensure_paced`), only while no
+reader has fetched for `shim.pacing.QUIET`, here or in the supervisor (`shim.demand`): a miss
+waits behind one such request at most.  Once every chunk of a file is verified, it is published as
 the data layer's object (`BigFile.on_complete`) and later containers read it natively.
 """
 
@@ -19,8 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from ..pacing import QUIET, is_quiet
-from .chunked import BigFile, ChunkError
+from ..pacing import QUIET, is_quiet, request_size
+from .chunked import LINK, BigFile, ChunkError
 
 #: The profile's chunks are fetched this many at once (each in its own 4 parallel sub-ranges).
 #: One: the supervisor fetches the profile's files beside them, and the workload needs those
@@ -38,34 +39,53 @@ Log = Callable[[str], None]
 
 
 class Readers:
-    """Readers' chunk fetches in flight and when the last one ended: what the background yields to."""
+    """Readers' chunk fetches in flight and when the last one ended, here and (through the
+    container's demand board, `shim.demand`) in the supervisor: what the background yields to."""
 
-    def __init__(self) -> None:
+    def __init__(self, board=None) -> None:
         self._cond = threading.Condition()
         self._active = 0
         self._last = 0.0
         self.first_read = threading.Event()
+        self.board = board  # a shim.demand.DemandBoard, or None: this process's readers alone
 
     @contextlib.contextmanager
     def fetching(self) -> Iterator[None]:
         with self._cond:
             self._active += 1
+            if self._active == 1 and self.board is not None:
+                self.board.busy()
         try:
             yield
         finally:
             with self._cond:
                 self._active -= 1
                 self._last = time.monotonic()
+                if not self._active and self.board is not None:
+                    self.board.idle(self._last)
                 self._cond.notify_all()
 
+    def _last_demand(self, now: float) -> float:
+        """When the last on-demand fetch of either process ended (one running elsewhere: now)."""
+        if self.board is None:
+            return self._last
+        return max(self._last, min(self.board.others_last(), now))
+
+    def quiet(self) -> bool:
+        """No reader fetches, here or in the supervisor, and none did for QUIET."""
+        now = time.monotonic()
+        return is_quiet(self._active, self._last_demand(now), now)
+
     def wait_quiet(self) -> None:
-        """Return once no reader fetches and none did for QUIET."""
+        """Return once no reader fetches and none did for QUIET (the supervisor's are polled:
+        another process cannot wake this condition)."""
         with self._cond:
             while True:
                 now = time.monotonic()
-                if is_quiet(self._active, self._last, now):
+                last = self._last_demand(now)
+                if is_quiet(self._active, last, now):
                     return
-                self._cond.wait(None if self._active else self._last + QUIET - now)
+                self._cond.wait(QUIET if self._active else last + QUIET - now)
 
 
 def profile_plan(files: Sequence[BigFile], chunks: Sequence[tuple[str, str, int, list[int]]],
@@ -141,9 +161,11 @@ def background(files: Sequence[BigFile], readers: Readers, log: Log, start_idle:
         for k in range(len(f.entry.chunks)):
             if f.verified[k]:
                 continue
-            readers.wait_quiet()
             try:
-                f.ensure(k, split=False)
+                have: bytes | None = b""
+                while have is not None:  # paused whenever a reader came, then on from where it was
+                    readers.wait_quiet()
+                    have = f.ensure_paced(k, have, request_size(LINK.rate()), readers.quiet)
                 fetched += 1
             except (ChunkError, OSError) as e:
                 failed += 1

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="files this big with verifiable chunks are served by the container's FUSE layer")
     p.add_argument("--profile-command", help='JSON {"args": [...], "cwd": "..."}: learn and use start-up profiles '
                    "of the image for this command")
+    p.add_argument("--demand", help="the container's demand board, shared with its FUSE layer of big files "
+                   "(`shim.demand`): each process's background yields to the other's on-demand fetches")
     p.add_argument("--big-record", help="where the container's FUSE layer records the chunks it saw touched "
                    "(merged into the learned profile)")
     p.add_argument("--profile-image", help="the image's id (manifest digest); default: the image made of --layers")
@@ -90,6 +92,10 @@ def _serve(a: argparse.Namespace, handover) -> int:
         return 1
     mark("supervisor", "verdicts")
     sup = Supervisor(root, verdicts, stats_path=state / "stats.json", log=log, handover=handover)
+    if a.demand:
+        from ..demand import SUPERVISOR, open_board
+
+        sup.fills.demand = open_board(a.demand, SUPERVISOR, sup.fills.log)
     mark("supervisor", "Supervisor")
     if a.profile_command:
         sup.learner = _learner(a, root, sup.fills.log)

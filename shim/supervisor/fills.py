@@ -82,6 +82,9 @@ class FillService:
         self._stats_lock = threading.Lock()
         self._idle = threading.Condition()
         self._ondemand = 0
+        # The container's other fetcher (its FUSE layer of big files) sees our on-demand fills here,
+        # and we its reads: each background yields to both (`shim.demand`).  None: no other fetcher.
+        self.demand = None
         self._last_ondemand = 0.0
         self._stats_dirty = threading.Event()
         self._startup: list[threading.Thread] = []  # a learned start-up set being fetched, per layer
@@ -135,6 +138,8 @@ class FillService:
             trace.mark("fill", f"start {filler.meta.toc.entries[idx].name} {filler.meta.table.size[idx]}")
         with self._idle:
             self._ondemand += 1
+            if self._ondemand == 1 and self.demand is not None:
+                self.demand.busy()
         try:
             filler.fill(idx, neighbours)
         except LazyshimError:
@@ -145,6 +150,8 @@ class FillService:
                 self._ondemand -= 1
                 self._last_ondemand = time.monotonic()
                 if not self._ondemand:
+                    if self.demand is not None:
+                        self.demand.idle(self._last_ondemand)
                     self._idle.notify_all()
         dt = time.monotonic() - t0
         if len(self._first_waits) < FIRST_WAITS:
@@ -403,7 +410,8 @@ class FillService:
 
     def _fetch_rest(self, parts) -> int:
         """Fill every file of `parts` ((filler, indices) each) in the workload's quiet spells,
-        never in its way (`shim.pacing`): once no on-demand fill has run for QUIET, the files
+        never in its way (`shim.pacing`): once no on-demand fill (nor a read of the FUSE layer's,
+        `shim.demand`) has run for QUIET, the files
         just past recent misses first, then the rest in blob order, in requests sized by the
         measured rate and paced below it, so that the next miss finds the link nearly free.
         Returns the number of files that failed (they stay unfilled; an open retries them)."""
@@ -433,8 +441,11 @@ class FillService:
                 while True:  # woken by a freed slot or the end of an on-demand fill; else re-checked
                     now = time.monotonic()
                     wait = pacer.delay(now)
-                    if not is_quiet(self._ondemand, self._last_ondemand, now):
-                        wait = max(wait, self._last_ondemand + QUIET - now, HOLD)
+                    last = self._last_ondemand
+                    if self.demand is not None:  # the other process's reads: busy counts as just ended
+                        last = max(last, min(self.demand.others_last(), now))
+                    if not is_quiet(self._ondemand, last, now):
+                        wait = max(wait, last + QUIET - now, HOLD)
                     elif inflight >= PARALLEL:
                         wait = HOLD
                     if wait <= 0:
