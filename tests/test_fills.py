@@ -179,3 +179,54 @@ def test_prefill_returns_with_passwd_while_the_entrypoint_is_still_filling(tmp_p
     for t in [t for t in threading.enumerate() if t.name == "prefill-exec"]:
         t.join()
     assert filler.filled == [0, 1]
+
+
+class _ByNameRoot(FakeRoot):
+    """Finds a placeholder by the file's base name (the host's library dirs vary)."""
+
+    def lookup_path(self, root_fd: int, path: bytes):
+        return self.paths.pop(os.path.basename(path), None)
+
+
+class _WatchedFiller(FakeFiller):
+    """Says when it has filled a number of files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def fill(self, idx: int, neighbours: bool = True) -> None:
+        super().fill(idx, neighbours)
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.filled) >= count, timeout=30)
+
+
+def test_a_missed_shared_object_has_its_needed_libraries_filled_and_theirs(tmp_path: Path) -> None:
+    # The task is this process (its root is /): the libraries are the host's own.
+    mod = tmp_path / "_umath.cpython-311-x86_64-linux-gnu.so"
+    mod.write_bytes(Path("/usr/bin/python3.11").read_bytes())  # DT_NEEDED libm, libz, libexpat, libc
+    root, filler = _ByNameRoot(), _WatchedFiller()
+    names = {1: "libm.so.6", 2: "libz.so.1", 3: "libexpat.so.1", 4: "libc.so.6", 5: "ld-linux-x86-64.so.2"}
+    for i, base in names.items():
+        filler.meta.toc.entries[i].name = f"lib/x86_64-linux-gnu/{base}"
+        root.paths[base.encode()] = (filler, i)
+    filler.meta.toc.entries[0].name = str(mod).lstrip("/")
+    filler.meta.toc.entries[6].name = "etc/hostname"  # not a shared object: nothing more
+    svc, logs = _service(tmp_path, root)
+    notifier = FakeNotifier([])
+    svc.submit(notifier, note("openat", nid=1, pid=os.getpid()), Fill((filler, 0)))
+    svc.submit(notifier, note("openat", nid=2, pid=os.getpid()), Fill((filler, 6)))
+    assert notifier.wait_for(2) == {1: "continue", 2: "continue"}
+    # python3.11's four at once after the answer, then libm's own loader: two levels down.
+    assert filler.wait_for(7), filler.filled
+    svc.pool.shutdown(wait=True)
+    assert sorted(filler.filled) == [0, 1, 2, 3, 4, 5, 6] and not logs
+    svc.record.close()
+    record = (tmp_path / "record").read_text().split()
+    assert sorted(record) == sorted("/" + e.name for e in filler.meta.toc.entries[:7])
+    # A second miss of the same object asks for nothing again.
+    assert not svc._first_look(filler, 0)

@@ -49,6 +49,16 @@ C_RUNTIME = (b"ld-linux-x86-64.so.2", b"libc.so.6")
 LOADER_CACHE = b"/etc/ld.so.cache"
 #: The statistics keep this many on-demand fills, the first ones: where a cold start waited.
 FIRST_WAITS = 256
+#: A shared object missed on demand has its DT_NEEDED filled at once, theirs too, this deep.
+NEEDED_DEPTH = 3
+#: Shared objects whose DT_NEEDED were looked at, at most (a bound, not a tuning).
+MAX_NEEDED_SEEN = 4096
+
+
+def is_shared_object(name: str) -> bool:
+    """A file the loader maps by name: `libx.so`, `libx.so.1.2`, `_mod.cpython-311-x86_64-linux-gnu.so`."""
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(".so") or ".so." in base
 
 
 class Stats:
@@ -78,6 +88,7 @@ class FillService:
         self.complete = root.complete(recount=False)
         self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
+        self._needed_seen: set[tuple[int, int]] = set()  # (id(filler), idx) whose DT_NEEDED were asked for
         self._lock = threading.Lock()  # the record file and the exec-chain cache
         self._stats_lock = threading.Lock()
         self._idle = threading.Condition()
@@ -130,6 +141,8 @@ class FillService:
             self.log(f"answer failed for pid {n.pid}: {e}")
         if filled is not None:
             self._recorded(filled)
+            if fill.exec_path is None:
+                self._fill_needed_of(n.pid, *filled)
 
     def _fill(self, filler, idx: int, neighbours: bool = True):
         """Fill one file; returns (filler, idx) for the record, after the stats are counted."""
@@ -334,6 +347,53 @@ class FillService:
                     pending.append(self.pool.submit(self._fill, *hit))
                 break
         return pending
+
+    def _fill_needed_of(self, pid: int, filler, idx: int, depth: int = NEEDED_DEPTH) -> None:
+        """After answering a miss of a shared object (a dlopen, or the loader's open of a
+        library's own DT_NEEDED): the loader opens its DT_NEEDED next, one miss after another
+        (traced on the weights image: numpy's liblapack, then libgfortran, then libgcc_s, 0.5 s
+        in a row), so they are filled now, all at once, and theirs once they arrive, `depth`
+        levels down.  Never waits for a fill (it runs on the pool its fills run on); a failure
+        is only logged: the loader's own open asks again."""
+        name = filler.meta.toc.entries[idx].name
+        if not is_shared_object(name) or not self._first_look(filler, idx):
+            return
+        try:
+            root_fd = os.open(f"/proc/{pid}/root", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # the task is gone
+        try:
+            pending = self._prefill_libraries(root_fd, ("/" + name).encode())
+        except (OSError, RuntimeError):
+            return  # unreadable now, or the pool is shutting down
+        finally:
+            os.close(root_fd)
+        for f in pending:
+            f.add_done_callback(functools.partial(self._needed_arrived, pid, depth - 1))
+
+    def _needed_arrived(self, pid: int, depth: int, f) -> None:
+        try:
+            hit = f.result()
+        except LazyshimError as e:
+            self.log(f"prefill of a needed library failed: {e}")
+            return
+        self._recorded(hit)
+        if depth > 0:
+            try:
+                self.pool.submit(self._fill_needed_of, pid, *hit, depth)
+            except RuntimeError:
+                pass  # the pool is shutting down
+
+    def _first_look(self, filler, idx: int) -> bool:
+        """True the first time a shared object's DT_NEEDED are to be looked at."""
+        key = (id(filler), idx)
+        with self._lock:
+            if key in self._needed_seen:
+                return False
+            if len(self._needed_seen) >= MAX_NEEDED_SEEN:
+                self._needed_seen.clear()
+            self._needed_seen.add(key)
+            return True
 
     def _remember_entrypoint(self, root_fd: int, path: bytes) -> None:
         """The container's first execve is of this file, in this root (the rootfs as the host
