@@ -314,9 +314,9 @@ class FillService:
         return pending
 
     def _prefill_libraries(self, root_fd: int, path: bytes) -> list:
-        """Start filling the shared libraries the entrypoint's ELF (after any #! hops) names in
-        DT_NEEDED, found in the image's standard library dirs, all at once: otherwise the
-        loader opens them one miss after another right after the first execve."""
+        """Start filling the shared libraries an ELF file (the entrypoint after any #! hops, or
+        a shared object just missed) names in DT_NEEDED, found in the image's standard library
+        dirs, all at once: otherwise the loader opens them one miss after another."""
         names: list[bytes] = []
         for _ in range(MAX_DEPTH):
             try:
