@@ -31,6 +31,7 @@ from ..store.filler import LINK, request_pool
 from .decide import Fill, chain_key
 from .execchain import BINPRM_BUF_SIZE, HEADER_READ, LIBRARY_DIRS, MAX_DEPTH, interpreter, needed_libraries
 from .notify_loop import fail_quietly
+from .pyhints import ModuleHints
 
 #: How often the statistics file is rewritten at most while fills happen.
 STATS_INTERVAL = 0.2
@@ -89,6 +90,7 @@ class FillService:
         self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
         self._needed_seen: set[tuple[int, int]] = set()  # (id(filler), idx) whose DT_NEEDED were asked for
+        self.hints = ModuleHints(root.lookup_path, self._fill_imported, log)  # what Python modules import
         self._lock = threading.Lock()  # the record file and the exec-chain cache
         self._stats_lock = threading.Lock()
         self._idle = threading.Condition()
@@ -143,6 +145,7 @@ class FillService:
             self._recorded(filled)
             if fill.exec_path is None:
                 self._fill_needed_of(n.pid, *filled)
+                self.hints.arrived(n.pid, filled[0].meta.toc.entries[filled[1]].name)
 
     def _fill(self, filler, idx: int, neighbours: bool = True):
         """Fill one file; returns (filler, idx) for the record, after the stats are counted."""
@@ -270,6 +273,7 @@ class FillService:
                 continue
             if self.fill_exec_chain(root_fd, p.encode()):
                 self._remember_entrypoint(root_fd, p.encode())
+            self.hints.arrived_in(root_fd, p)  # a Python script: its imports, before the interpreter starts
             libraries = self._prefill_libraries(root_fd, p.encode())
             break
         else:
@@ -383,6 +387,12 @@ class FillService:
                 self.pool.submit(self._fill_needed_of, pid, *hit, depth)
             except RuntimeError:
                 pass  # the pool is shutting down
+
+    def _fill_imported(self, filler, idx: int) -> None:
+        """A module an arrived one imports (`ModuleHints`): asked for by name, no readahead; an
+        extension module's DT_NEEDED follow it."""
+        self._recorded(self._fill(filler, idx, False))
+        self._fill_needed_of(self.hints.pid, filler, idx)
 
     def _first_look(self, filler, idx: int) -> bool:
         """True the first time a shared object's DT_NEEDED are to be looked at."""
@@ -546,6 +556,7 @@ class FillService:
             "notifications": s.notifications, "fills": s.fills, "fill_errors": s.fill_errors,
             "fill_seconds": round(s.fill_seconds, 6), "fill_max_seconds": round(s.fill_max, 6),
             "complete": self.complete, "pid": os.getpid(), "restarts": self.restarts, **self.root.stats(),
+            "imports_filled": self.hints.hinted,
             "first_waits": [{"at": round(at, 4), "waited": round(dt, 4), "size": f.meta.toc.entries[i].size,
                              "path": "/" + f.meta.toc.entries[i].name} for at, dt, f, i in self._first_waits[:]],
         }
