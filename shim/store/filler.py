@@ -325,14 +325,18 @@ class LayerFiller:
         at once: the files at the front of a big window are committed after their own piece, not
         after the whole window, and the link stays full meanwhile."""
         table = self.meta.table
+        position = self._blob_order().position
         pieces: list[list[int]] = []
-        start = -1
+        start = last = -1
         for i in claimed:
             s, e = table.span(i)
-            if not pieces or e - start > READAHEAD_PIECE:
+            # A file the window skipped (in flight for another fill, or filled) ends the piece:
+            # a piece is fetched as one range, which would bring that file's bytes a second time.
+            if not pieces or e - start > READAHEAD_PIECE or position[i] != last + 1:
                 pieces.append([])
                 start = s
             pieces[-1].append(i)
+            last = position[i]
         queue = iter(pieces)
         guard = threading.Lock()
 
