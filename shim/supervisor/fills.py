@@ -90,7 +90,7 @@ class FillService:
         self.lookup = root.lookup  # (filler, idx) of an unfilled placeholder by stat, else None
         self._chains: set = set()
         self._needed_seen: set[tuple[int, int]] = set()  # (id(filler), idx) whose DT_NEEDED were asked for
-        self.hints = ModuleHints(root.lookup_path, self._fill_imported, log)  # what Python modules import
+        self.hints = ModuleHints(self._lookup_path, self._fill_imported, log)  # what Python modules import
         self._lock = threading.Lock()  # the record file and the exec-chain cache
         self._stats_lock = threading.Lock()
         self._idle = threading.Condition()
@@ -387,6 +387,9 @@ class FillService:
                 self.pool.submit(self._fill_needed_of, pid, *hit, depth)
             except RuntimeError:
                 pass  # the pool is shutting down
+
+    def _lookup_path(self, root_fd: int, path: bytes):
+        return self.root.lookup_path(root_fd, path)
 
     def _fill_imported(self, filler, idx: int) -> None:
         """A module an arrived one imports (`ModuleHints`): asked for by name, no readahead; an
