@@ -70,9 +70,9 @@ class ModuleHints:
         self._lookup_path = lookup_path
         self._fill = fill
         self.log = log
-        self._queue: list[tuple[tuple[int, ...], str, int, int, bool]] = []  # a heap, by key
+        self._queue: list[tuple[tuple[int, ...], str, int, bool]] = []  # a heap, by key
         self._ready = threading.Condition()
-        self._threads: list[threading.Thread] = []
+        self._workers = 0
         self._walks = 0
         self._busy = 0  # visits in progress
         self._closed = False
@@ -111,17 +111,16 @@ class ModuleHints:
             with self._ready:
                 self._walks += 1
                 key = (-self._walks,)
-            self._push(key, path, 0, 0, False)
+            self._push(key, path, 0, False)
 
-    def _push(self, key: tuple[int, ...], path: str, level: int, hops: int, fill: bool) -> None:
+    def _push(self, key: tuple[int, ...], path: str, hops: int, fill: bool) -> None:
         with self._ready:
             if self._closed:
                 return
-            heapq.heappush(self._queue, (key, path, level, hops, fill))
-            if len(self._threads) < WORKERS:
-                t = threading.Thread(target=self._work, daemon=True, name=f"pyhint-{len(self._threads)}")
-                self._threads.append(t)
-                t.start()
+            heapq.heappush(self._queue, (key, path, hops, fill))
+            if self._workers < WORKERS:
+                threading.Thread(target=self._work, daemon=True, name=f"pyhint-{self._workers}").start()
+                self._workers += 1
             self._ready.notify_all()  # a worker (wait_idle waits here too)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -173,8 +172,9 @@ class ModuleHints:
             return True
 
     # ---- the walk --------------------------------------------------------------------
-    def _visit(self, key: tuple[int, ...], path: str, level: int, hops: int, fill: bool) -> None:
-        """Fill `path` if it is still a placeholder (when `fill`), then submit what it imports."""
+    def _visit(self, key: tuple[int, ...], path: str, hops: int, fill: bool) -> None:
+        """Fill `path` if it is still a placeholder (when `fill`), then submit what it imports.
+        `key` has one position per import level below where the walk began."""
         try:
             hit = self._lookup_path(self._root_fd, path.encode())
             if hit is not None:
@@ -189,11 +189,11 @@ class ModuleHints:
                 hops += 1  # in place already (a readahead's, or filled before): pass through a few
                 if hops > FILLED_HOPS:
                     return
-            if level >= MAX_LEVELS:
+            if len(key) > MAX_LEVELS:
                 return
             for i, target in enumerate(self._targets(path)):
                 if self._first(target):
-                    self._push((*key, i), target, level + 1, hops, True)
+                    self._push((*key, i), target, hops, True)
         except LazyshimError as e:
             self.log(f"prefill of an imported module failed: {e}")
         except OSError:
